@@ -1,1 +1,26 @@
-int main() { return 0; }
+// collmctl: the user's and operator's command line. Subcommands live in the cli module.
+#include <iostream>
+
+#include "CLI/CLI.hpp"
+#include "collm/cli/commands.h"
+#include "collm/common/logging.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"collmctl: run, fine-tune and manage collm models"};
+  app.require_subcommand(1);
+  int exit_code = 0;
+  collm::cli::GenerateArgs generate_args;
+  collm::cli::AddGenerateCommand(app, generate_args, exit_code);
+  collm::cli::RandomModelArgs random_args;
+  collm::cli::AddRandomModelCommand(app, random_args, exit_code);
+
+  collm::LoggingOptions logging;
+  logging.level = "warn";
+  (void)collm::InitLogging(logging);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return exit_code;
+}

@@ -37,8 +37,8 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  // q/k/v (and o for Llama's attention_bias) have biases.
-  bool mlp_bias = false;        // Not supported: rejected at parse time if true.
+  bool qkv_bias = false;  // q/k/v projections have biases (Qwen2; Llama's attention_bias).
+  bool o_bias = false;    // o projection has a bias (Llama's attention_bias).
   int32_t bos_token_id = 1;
   std::vector<int32_t> eos_token_ids = {2};
   std::string torch_dtype = "float32";  // As stored; informative only.
