@@ -175,9 +175,9 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_
     return FileError(absl::StatusCode::kInvalidArgument, path, "not a regular file");
   }
   if (static_cast<uint64_t>(st.st_size) > max_bytes) {
-    return FileError(absl::StatusCode::kInvalidArgument, path,
-                     absl::StrCat("file is ", st.st_size, " bytes, more than the limit of ",
-                                  max_bytes));
+    return FileError(
+        absl::StatusCode::kInvalidArgument, path,
+        absl::StrCat("file is ", st.st_size, " bytes, more than the limit of ", max_bytes));
   }
   std::string contents(static_cast<size_t>(st.st_size), '\0');
   size_t done = 0;
@@ -412,9 +412,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
       }
       for (const auto& [key, value] : entry.items()) {
         if (!value.is_string()) {
-          return FileError(absl::StatusCode::kInvalidArgument, path,
-                           absl::StrCat("__metadata__ value for key ", Quote(key),
-                                        " is not a string"));
+          return FileError(
+              absl::StatusCode::kInvalidArgument, path,
+              absl::StrCat("__metadata__ value for key ", Quote(key), " is not a string"));
         }
         file->metadata_[key] = value.get<std::string>();
       }
@@ -468,10 +468,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
                                       " bytes; file truncated?)"));
     }
     if (end - begin != nbytes) {
-      return TensorError(path, name,
-                         absl::StrCat("data_offsets [", begin, ", ", end, "] span ", end - begin,
-                                      " bytes but shape and dtype ", StoredDTypeName(*dtype),
-                                      " need ", nbytes));
+      return TensorError(
+          path, name,
+          absl::StrCat("data_offsets [", begin, ", ", end, "] span ", end - begin,
+                       " bytes but shape and dtype ", StoredDTypeName(*dtype), " need ", nbytes));
     }
 
     TensorView view;
@@ -494,10 +494,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   for (const Range& r : ranges) {
     if (r.begin == r.end) continue;  // Empty tensors occupy no bytes.
     if (prev != nullptr && r.begin < prev->end) {
-      return TensorError(path, *r.name,
-                         absl::StrCat("data_offsets [", r.begin, ", ", r.end,
-                                      "] overlap those of tensor ", Quote(*prev->name), " [",
-                                      prev->begin, ", ", prev->end, "]"));
+      return TensorError(
+          path, *r.name,
+          absl::StrCat("data_offsets [", r.begin, ", ", r.end, "] overlap those of tensor ",
+                       Quote(*prev->name), " [", prev->begin, ", ", prev->end, "]"));
     }
     prev = &r;
   }
@@ -571,8 +571,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsCheckpoint>> SafetensorsCheckpoint::Op
   std::map<std::string, const SafetensorsFile*> shards;
   for (const auto& [tensor, shard_json] : map_it->items()) {
     if (!shard_json.is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          index_path, ": tensor ", Quote(tensor), ": shard name is not a string"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path, ": tensor ", Quote(tensor), ": shard name is not a string"));
     }
     const std::string shard = shard_json.get<std::string>();
     COLLM_RETURN_IF_ERROR(ValidateShardName(index_path, tensor, shard));
@@ -589,9 +589,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsCheckpoint>> SafetensorsCheckpoint::Op
     }
     const SafetensorsFile* file = shard_it->second;
     if (!file->Contains(tensor)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(index_path, ": tensor ", Quote(tensor), " is listed in shard ",
-                       Quote(shard), " but ", file->path(), " does not contain it"));
+      return absl::InvalidArgumentError(absl::StrCat(index_path, ": tensor ", Quote(tensor),
+                                                     " is listed in shard ", Quote(shard), " but ",
+                                                     file->path(), " does not contain it"));
     }
     checkpoint->by_name_[tensor] = file;
   }
@@ -650,9 +650,8 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
     if (__builtin_add_overflow(offset, nbytes, &end)) {
       return TensorError(path, t.name, "total data size overflows");
     }
-    header[t.name] = {{"dtype", StoredDTypeName(t.dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, end}}};
+    header[t.name] = {
+        {"dtype", StoredDTypeName(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, end}}};
     sizes.push_back(nbytes);
     offset = end;
   }
@@ -671,8 +670,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
     COLLM_RETURN_IF_ERROR(WriteAll(fd, prefix, sizeof(prefix), tmp_path));
     COLLM_RETURN_IF_ERROR(WriteAll(fd, header_text.data(), header_text.size(), tmp_path));
     for (size_t i = 0; i < tensors.size(); ++i) {
-      COLLM_RETURN_IF_ERROR(WriteAll(fd, tensors[i].data, static_cast<size_t>(sizes[i]),
-                                     tmp_path));
+      COLLM_RETURN_IF_ERROR(WriteAll(fd, tensors[i].data, static_cast<size_t>(sizes[i]), tmp_path));
     }
     if (::fsync(fd) != 0) return ErrnoError(errno, tmp_path, "fsync");
     if (closer.Close() != 0) return ErrnoError(errno, tmp_path, "close");

@@ -199,8 +199,8 @@ TEST(SafetensorsTest, WriteRejectsDuplicateAndEmptyNames) {
   std::string dir = MakeTempDir();
   std::string path = dir + "/out.safetensors";
   float x = 1.0f;
-  ExpectError(WriteSafetensors(path, {{"a", StoredDType::kF32, {1}, &x},
-                                      {"a", StoredDType::kF32, {1}, &x}}),
+  ExpectError(WriteSafetensors(
+                  path, {{"a", StoredDType::kF32, {1}, &x}, {"a", StoredDType::kF32, {1}, &x}}),
               absl::StatusCode::kInvalidArgument, {path, "'a'", "duplicate"});
   ExpectError(WriteSafetensors(path, {{"", StoredDType::kF32, {1}, &x}}),
               absl::StatusCode::kInvalidArgument, {path, "empty name"});
@@ -301,10 +301,9 @@ TEST(SafetensorsTest, RejectsInvalidJson) {
 }
 
 TEST(SafetensorsTest, RejectsUnsupportedDtype) {
-  std::string path =
-      WriteRaw(MakeTempDir(), "i64.safetensors",
-               RawFile(R"({"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})",
-                       std::string(8, '\0')));
+  std::string path = WriteRaw(
+      MakeTempDir(), "i64.safetensors",
+      RawFile(R"({"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", std::string(8, '\0')));
   ExpectError(SafetensorsFile::Open(path).status(), absl::StatusCode::kInvalidArgument,
               {path, "'ids'", "unsupported dtype", "I64"});
 }
@@ -340,29 +339,26 @@ TEST(SafetensorsTest, RejectsMissingOrMistypedFields) {
 }
 
 TEST(SafetensorsTest, RejectsOffsetsOutOfRange) {
-  std::string path =
-      WriteRaw(MakeTempDir(), "range.safetensors",
-               RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
-                       std::string(8, '\0')));
+  std::string path = WriteRaw(
+      MakeTempDir(), "range.safetensors",
+      RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", std::string(8, '\0')));
   ExpectError(SafetensorsFile::Open(path).status(), absl::StatusCode::kInvalidArgument,
               {path, "'t'", "[8, 16]", "past the end of the data section"});
 }
 
 TEST(SafetensorsTest, RejectsSizeMismatch) {
-  std::string path =
-      WriteRaw(MakeTempDir(), "size.safetensors",
-               RawFile(R"({"t":{"dtype":"BF16","shape":[3],"data_offsets":[0,8]}})",
-                       std::string(8, '\0')));
+  std::string path = WriteRaw(
+      MakeTempDir(), "size.safetensors",
+      RawFile(R"({"t":{"dtype":"BF16","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')));
   ExpectError(SafetensorsFile::Open(path).status(), absl::StatusCode::kInvalidArgument,
               {path, "'t'", "span 8 bytes", "need 6"});
 }
 
 TEST(SafetensorsTest, RejectsOverlappingRanges) {
-  std::string path = WriteRaw(
-      MakeTempDir(), "overlap.safetensors",
-      RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-              R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-              std::string(12, '\0')));
+  std::string path = WriteRaw(MakeTempDir(), "overlap.safetensors",
+                              RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                                      std::string(12, '\0')));
   ExpectError(SafetensorsFile::Open(path).status(), absl::StatusCode::kInvalidArgument,
               {path, "'b'", "overlap", "'a'"});
 }
@@ -401,12 +397,12 @@ TEST(SafetensorsTest, GetMissingTensorIsNotFound) {
 TEST(SafetensorsTest, SurvivesRandomTruncationAndHeaderCorruption) {
   std::string dir = MakeTempDir();
   // Built by hand rather than with WriteSafetensors: its fsync can take seconds on a busy disk.
-  const std::string good = RawFile(
-      R"({"__metadata__":{"format":"pt"},)"
-      R"("w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
-      R"("h":{"dtype":"F16","shape":[3],"data_offsets":[24,30]},)"
-      R"("b":{"dtype":"BF16","shape":[2,1,2],"data_offsets":[30,38]}})",
-      std::string(38, '\x3c'));
+  const std::string good =
+      RawFile(R"({"__metadata__":{"format":"pt"},)"
+              R"("w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
+              R"("h":{"dtype":"F16","shape":[3],"data_offsets":[24,30]},)"
+              R"("b":{"dtype":"BF16","shape":[2,1,2],"data_offsets":[30,38]}})",
+              std::string(38, '\x3c'));
   ASSERT_TRUE(SafetensorsFile::Open(WriteRaw(dir, "good.safetensors", good)).ok());
   const size_t header_end = 8 + HeaderLength(good);
   const std::string path = dir + "/fuzz.safetensors";
@@ -587,8 +583,8 @@ TEST(Float16Test, HalfToFloatExactValues) {
   EXPECT_EQ(HalfToFloat(0xc000), -2.0f);
   EXPECT_EQ(HalfToFloat(0x3555), 0x1.554p-2f);
   EXPECT_EQ(HalfToFloat(0x7bff), 65504.0f);
-  EXPECT_EQ(HalfToFloat(0x0400), std::ldexp(1.0f, -14));    // Smallest normal.
-  EXPECT_EQ(HalfToFloat(0x0001), std::ldexp(1.0f, -24));    // Smallest subnormal.
+  EXPECT_EQ(HalfToFloat(0x0400), std::ldexp(1.0f, -14));     // Smallest normal.
+  EXPECT_EQ(HalfToFloat(0x0001), std::ldexp(1.0f, -24));     // Smallest subnormal.
   EXPECT_EQ(HalfToFloat(0x03ff), std::ldexp(1023.0f, -24));  // Largest subnormal.
   EXPECT_EQ(HalfToFloat(0x8001), -std::ldexp(1.0f, -24));
   EXPECT_EQ(Bits(HalfToFloat(0x0000)), 0u);
@@ -622,7 +618,7 @@ TEST(Float16Test, FloatToHalfRoundsToNearestEven) {
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -24)), 0x0001);
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -25)), 0x0000);  // Tie to even (zero).
   EXPECT_EQ(FloatToHalf(std::nextafter(std::ldexp(1.0f, -25), 1.0f)), 0x0001);
-  EXPECT_EQ(FloatToHalf(3 * std::ldexp(1.0f, -25)), 0x0002);  // Tie between 1 and 2.
+  EXPECT_EQ(FloatToHalf(3 * std::ldexp(1.0f, -25)), 0x0002);   // Tie between 1 and 2.
   EXPECT_EQ(FloatToHalf(-5 * std::ldexp(1.0f, -25)), 0x8002);  // Tie between 2 and 3.
   EXPECT_EQ(FloatToHalf(std::ldexp(1023.5f, -24)), 0x0400);
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -30)), 0x0000);
