@@ -39,8 +39,13 @@ class Tokenizer {
   std::string IdToPiece(int32_t id) const;
 
  private:
+  friend class IncrementalDetokenizer;
+
   Tokenizer();
   std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+  // A plain piece starting with the SentencePiece space ("▁the"); -1 when the vocabulary has none.
+  // IncrementalDetokenizer decodes windows behind it so their first piece keeps its leading space.
+  int32_t anchor_id_ = -1;
 };
 
 // Turns a stream of generated token ids into a stream of text deltas. A delta never ends inside a
@@ -60,10 +65,17 @@ class IncrementalDetokenizer {
   std::string Finish();
 
  private:
+  // Decodes ids_[prefix_offset_:end), behind the anchor piece once anchored_.
+  std::string DecodeWindow(size_t end) const;
+  // True when the pieces from `offset` on decode the same alone (behind the anchor) as after
+  // ids_[0:offset), i.e. SentencePiece's strip-the-first-leading-space rule is already spent.
+  bool CanAnchorAt(size_t offset) const;
+
   const Tokenizer& tokenizer_;
   std::vector<int32_t> ids_;
   size_t prefix_offset_ = 0;  // Start of the window decoded for context.
   size_t read_offset_ = 0;    // Ids before this have had their text emitted.
+  bool anchored_ = false;     // Windows are decoded behind tokenizer_.anchor_id_.
 };
 
 // Trains a small byte-fallback BPE SentencePiece model on an embedded English corpus and writes
