@@ -1,32 +1,31 @@
 // Trains the tiny tokenizer used by the offline random model and by tests, so neither needs a
-// download. The corpus is embedded and training is single-threaded, so the output is byte-for-byte
-// reproducible.
+// download: a plain BPE trainer (most frequent adjacent pair first) over an embedded corpus,
+// producing a SentencePiece-format model with byte fallback. Deterministic by construction.
 #include <unistd.h>
 
-#include <cerrno>
+#include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
+#include <map>
+#include <set>
 #include <string>
 #include <string_view>
-#include <unordered_map>
-#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "collm/runtime/tokenizer.h"
-#include "sentencepiece_shim.h"  // Private to src/runtime.
+#include "sentencepiece_model.h"
 
 namespace collm::runtime {
 namespace {
 
 constexpr int kMinVocabSize = 300;
-constexpr int kMaxVocabSize = 2000;
+constexpr int kMaxVocabSize = 4000;
+constexpr std::string_view kSpace = "\xE2\x96\x81";
 
-// Original children's-story sentences, one training sentence per line. Rich enough in distinct
-// words to yield ~1700 BPE merges above the 259 byte/control pieces.
+// Original children's-story sentences, one training sentence per line.
 constexpr std::string_view kCorpus = R"corpus(
 Once upon a time, in a small village by the sea, there lived a girl named Mira.
 Mira had a red kite, 2 brown boots and a little dog called Pepper.
@@ -117,102 +116,133 @@ Remember: kindness, patience and curiosity can turn an ordinary day into an adve
 The end. Questions? Ask: who, what, where, when, why and how; then count 0 to 9.
 )corpus";
 
-// Feeds kCorpus to the trainer line by line.
-class CorpusIterator : public sentencepiece::SentenceIterator {
- public:
-  CorpusIterator() { Next(); }
-  bool done() const override { return done_; }
-  void Next() override {
-    while (pos_ < kCorpus.size()) {
-      size_t end = kCorpus.find('\n', pos_);
-      if (end == std::string_view::npos) end = kCorpus.size();
-      std::string_view line = kCorpus.substr(pos_, end - pos_);
-      pos_ = end + 1;
-      if (!line.empty()) {
-        value_.assign(line.data(), line.size());
-        return;
-      }
-    }
-    done_ = true;
+std::vector<std::string> SplitChars(std::string_view word) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < word.size();) {
+    const unsigned char c = static_cast<unsigned char>(word[i]);
+    size_t len = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+    len = std::min(len, word.size() - i);
+    out.emplace_back(word.substr(i, len));
+    i += len;
   }
-  const std::string& value() const override { return value_; }
-  sentencepiece::util::Status status() const override { return sentencepiece::util::Status(); }
-
- private:
-  size_t pos_ = 0;
-  std::string value_;
-  bool done_ = false;
-};
-
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
-  // A reader (another test, the model builder) never sees a half-written model.
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) {
-      return absl::PermissionDeniedError(
-          absl::StrCat("cannot create ", tmp, ": ", std::strerror(errno)));
-    }
-    out.write(contents.data(), static_cast<std::streamsize>(contents.size()));
-    out.flush();
-    if (!out) {
-      std::remove(tmp.c_str());
-      return absl::DataLossError(absl::StrCat("cannot write ", tmp));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    return absl::PermissionDeniedError(
-        absl::StrCat("cannot rename ", tmp, " to ", path, ": ", std::strerror(err)));
-  }
-  return absl::OkStatus();
+  return out;
 }
+
+bool IsDigit(const std::string& s) { return s.size() == 1 && s[0] >= '0' && s[0] <= '9'; }
 
 }  // namespace
 
 absl::Status TrainTinyTokenizer(const std::string& path, int vocab_size) {
   if (vocab_size < kMinVocabSize || vocab_size > kMaxVocabSize) {
-    return absl::InvalidArgumentError(absl::StrCat("tiny tokenizer vocab_size must be in [",
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer vocab_size must be in [",
                                                    kMinVocabSize, ", ", kMaxVocabSize, "], got ",
                                                    vocab_size));
   }
-  std::unordered_map<std::string, std::string> args = {
-      {"model_type", "bpe"},
-      {"vocab_size", std::to_string(vocab_size)},
-      {"byte_fallback", "true"},
-      {"split_digits", "true"},
-      {"unk_id", "0"},
-      {"bos_id", "1"},
-      {"eos_id", "2"},
-      {"pad_id", "-1"},
-      // Identity + kept whitespace make decoding lossless, like the Llama tokenizer.
-      {"normalization_rule_name", "identity"},
-      {"remove_extra_whitespaces", "false"},
-      {"add_dummy_prefix", "true"},
-      {"num_threads", "1"},  // Deterministic output.
-      {"minloglevel", "2"},  // The trainer logs every merge at INFO.
-  };
-  // Every distinct corpus character needs a piece of its own, which the smallest vocabularies
-  // cannot afford next to the 259 byte/control pieces. Those drop the rarest characters (they
-  // still round-trip through byte fallback); the sequence is fixed, so output stays deterministic.
-  static constexpr const char* kCoverages[] = {"1.0", "0.999", "0.995", "0.99", "0.98",
-                                               "0.97", "0.95", "0.9"};
-  std::string serialized;
-  sentencepiece::util::Status status;
-  for (const char* coverage : kCoverages) {
-    args["character_coverage"] = coverage;
-    CorpusIterator corpus;
-    serialized.clear();
-    status = sentencepiece::SentencePieceTrainer::Train(args, &corpus, &serialized);
-    if (status.ok() || !absl::StrContains(status.message(), "required_chars")) break;
+  // Words as SentencePiece sees them: spaces become "\u2581", which starts each word.
+  std::map<std::string, int64_t> word_counts;
+  std::map<std::string, int64_t> char_counts;
+  size_t pos = 0;
+  while (pos < kCorpus.size()) {
+    size_t end = kCorpus.find('\n', pos);
+    if (end == std::string_view::npos) end = kCorpus.size();
+    std::string_view line = kCorpus.substr(pos, end - pos);
+    pos = end + 1;
+    size_t w = 0;
+    while (w < line.size()) {
+      while (w < line.size() && line[w] == ' ') ++w;
+      size_t e = line.find(' ', w);
+      if (e == std::string_view::npos) e = line.size();
+      if (e > w) word_counts[std::string(kSpace) + std::string(line.substr(w, e - w))]++;
+      w = e;
+    }
   }
-  if (!status.ok()) {
-    return absl::InternalError(absl::StrCat("training tiny tokenizer for ", path,
-                                            " (vocab_size ", vocab_size,
-                                            ") failed: ", status.message()));
+  std::vector<std::pair<std::vector<std::string>, int64_t>> words;
+  for (const auto& [word, count] : word_counts) {
+    words.push_back({SplitChars(word), count});
+    for (const auto& ch : words.back().first) char_counts[ch] += count;
   }
-  return WriteFileAtomically(path, serialized);
+  // Layout: <unk> <s> </s>, 256 byte pieces, merges (best first), then single characters.
+  const int budget = vocab_size - 259;
+  std::vector<std::string> chars;
+  for (const auto& [ch, count] : char_counts) chars.push_back(ch);
+  // Rarest characters are left to byte fallback when the vocabulary is too small for all.
+  std::stable_sort(chars.begin(), chars.end(), [&](const std::string& a, const std::string& b) {
+    return char_counts[a] > char_counts[b];
+  });
+  const int num_chars = std::min<int>(chars.size(), budget / 2);
+  chars.resize(num_chars);
+  const std::set<std::string> kept(chars.begin(), chars.end());
+  // Words containing a dropped character cannot be merged through it.
+  std::vector<std::string> merges;
+  std::set<std::string> known(chars.begin(), chars.end());
+  while (static_cast<int>(merges.size()) < budget - num_chars) {
+    std::map<std::pair<std::string, std::string>, int64_t> pairs;
+    for (const auto& [syms, count] : words) {
+      for (size_t i = 0; i + 1 < syms.size(); ++i) {
+        if (IsDigit(syms[i]) || IsDigit(syms[i + 1])) continue;  // split_digits
+        if (!known.count(syms[i]) || !known.count(syms[i + 1])) continue;
+        if (syms[i + 1].compare(0, kSpace.size(), kSpace) == 0) continue;  // Never across words.
+        pairs[{syms[i], syms[i + 1]}] += count;
+      }
+    }
+    if (pairs.empty()) break;
+    auto best = pairs.begin();
+    for (auto it = pairs.begin(); it != pairs.end(); ++it) {
+      if (it->second > best->second) best = it;  // Ties: the first in map order (deterministic).
+    }
+    const std::string merged = best->first.first + best->first.second;
+    for (auto& [syms, count] : words) {
+      std::vector<std::string> out;
+      for (size_t i = 0; i < syms.size(); ++i) {
+        if (i + 1 < syms.size() && syms[i] == best->first.first && syms[i + 1] == best->first.second) {
+          out.push_back(merged);
+          ++i;
+        } else {
+          out.push_back(syms[i]);
+        }
+      }
+      syms = std::move(out);
+    }
+    if (known.insert(merged).second) merges.push_back(merged);
+  }
+
+  spm::ModelProto model;
+  model.model_type = 2;
+  model.byte_fallback = true;
+  model.normalizer_name = "identity";
+  model.add_dummy_prefix = true;
+  model.remove_extra_whitespaces = false;  // Decoding gives back exactly what was encoded.
+  model.escape_whitespaces = true;
+  model.pieces.push_back({"<unk>", 0, spm::PieceType::kUnknown});
+  model.pieces.push_back({"<s>", 0, spm::PieceType::kControl});
+  model.pieces.push_back({"</s>", 0, spm::PieceType::kControl});
+  for (int b = 0; b < 256; ++b) {
+    model.pieces.push_back({absl::StrFormat("<0x%02X>", b), 0, spm::PieceType::kByte});
+  }
+  float score = 0;
+  for (const auto& m : merges) model.pieces.push_back({m, score--, spm::PieceType::kNormal});
+  for (const auto& c : chars) model.pieces.push_back({c, score--, spm::PieceType::kNormal});
+  // A corpus too small for the requested size is padded with unused pieces, so the piece count
+  // always equals vocab_size (the model's embedding table is sized by it).
+  for (int i = 0; static_cast<int>(model.pieces.size()) < vocab_size; ++i) {
+    model.pieces.push_back({absl::StrCat("<unused", i, ">"), score--, spm::PieceType::kUnused});
+  }
+
+  const std::string bytes = spm::SerializeModelProto(model);
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!out) {
+      std::remove(tmp.c_str());
+      return absl::InternalError(absl::StrCat("cannot write tokenizer ", path));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return absl::InternalError(absl::StrCat("cannot write tokenizer ", path));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace collm::runtime

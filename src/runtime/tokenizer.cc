@@ -1,199 +1,305 @@
 #include "collm/runtime/tokenizer.h"
 
-#include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <fstream>
-#include <iterator>
+#include <queue>
 #include <sstream>
-#include <string_view>
-#include <utility>
 
-#include "absl/status/status.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "sentencepiece_shim.h"  // Private to src/runtime.
+#include "absl/strings/str_replace.h"
+#include "collm/common/status.h"
+#include "sentencepiece_model.h"
 
 namespace collm::runtime {
 namespace {
 
-// "▁", the marker SentencePiece uses for a space.
-constexpr absl::string_view kSpaceSymbol = "\xE2\x96\x81";
-// U+FFFD; SentencePiece decodes each byte of an incomplete or invalid byte-fallback run to it.
-constexpr absl::string_view kReplacementChar = "\xEF\xBF\xBD";
-// Prompt ids kept as context for the first generated pieces. A handful is enough: only the
-// leading-space rule and byte runs cross token boundaries.
-constexpr size_t kMaxPromptContext = 8;
+constexpr absl::string_view kSpaceSymbol = "\xE2\x96\x81";  // U+2581 "▁".
+constexpr absl::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD.
 
-// True when `text` ends inside a UTF-8 sequence or with U+FFFD (how SentencePiece renders an
-// incomplete byte run): more ids may still complete the character.
-bool EndsWithIncompleteUtf8(absl::string_view text) {
-  if (absl::EndsWith(text, kReplacementChar)) return true;
-  const size_t n = text.size();
-  for (size_t back = 1; back <= std::min<size_t>(4, n); ++back) {
-    const auto c = static_cast<unsigned char>(text[n - back]);
-    if ((c & 0xC0) == 0x80) continue;  // Continuation byte: keep looking for the lead byte.
-    size_t need = 1;
-    if ((c & 0xE0) == 0xC0) {
-      need = 2;
-    } else if ((c & 0xF0) == 0xE0) {
-      need = 3;
-    } else if ((c & 0xF8) == 0xF0) {
-      need = 4;
-    }
-    return back < need;
-  }
-  return false;
+// Length of the UTF-8 sequence starting with `lead`, 0 if `lead` cannot start one.
+int Utf8Length(uint8_t lead) {
+  if (lead < 0x80) return 1;
+  if (lead >= 0xC2 && lead <= 0xDF) return 2;
+  if (lead >= 0xE0 && lead <= 0xEF) return 3;
+  if (lead >= 0xF0 && lead <= 0xF4) return 4;
+  return 0;
 }
 
-// Length of the common prefix of `a` and `b`, backed off to a UTF-8 character boundary of `b`.
-size_t CommonUtf8Prefix(absl::string_view a, absl::string_view b) {
+bool IsContinuation(uint8_t b) { return (b & 0xC0) == 0x80; }
+
+// Appends the well-formed UTF-8 in `in` to `out`, each invalid byte as U+FFFD, left to right.
+// Unless `final`, an incomplete (but so far valid) sequence at the end is left unconsumed.
+// Returns the number of bytes consumed.
+size_t AppendValidUtf8(absl::string_view in, bool final, std::string* out) {
   size_t i = 0;
-  while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
-  while (i > 0 && i < b.size() && (static_cast<unsigned char>(b[i]) & 0xC0) == 0x80) --i;
+  while (i < in.size()) {
+    const int len = Utf8Length(static_cast<uint8_t>(in[i]));
+    if (len == 0) {
+      out->append(kReplacement.data(), kReplacement.size());
+      ++i;
+      continue;
+    }
+    int have = 1;
+    while (have < len && i + have < in.size() && IsContinuation(static_cast<uint8_t>(in[i + have]))) {
+      ++have;
+    }
+    if (have == len) {
+      out->append(in.data() + i, len);
+      i += len;
+    } else if (i + have == in.size() && !final) {
+      break;  // Incomplete character at the end: wait for more bytes.
+    } else {
+      out->append(kReplacement.data(), kReplacement.size());
+      ++i;
+    }
+  }
   return i;
 }
 
 }  // namespace
 
-Tokenizer::Tokenizer() : processor_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {}
-Tokenizer::~Tokenizer() = default;
-
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot open tokenizer model ", path, ": ", std::strerror(errno)));
-  }
-  std::string serialized((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read tokenizer model ", path));
-  if (serialized.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer model ", path, " is empty"));
-  }
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open tokenizer ", path));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return FromSerializedProto(ss.str(), path);
+}
 
-  auto tokenizer = std::unique_ptr<Tokenizer>(new Tokenizer());
-  sentencepiece::util::Status status = tokenizer->processor_->LoadFromSerializedProto(serialized);
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer model ", path,
-                                                   " is not a valid SentencePiece model: ",
-                                                   status.message()));
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedProto(absl::string_view bytes,
+                                                                          const std::string& name) {
+  auto invalid = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer ", name, ": ", what));
+  };
+  if (bytes.empty()) return invalid("file is empty");
+  auto parsed = spm::ParseModelProto(bytes);
+  if (!parsed.ok()) {
+    return invalid(absl::StrCat("not a SentencePiece model (", parsed.status().message(), ")"));
   }
-  const sentencepiece::SentencePieceProcessor& sp = *tokenizer->processor_;
-  if (sp.GetPieceSize() <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer model ", path, " has no pieces"));
+  const spm::ModelProto& m = *parsed;
+  if (m.pieces.empty()) return invalid("no pieces (not a SentencePiece model?)");
+  if (m.model_type != 2) {
+    return invalid(absl::StrCat("model type ", m.model_type,
+                                " is not supported (only BPE, as used by Llama-family models)"));
   }
-  for (int id = 0; id < sp.GetPieceSize(); ++id) {
-    if (sp.IsControl(id) || sp.IsUnknown(id) || sp.IsUnused(id) || sp.IsByte(id)) continue;
-    const std::string& piece = sp.IdToPiece(id);
-    if (!absl::StartsWith(piece, kSpaceSymbol) || piece.size() == kSpaceSymbol.size()) continue;
-    const bool plain = std::all_of(piece.begin() + kSpaceSymbol.size(), piece.end(), [](char c) {
-      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
-    });
-    if (plain) {
-      tokenizer->anchor_id_ = id;
-      break;
+  if (m.has_precompiled_charsmap) {
+    return invalid(absl::StrCat("normalizer '", m.normalizer_name,
+                                "' with a precompiled charsmap is not supported (only identity)"));
+  }
+  const int32_t n = static_cast<int32_t>(m.pieces.size());
+  auto check_id = [&](const char* what, int32_t id, bool allow_negative) -> absl::Status {
+    if ((id < 0 && !allow_negative) || id >= n) {
+      return invalid(absl::StrCat(what, " ", id, " is outside the vocabulary of ", n));
+    }
+    return absl::OkStatus();
+  };
+  COLLM_RETURN_IF_ERROR(check_id("unk_id", m.unk_id, false));
+  COLLM_RETURN_IF_ERROR(check_id("bos_id", m.bos_id, true));
+  COLLM_RETURN_IF_ERROR(check_id("eos_id", m.eos_id, true));
+
+  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  std::fill(std::begin(t->byte_ids_), std::end(t->byte_ids_), -1);
+  t->byte_fallback_ = m.byte_fallback;
+  t->add_dummy_prefix_ = m.add_dummy_prefix;
+  t->remove_extra_whitespaces_ = m.remove_extra_whitespaces;
+  t->escape_whitespaces_ = m.escape_whitespaces;
+  t->unk_id_ = m.unk_id;
+  t->bos_id_ = m.bos_id;
+  t->eos_id_ = m.eos_id;
+  t->unk_surface_ = m.unk_surface;
+  t->pieces_.reserve(n);
+  for (int32_t id = 0; id < n; ++id) {
+    const spm::Piece& p = m.pieces[id];
+    t->pieces_.push_back({p.text, p.score, static_cast<int>(p.type)});
+    if (p.type == spm::PieceType::kNormal || p.type == spm::PieceType::kUserDefined) {
+      t->mergeable_.emplace(p.text, id);  // First occurrence wins, as in SentencePiece.
+    } else if (p.type == spm::PieceType::kByte) {
+      unsigned value = 0;
+      if (p.text.size() != 6 || std::sscanf(p.text.c_str(), "<0x%2X>", &value) != 1) {
+        return invalid(absl::StrCat("byte piece ", id, " is '", p.text, "', expected <0xNN>"));
+      }
+      t->byte_ids_[value] = id;
     }
   }
-  return tokenizer;
+  if (t->byte_fallback_) {
+    for (int b = 0; b < 256; ++b) {
+      if (t->byte_ids_[b] < 0) return invalid(absl::StrCat("byte_fallback but no piece for byte ", b));
+    }
+  }
+  return t;
 }
 
 std::vector<int32_t> Tokenizer::Encode(absl::string_view text, bool add_bos) const {
-  std::vector<int> ids;
-  // Encode only fails on an unloaded model, which Load rules out.
-  processor_->Encode(std::string_view(text.data(), text.size()), &ids).IgnoreError();
-  std::vector<int32_t> out;
-  out.reserve(ids.size() + 1);
-  if (add_bos && bos_id() >= 0) out.push_back(bos_id());
-  out.insert(out.end(), ids.begin(), ids.end());
-  return out;
-}
+  std::vector<int32_t> ids;
+  if (add_bos && bos_id_ >= 0) ids.push_back(bos_id_);
 
-std::string Tokenizer::Decode(absl::Span<const int32_t> ids) const {
-  // SentencePiece rejects the whole call on one bad id; the ids may come from a client.
-  const int vocab = vocab_size();
-  std::vector<int> valid;
-  valid.reserve(ids.size());
-  for (int32_t id : ids) {
-    if (id >= 0 && id < vocab) valid.push_back(id);
+  // Normalization: identity, optionally collapsing runs of spaces and trimming.
+  std::string norm;
+  norm.reserve(text.size() + 4);
+  if (remove_extra_whitespaces_) {
+    bool pending_space = false;
+    for (char c : text) {
+      if (c == ' ') {
+        pending_space = !norm.empty();
+        continue;
+      }
+      if (pending_space) norm.push_back(' ');
+      pending_space = false;
+      norm.push_back(c);
+    }
+  } else {
+    norm.assign(text.data(), text.size());
   }
-  std::string text;
-  if (!processor_->Decode(valid, &text).ok()) return "";
-  return text;
+  if (norm.empty()) return ids;
+  if (add_dummy_prefix_) norm.insert(norm.begin(), ' ');
+  if (escape_whitespaces_) norm = absl::StrReplaceAll(norm, {{" ", kSpaceSymbol}});
+  if (remove_extra_whitespaces_) {
+    // SentencePiece trims trailing spaces after escaping, so a literal "▁" at the end goes too.
+    const absl::string_view space = escape_whitespaces_ ? kSpaceSymbol : " ";
+    while (norm.size() >= space.size() &&
+           absl::string_view(norm).substr(norm.size() - space.size()) == space) {
+      norm.resize(norm.size() - space.size());
+    }
+    if (norm.empty()) return ids;
+  }
+
+  // Symbols start as single characters (an invalid byte is a symbol of its own).
+  struct Symbol {
+    int prev, next;
+    size_t start, len;
+  };
+  std::vector<Symbol> syms;
+  for (size_t i = 0; i < norm.size();) {
+    int len = Utf8Length(static_cast<uint8_t>(norm[i]));
+    if (len == 0 || i + len > norm.size()) len = 1;
+    for (int k = 1; k < len; ++k) {
+      if (!IsContinuation(static_cast<uint8_t>(norm[i + k]))) len = 1;
+    }
+    const int idx = static_cast<int>(syms.size());
+    syms.push_back({idx - 1, idx + 1, i, static_cast<size_t>(len)});
+    i += len;
+  }
+  syms.back().next = -1;
+
+  // BPE: repeatedly merge the adjacent pair whose concatenation is the best-scoring piece
+  // (ties: leftmost), like SentencePiece's bpe_model.cc.
+  struct Candidate {
+    float score;
+    int left, right;
+    size_t len;  // Combined length when queued; stale if a side has changed since.
+    bool operator<(const Candidate& o) const {
+      if (score != o.score) return score < o.score;
+      return left > o.left;
+    }
+  };
+  std::priority_queue<Candidate> queue;
+  auto try_pair = [&](int left, int right) {
+    if (left < 0 || right < 0) return;
+    const size_t len = syms[left].len + syms[right].len;
+    auto it = mergeable_.find(std::string(norm.data() + syms[left].start, len));
+    if (it == mergeable_.end()) return;
+    queue.push({pieces_[it->second].score, left, right, len});
+  };
+  for (int i = 0; i + 1 < static_cast<int>(syms.size()); ++i) try_pair(i, i + 1);
+  while (!queue.empty()) {
+    const Candidate c = queue.top();
+    queue.pop();
+    Symbol& l = syms[c.left];
+    if (l.len == 0 || l.next != c.right || syms[c.right].len == 0 ||
+        l.len + syms[c.right].len != c.len) {
+      continue;  // Stale.
+    }
+    Symbol& r = syms[c.right];
+    l.len += r.len;
+    l.next = r.next;
+    if (r.next >= 0) syms[r.next].prev = c.left;
+    r.len = 0;
+    try_pair(l.prev, c.left);
+    try_pair(c.left, l.next);
+  }
+
+  for (int i = 0; i >= 0; i = syms[i].next) {
+    const std::string piece(norm.data() + syms[i].start, syms[i].len);
+    auto it = mergeable_.find(piece);
+    if (it != mergeable_.end()) {
+      ids.push_back(it->second);
+    } else if (byte_fallback_) {
+      for (unsigned char b : piece) ids.push_back(byte_ids_[b]);
+    } else if (ids.empty() || ids.back() != unk_id_) {
+      ids.push_back(unk_id_);  // SentencePiece folds consecutive unknowns into one.
+    }
+  }
+  return ids;
 }
 
-int Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
-int32_t Tokenizer::bos_id() const { return processor_->bos_id(); }
-int32_t Tokenizer::eos_id() const { return processor_->eos_id(); }
+bool Tokenizer::IsControl(int32_t id) const {
+  return id >= 0 && id < vocab_size() && pieces_[id].type == static_cast<int>(spm::PieceType::kControl);
+}
 
 std::string Tokenizer::IdToPiece(int32_t id) const {
   if (id < 0 || id >= vocab_size()) return "";
-  return processor_->IdToPiece(id);
+  return pieces_[id].text;
+}
+
+std::string Tokenizer::PieceBytes(int32_t id, bool first) const {
+  if (id < 0 || id >= vocab_size()) return "";
+  const Piece& p = pieces_[id];
+  switch (static_cast<spm::PieceType>(p.type)) {
+    case spm::PieceType::kControl:
+      return "";
+    case spm::PieceType::kUnknown:
+      return unk_surface_;
+    case spm::PieceType::kByte: {
+      for (int b = 0; b < 256; ++b) {
+        if (byte_ids_[b] == id) return std::string(1, static_cast<char>(b));
+      }
+      return "";
+    }
+    default: {
+      absl::string_view text = p.text;
+      if (first && (add_dummy_prefix_ || remove_extra_whitespaces_) &&
+          text.substr(0, kSpaceSymbol.size()) == kSpaceSymbol) {
+        text.remove_prefix(kSpaceSymbol.size());
+      }
+      return absl::StrReplaceAll(text, {{kSpaceSymbol, " "}});
+    }
+  }
+}
+
+std::string Tokenizer::Decode(absl::Span<const int32_t> ids) const {
+  std::string bytes;
+  bool first = true;
+  for (int32_t id : ids) {
+    if (id < 0 || id >= vocab_size() || IsControl(id)) continue;
+    bytes += PieceBytes(id, first);
+    first = false;
+  }
+  std::string out;
+  AppendValidUtf8(bytes, /*final=*/true, &out);
+  return out;
 }
 
 IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer,
-                                               absl::Span<const int32_t> prompt_tail)
+                                               absl::Span<const int32_t> prompt)
     : tokenizer_(tokenizer) {
-  const size_t keep = std::min(prompt_tail.size(), kMaxPromptContext);
-  ids_.assign(prompt_tail.end() - keep, prompt_tail.end());
-  read_offset_ = ids_.size();
-  if (CanAnchorAt(read_offset_)) {
-    anchored_ = true;
-    prefix_offset_ = read_offset_;
+  for (int32_t id : prompt) {
+    if (id >= 0 && id < tokenizer.vocab_size() && !tokenizer.IsControl(id)) seen_text_ = true;
   }
-}
-
-std::string IncrementalDetokenizer::DecodeWindow(size_t end) const {
-  std::vector<int32_t> window;
-  window.reserve(end - prefix_offset_ + 1);
-  // The anchor is a plain "▁word" piece: as the first piece it absorbs SentencePiece's
-  // leading-space stripping and ends any byte run, so the window's own pieces decode as they do
-  // in the middle of the full sequence.
-  if (anchored_) window.push_back(tokenizer_.anchor_id_);
-  window.insert(window.end(), ids_.begin() + prefix_offset_, ids_.begin() + end);
-  return tokenizer_.Decode(window);
-}
-
-bool IncrementalDetokenizer::CanAnchorAt(size_t offset) const {
-  if (tokenizer_.anchor_id_ < 0) return false;
-  // Probe SentencePiece itself rather than re-deriving its rules: once the leading space has been
-  // spent, appending the anchor appends " " plus its word.
-  std::vector<int32_t> probe(ids_.begin(), ids_.begin() + offset);
-  const std::string before = tokenizer_.Decode(probe);
-  if (EndsWithIncompleteUtf8(before)) return false;  // Later bytes could still join this tail.
-  probe.push_back(tokenizer_.anchor_id_);
-  const std::string after = tokenizer_.Decode(probe);
-  const std::string anchor_alone = tokenizer_.Decode({tokenizer_.anchor_id_});
-  return after == absl::StrCat(before, " ", anchor_alone);
 }
 
 std::string IncrementalDetokenizer::Push(int32_t id) {
-  ids_.push_back(id);
-  const std::string prefix_text = DecodeWindow(read_offset_);
-  const std::string new_text = DecodeWindow(ids_.size());
-  if (new_text.size() <= prefix_text.size() || !absl::StartsWith(new_text, prefix_text) ||
-      EndsWithIncompleteUtf8(new_text)) {
-    return "";
-  }
-  std::string delta = new_text.substr(prefix_text.size());
-  const size_t emitted_up_to = read_offset_;
-  read_offset_ = ids_.size();
-  if (anchored_) {
-    prefix_offset_ = emitted_up_to;
-  } else if (CanAnchorAt(emitted_up_to)) {
-    anchored_ = true;
-    prefix_offset_ = emitted_up_to;
-  }
-  // Otherwise the window keeps starting at 0 so the leading-space rule sees the true start.
-  return delta;
+  if (id < 0 || id >= tokenizer_.vocab_size() || tokenizer_.IsControl(id)) return "";
+  pending_ += tokenizer_.PieceBytes(id, !seen_text_);
+  seen_text_ = true;
+  std::string out;
+  pending_.erase(0, AppendValidUtf8(pending_, /*final=*/false, &out));
+  return out;
 }
 
 std::string IncrementalDetokenizer::Finish() {
-  const std::string prefix_text = DecodeWindow(read_offset_);
-  const std::string new_text = DecodeWindow(ids_.size());
-  read_offset_ = ids_.size();
-  if (absl::StartsWith(new_text, prefix_text)) return new_text.substr(prefix_text.size());
-  // Only reachable when the prompt tail ends inside a character that generated bytes complete.
-  return new_text.substr(CommonUtf8Prefix(prefix_text, new_text));
+  std::string out;
+  AppendValidUtf8(pending_, /*final=*/true, &out);
+  pending_.clear();
+  return out;
 }
 
 }  // namespace collm::runtime

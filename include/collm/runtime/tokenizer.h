@@ -1,4 +1,5 @@
-// SentencePiece tokenizer (the `tokenizer.model` of Llama-family checkpoints) and the incremental,
+// The SentencePiece BPE tokenizer of Llama-family checkpoints (`tokenizer.model`), implemented in
+// collm (see src/runtime/sentencepiece_model.h for why not libsentencepiece), and the incremental,
 // UTF-8-safe detokenizer used for streaming.
 #ifndef COLLM_RUNTIME_TOKENIZER_H_
 #define COLLM_RUNTIME_TOKENIZER_H_
@@ -6,81 +7,86 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
-
 namespace collm::runtime {
 
-// Immutable after Load; thread-safe (SentencePieceProcessor's const methods are).
+// Immutable after Load; thread-safe.
 class Tokenizer {
  public:
-  // Loads a serialized SentencePiece ModelProto. A missing, empty or corrupt file is an error
-  // naming the path.
+  // Loads a serialized SentencePiece ModelProto. A missing, empty or corrupt file, or a model this
+  // encoder does not implement (unigram, a precompiled normalization table), is an error naming
+  // the path.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path);
-  ~Tokenizer();
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromSerializedProto(absl::string_view bytes,
+                                                                        const std::string& name);
 
-  // Encodes `text`, prepending BOS when `add_bos` (Llama convention: the caller decides; the model
-  // file does not). Never fails: unknown bytes use byte fallback or <unk>.
+  // Encodes `text` as SentencePiece does (normalization, dummy prefix, BPE merges by piece score,
+  // byte fallback), prepending BOS when `add_bos` (Llama convention: the caller decides).
   std::vector<int32_t> Encode(absl::string_view text, bool add_bos) const;
-  // Decodes ids to text. Control tokens (BOS/EOS) produce no text; ids outside the vocabulary are
-  // skipped rather than crashing (they can come from an untrusted client).
+  // Decodes ids to text as SentencePiece does (control ids give no text; the leading space of the
+  // first piece is dropped). Ids outside the vocabulary are skipped: they can come from clients.
   std::string Decode(absl::Span<const int32_t> ids) const;
 
-  int vocab_size() const;
-  int32_t bos_id() const;
-  int32_t eos_id() const;
+  int vocab_size() const { return static_cast<int>(pieces_.size()); }
+  int32_t bos_id() const { return bos_id_; }
+  int32_t eos_id() const { return eos_id_; }
   std::string IdToPiece(int32_t id) const;
+  bool IsControl(int32_t id) const;
+
+  // The bytes id `id` contributes to decoded text; `first` = it is the first text-producing piece
+  // (SentencePiece then drops its leading space). Empty for control and out-of-range ids.
+  std::string PieceBytes(int32_t id, bool first) const;
 
  private:
-  friend class IncrementalDetokenizer;
+  Tokenizer() = default;
 
-  Tokenizer();
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
-  // A plain piece starting with the SentencePiece space ("▁the"); -1 when the vocabulary has none.
-  // IncrementalDetokenizer decodes windows behind it so their first piece keeps its leading space.
-  int32_t anchor_id_ = -1;
+  struct Piece {
+    std::string text;
+    float score = 0;
+    int type = 1;
+  };
+  std::vector<Piece> pieces_;
+  std::unordered_map<std::string, int32_t> mergeable_;  // Normal/user-defined pieces by text.
+  int32_t byte_ids_[256];
+  bool byte_fallback_ = false;
+  bool add_dummy_prefix_ = true;
+  bool remove_extra_whitespaces_ = true;
+  bool escape_whitespaces_ = true;
+  int32_t unk_id_ = 0, bos_id_ = 1, eos_id_ = 2;
+  std::string unk_surface_;
 };
 
-// Turns a stream of generated token ids into a stream of text deltas. A delta never ends inside a
-// UTF-8 sequence (byte-fallback tokens of one character are held back until it is complete), and
-// the concatenation of all deltas plus Finish() equals Decode() of all the generated ids.
-// One per request; not thread-safe. The tokenizer must outlive it.
+// Turns a stream of generated ids into text deltas. A delta never ends inside a UTF-8 sequence
+// (byte-fallback pieces of one character are held back until it completes); the concatenation of
+// all deltas plus Finish() is the text the ids add after the prompt. One per request; not
+// thread-safe. The tokenizer must outlive it.
 class IncrementalDetokenizer {
  public:
-  // `prompt_tail` (the last few prompt ids, may be empty) gives the first generated pieces the
-  // context that decides whether SentencePiece strips their leading space.
-  IncrementalDetokenizer(const Tokenizer& tokenizer, absl::Span<const int32_t> prompt_tail);
+  // `prompt` (may be empty) decides whether the first generated piece keeps its leading space:
+  // SentencePiece drops it only when no text-producing piece came before.
+  IncrementalDetokenizer(const Tokenizer& tokenizer, absl::Span<const int32_t> prompt);
 
   // Appends one id; returns the text that became final (possibly empty).
   std::string Push(int32_t id);
-  // Returns whatever is still held back (an incomplete UTF-8 tail is emitted as decoded, with
-  // replacement characters, because no more ids will come).
+  // Returns what is still held back; bytes that never completed a character become U+FFFD.
   std::string Finish();
 
  private:
-  // Decodes ids_[prefix_offset_:end), behind the anchor piece once anchored_.
-  std::string DecodeWindow(size_t end) const;
-  // True when the pieces from `offset` on decode the same alone (behind the anchor) as after
-  // ids_[0:offset), i.e. SentencePiece's strip-the-first-leading-space rule is already spent.
-  bool CanAnchorAt(size_t offset) const;
-
   const Tokenizer& tokenizer_;
-  std::vector<int32_t> ids_;
-  size_t prefix_offset_ = 0;  // Start of the window decoded for context.
-  size_t read_offset_ = 0;    // Ids before this have had their text emitted.
-  bool anchored_ = false;     // Windows are decoded behind tokenizer_.anchor_id_.
+  bool seen_text_ = false;
+  std::string pending_;
 };
 
-// Trains a small byte-fallback BPE SentencePiece model on an embedded English corpus and writes
-// it to `path`. Used for the offline tiny random model and tests, so nothing needs downloading.
-// `vocab_size` must be in [300, 2000] (260 byte/control pieces + merges).
+// Trains a small byte-fallback BPE tokenizer (SentencePiece format, loadable by SentencePiece
+// itself) on an embedded English corpus and writes it atomically to `path`. Deterministic: the
+// same vocab_size gives the same bytes. The model has exactly `vocab_size` pieces, which must be
+// in [300, 4000].
 absl::Status TrainTinyTokenizer(const std::string& path, int vocab_size);
 
 }  // namespace collm::runtime
