@@ -10,9 +10,9 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config ccache git ca-certificates
   libtorch-dev libopenblas0-pthread
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libspdlog-dev libyaml-cpp-dev libsentencepiece-dev nlohmann-json3-dev libcli11-dev
+  libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libcpp-httplib-dev libssl-dev libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-torch python3-numpy python3-grpcio python3-protobuf
+  python3 python3-torch python3-numpy python3-sentencepiece python3-grpcio python3-protobuf
 )
 
 missing=()
@@ -35,7 +35,9 @@ fi
 [ "${SKIP_BUILD:-0}" = 1 ] && exit 0
 
 BUILD_DIR=${BUILD_DIR:-build}
-export CCACHE_DIR=${CCACHE_DIR:-$PWD/.cache/ccache}
+# Outside the tree, so fresh clones (CI) on the same machine reuse earlier compilations.
+export CCACHE_DIR=${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/collm-ccache}
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}
 # Precompiled headers are only reused by ccache with these sloppiness settings.
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 JOBS=${JOBS:-$(nproc)}
