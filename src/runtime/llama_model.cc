@@ -19,7 +19,17 @@
 namespace collm::runtime {
 
 // Per-step bookkeeping shared by both implementations.
+// Token rows that share one adapter. Rows are contiguous when the sequences using the adapter
+// are adjacent in the batch, which lets the delta GEMMs work on views instead of gathers.
+struct LlamaModel::AdapterGroup {
+  const LoraWeights* adapter = nullptr;
+  std::vector<int64_t> rows;
+  bool contiguous = true;
+  at::Tensor index;  // rows as an int64 tensor, for the non-contiguous case.
+};
+
 struct LlamaModel::StepPlan {
+  std::vector<AdapterGroup> adapters;
   int64_t num_tokens = 0;
   std::vector<int64_t> positions;   // [T] absolute position of each new token.
   std::vector<int32_t> seq_of;      // [T] index into batch.sequences.
@@ -81,6 +91,35 @@ void AddLinear(at::Tensor& x, const at::Tensor& a, const at::Tensor& w) {
   } else {
     x.addmm_(a, w.t());
   }
+}
+
+// out[rows] += (in[rows] A^T) B^T for each adapter group that adapts this projection.
+template <typename Group, typename Select>
+void AddLoraDeltas(at::Tensor& out, const at::Tensor& in, const std::vector<Group>& groups,
+                   Select select) {
+  for (const Group& g : groups) {
+    const LoraProjection& p = select(*g.adapter);
+    if (!p.defined()) continue;
+    if (g.contiguous) {
+      const int64_t begin = g.rows.front(), n = static_cast<int64_t>(g.rows.size());
+      at::Tensor x = in.narrow(0, begin, n);
+      at::Tensor y = out.narrow(0, begin, n);
+      if (n == 1) {
+        at::Tensor row = y.select(0, 0);
+        row.addmv_(p.b, at::mv(p.a, x.select(0, 0)));
+      } else {
+        y.addmm_(at::mm(x, p.a.t()), p.b.t());
+      }
+    } else {
+      at::Tensor delta = at::mm(at::mm(in.index_select(0, g.index), p.a.t()), p.b.t());
+      out.index_add_(0, g.index, delta);
+    }
+  }
+}
+
+at::Tensor LoraDelta(const at::Tensor& x, const LoraProjection& p, double dropout, bool training) {
+  at::Tensor in = (training && dropout > 0) ? at::dropout(x, dropout, /*train=*/true) : x;
+  return at::linear(at::linear(in, p.a), p.b);
 }
 
 at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -282,6 +321,22 @@ absl::Status LlamaModel::Validate(const StepBatch& batch, const KvCache& cache) 
                        " positions but needs ", end, " (call KvCache::Reserve first)"));
     }
     total += s.num_tokens;
+    if (s.adapter != nullptr) {
+      if (static_cast<int64_t>(s.adapter->layers.size()) != config_.num_hidden_layers) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, "'s adapter has ",
+                                                       s.adapter->layers.size(), " layers, the model ",
+                                                       config_.num_hidden_layers));
+      }
+      for (const LoraLayer& l : s.adapter->layers) {
+        for (const LoraProjection* p : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+          if (p->defined() && (p->a.scalar_type() != runtime_.dtype || p->a.device() != runtime_.device ||
+                               p->b.scalar_type() != runtime_.dtype)) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "sequence ", i, "'s adapter is not in the model's dtype and device"));
+          }
+        }
+      }
+    }
   }
   if (total != static_cast<int64_t>(batch.tokens.size())) {
     return absl::InvalidArgumentError(absl::StrCat("sequences claim ", total, " tokens but the batch has ",
@@ -311,7 +366,21 @@ absl::StatusOr<at::Tensor> LlamaModel::Forward(const StepBatch& batch, KvCache& 
       plan.positions.push_back(s.kv->length + j);
       plan.seq_of.push_back(static_cast<int32_t>(i));
       if (s.all_logits || j == s.num_tokens - 1) plan.logit_rows.push_back(t);
+      if (s.adapter == nullptr) continue;
+      AdapterGroup* group = nullptr;
+      for (auto& g : plan.adapters) {
+        if (g.adapter == s.adapter) group = &g;
+      }
+      if (group == nullptr) {
+        plan.adapters.push_back({s.adapter, {}, true, {}});
+        group = &plan.adapters.back();
+      }
+      if (!group->rows.empty() && group->rows.back() != t - 1) group->contiguous = false;
+      group->rows.push_back(t);
     }
+  }
+  for (auto& g : plan.adapters) {
+    if (!g.contiguous) g.index = at::tensor(g.rows, at::kLong).to(runtime_.device);
   }
   at::Tensor logits;
   try {
@@ -369,6 +438,7 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
     const Layer& L = layers_[l];
     RmsNormRows(x, L.attn_norm, h, eps);
     at::Tensor qkv = Linear(h, L.w_qkv, L.b_qkv);  // [T, qkv_dim]
+    AddLoraDeltas(qkv, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
     float* qkvp = qkv.data_ptr<float>();
 
     // RoPE on q and k heads (rotate-half pairs i and i + half), then append k and v to the cache.
@@ -435,11 +505,14 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
 
     if (L.b_o.defined()) x.add_(L.b_o);
     AddLinear(x, attn, L.w_o);
+    AddLoraDeltas(x, attn, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
 
     RmsNormRows(x, L.ffn_norm, h, eps);
     at::Tensor gu = Linear(h, L.w_gate_up, at::Tensor());  // [T, 2 ff]
+    AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].gate_up; });
     at::Tensor act = at::silu(gu.narrow(1, 0, ff)).mul_(gu.narrow(1, ff, ff));
     AddLinear(x, act, L.w_down);
+    AddLoraDeltas(x, act, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
   }
 
   const int64_t R = static_cast<int64_t>(plan.logit_rows.size());
@@ -479,6 +552,7 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
     const Layer& L = layers_[l];
     at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
     at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
+    AddLoraDeltas(qkv, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
     at::Tensor q = qkv.narrow(1, 0, qs).view({T, H, hd});
     at::Tensor k = qkv.narrow(1, qs, kvs).view({T, KV, hd});
     at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({T, KV, hd});
@@ -510,15 +584,108 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
     }
     at::Tensor attn = at::cat(outs, 0);
     x = x + at::linear(attn, L.w_o, L.b_o);
+    AddLoraDeltas(x, attn, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
     h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
     at::Tensor gu = at::linear(h, L.w_gate_up);
+    AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].gate_up; });
     const int64_t ff = c.intermediate_size;
-    x = x + at::linear(at::silu(gu.narrow(1, 0, ff)) * gu.narrow(1, ff, ff), L.w_down);
+    at::Tensor act = at::silu(gu.narrow(1, 0, ff)) * gu.narrow(1, ff, ff);
+    x = x + at::linear(act, L.w_down);
+    AddLoraDeltas(x, act, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
   }
   at::Tensor rows = at::tensor(plan.logit_rows, i64).to(dev);
   at::Tensor last = x.index_select(0, rows);
   at::Tensor logits = at::linear(RmsNormReference(last, final_norm_, c.rms_norm_eps), lm_head_);
   return logits.to(at::kCPU, at::kFloat).contiguous();
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::DenseLogits(const at::Tensor& tokens,
+                                                   const LoraWeights* adapter, double lora_dropout,
+                                                   bool training) const {
+  const ModelConfig& c = config_;
+  if (tokens.dim() != 2 || tokens.scalar_type() != at::kLong) {
+    return absl::InvalidArgumentError("DenseLogits needs a [batch, length] int64 token tensor");
+  }
+  const int64_t B = tokens.size(0), Lq = tokens.size(1);
+  if (B == 0 || Lq == 0 || Lq > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("DenseLogits: length ", Lq,
+                                                   " must be in [1, ", c.max_position_embeddings, "]"));
+  }
+  if (tokens.numel() > 0 && (tokens.min().item<int64_t>() < 0 || tokens.max().item<int64_t>() >= c.vocab_size)) {
+    return absl::InvalidArgumentError("DenseLogits: token id outside the vocabulary");
+  }
+  if (adapter != nullptr && static_cast<int64_t>(adapter->layers.size()) != c.num_hidden_layers) {
+    return absl::InvalidArgumentError("DenseLogits: adapter layer count differs from the model");
+  }
+  const int64_t hd = c.head_dim, H = c.num_attention_heads, KV = c.num_key_value_heads;
+  const int64_t group = H / KV, qs = c.q_size(), kvs = c.kv_size(), ff = c.intermediate_size;
+  const auto dev = runtime_.device;
+  try {
+    at::Tensor ids = tokens.to(dev);
+    at::Tensor inv_freq = at::tensor(inv_freq_, at::kFloat).to(dev);
+    at::Tensor freqs = at::arange(Lq, at::TensorOptions().dtype(at::kFloat).device(dev)).unsqueeze(1) *
+                       inv_freq.unsqueeze(0);
+    at::Tensor emb = at::cat({freqs, freqs}, -1);
+    at::Tensor cos = emb.cos().to(runtime_.dtype).view({1, Lq, 1, hd});
+    at::Tensor sin = emb.sin().to(runtime_.dtype).view({1, Lq, 1, hd});
+    at::Tensor mask = at::full({Lq, Lq}, -std::numeric_limits<float>::infinity(),
+                               at::TensorOptions().dtype(at::kFloat).device(dev))
+                          .triu(1);
+    auto delta = [&](const at::Tensor& in, const LoraProjection& p) {
+      return LoraDelta(in, p, lora_dropout, training);
+    };
+    at::Tensor x = embed_.index_select(0, ids.reshape({-1})).view({B, Lq, c.hidden_size});
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      const LoraLayer* A = adapter != nullptr ? &adapter->layers[l] : nullptr;
+      at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
+      at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
+      if (A != nullptr && A->qkv.defined()) qkv = qkv + delta(h, A->qkv);
+      at::Tensor q = qkv.narrow(2, 0, qs).view({B, Lq, H, hd});
+      at::Tensor k = qkv.narrow(2, qs, kvs).view({B, Lq, KV, hd});
+      at::Tensor v = qkv.narrow(2, qs + kvs, kvs).view({B, Lq, KV, hd});
+      q = q * cos + RotateHalf(q) * sin;
+      k = (k * cos + RotateHalf(k) * sin).repeat_interleave(group, 2);
+      v = v.repeat_interleave(group, 2);
+      at::Tensor scores =
+          at::einsum("blhd,bshd->bhls", {q, k}).to(at::kFloat) / std::sqrt(double(hd)) + mask;
+      at::Tensor probs = at::softmax(scores, -1).to(runtime_.dtype);
+      at::Tensor attn = at::einsum("bhls,bshd->blhd", {probs, v}).reshape({B, Lq, qs});
+      x = x + at::linear(attn, L.w_o, L.b_o);
+      if (A != nullptr && A->o.defined()) x = x + delta(attn, A->o);
+      h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
+      at::Tensor gu = at::linear(h, L.w_gate_up);
+      if (A != nullptr && A->gate_up.defined()) gu = gu + delta(h, A->gate_up);
+      at::Tensor act = at::silu(gu.narrow(2, 0, ff)) * gu.narrow(2, ff, ff);
+      x = x + at::linear(act, L.w_down);
+      if (A != nullptr && A->down.defined()) x = x + delta(act, A->down);
+    }
+    return at::linear(RmsNormReference(x, final_norm_, c.rms_norm_eps), lm_head_).to(at::kFloat);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("dense forward failed: ", e.what_without_backtrace()));
+  }
+}
+
+at::Tensor LlamaModel::BaseWeight(int64_t layer, LoraTarget target) const {
+  const Layer& L = layers_.at(layer);
+  const ModelConfig& c = config_;
+  switch (target) {
+    case LoraTarget::kQ:
+      return L.w_qkv.narrow(0, 0, c.q_size());
+    case LoraTarget::kK:
+      return L.w_qkv.narrow(0, c.q_size(), c.kv_size());
+    case LoraTarget::kV:
+      return L.w_qkv.narrow(0, c.q_size() + c.kv_size(), c.kv_size());
+    case LoraTarget::kO:
+      return L.w_o;
+    case LoraTarget::kGate:
+      return L.w_gate_up.narrow(0, 0, c.intermediate_size);
+    case LoraTarget::kUp:
+      return L.w_gate_up.narrow(0, c.intermediate_size, c.intermediate_size);
+    case LoraTarget::kDown:
+      return L.w_down;
+  }
+  return {};
 }
 
 }  // namespace collm::runtime

@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "collm/runtime/device.h"
 #include "collm/runtime/kv_cache.h"
+#include "collm/runtime/lora_weights.h"
 #include "collm/runtime/model_config.h"
 
 namespace collm::runtime {
@@ -29,6 +30,10 @@ struct SequenceStep {
   SequenceKv* kv = nullptr;
   int64_t num_tokens = 0;
   bool all_logits = false;  // Logits for every new token (scoring); else only the last one.
+  // Unmerged LoRA adapter for this sequence's tokens; null = base model. Sequences sharing an
+  // adapter are grouped into one delta GEMM pair per projection (best when they are adjacent).
+  // Must stay alive for the call.
+  const LoraWeights* adapter = nullptr;
 };
 
 struct StepBatch {
@@ -75,6 +80,18 @@ class LlamaModel {
   // Whether Forward uses the fused CPU kernels (CPU, f32) by default.
   bool uses_fused_cpu_kernels() const;
 
+  // Dense causal forward over a [batch, length] int64 token tensor (right-padded rows are fine:
+  // padding only follows real tokens), for training and evaluation. Returns float32 logits
+  // [batch, length, vocab] on the model's device. Autograd flows into `adapter`'s tensors (when
+  // they require grad); the base weights are constants. `lora_dropout` applies to the adapter's
+  // input only and only when `training`.
+  absl::StatusOr<at::Tensor> DenseLogits(const at::Tensor& tokens, const LoraWeights* adapter,
+                                         double lora_dropout = 0.0, bool training = false) const;
+
+  // The base weight of one projection, [out, in] (a view into the fused storage). For merging
+  // adapters in tests and tools.
+  at::Tensor BaseWeight(int64_t layer, LoraTarget target) const;
+
  private:
   struct Layer {
     at::Tensor attn_norm;  // [hidden]
@@ -87,6 +104,7 @@ class LlamaModel {
     at::Tensor w_down;     // [hidden, intermediate]
   };
   struct StepPlan;
+  struct AdapterGroup;
 
   LlamaModel() = default;
   absl::Status Validate(const StepBatch& batch, const KvCache& cache) const;
