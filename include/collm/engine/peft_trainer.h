@@ -1,0 +1,114 @@
+// PEFT training of the shadow adapter on the frozen base model: micro-batches with gradient
+// accumulation, loss on target (completion) tokens only, AdamW with gradient clipping, warmup +
+// constant or cosine learning-rate schedule. Seeded: the same seed, data and options give the same
+// losses, also across a checkpoint and resume.
+#ifndef COLLM_ENGINE_PEFT_TRAINER_H_
+#define COLLM_ENGINE_PEFT_TRAINER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "collm/engine/dataset.h"
+#include "collm/lora/shadow_adapter.h"
+#include "collm/runtime/llama_model.h"
+
+namespace collm::engine {
+
+struct TrainerOptions {
+  double lr = 2e-4;               // Peak learning rate; > 0.
+  std::string schedule = "constant";  // "constant" or "cosine" (to min_lr_ratio * lr at total_steps).
+  int64_t warmup_steps = 0;       // Linear warmup from 0 over this many optimizer steps.
+  int64_t total_steps = 0;        // Cosine horizon (optimizer steps); required for "cosine".
+  double min_lr_ratio = 0.1;      // Cosine floor as a fraction of lr.
+  double max_grad_norm = 1.0;     // Global-norm clipping; <= 0 = off.
+  int64_t micro_batch_size = 4;   // Examples per forward/backward.
+  int64_t grad_accum_steps = 1;   // Micro-batches per optimizer step.
+  uint64_t seed = 0;              // Data order and dropout.
+  lora::AdamWOptions adamw;
+
+  absl::Status Validate() const;  // InvalidArgument naming the field.
+};
+
+struct StepStats {
+  int64_t step = 0;        // Optimizer steps done (after this one).
+  double loss = 0;         // Mean token loss over the step's micro-batches.
+  double lr = 0;           // Learning rate used.
+  double grad_norm = 0;    // Before clipping.
+  int64_t tokens = 0;      // Tokens forwarded.
+  int64_t target_tokens = 0;
+};
+
+// Draws examples in a seeded shuffled order, epoch after epoch. Its cursor is saved in
+// checkpoints so a resumed run sees the same data. Not thread-safe.
+class ExampleSampler {
+ public:
+  ExampleSampler(const std::vector<TrainingExample>* examples, uint64_t seed);
+  std::vector<const TrainingExample*> Next(int64_t n);
+  std::map<std::string, std::string> State() const;
+  absl::Status Restore(const std::map<std::string, std::string>& state);
+
+ private:
+  void Shuffle();
+  const std::vector<TrainingExample>* examples_;
+  uint64_t seed_;
+  int64_t epoch_ = 0;
+  int64_t position_ = 0;
+  std::vector<size_t> order_;
+};
+
+// Mean token loss (over target tokens) of `model` with `adapter` (null = base) on `examples`,
+// no gradients. InvalidArgument when no example has a target.
+absl::StatusOr<double> EvaluateLoss(const runtime::LlamaModel& model,
+                                    const runtime::LoraWeights* adapter,
+                                    const std::vector<TrainingExample>& examples,
+                                    int64_t batch_size = 8);
+
+// Owned by one thread (the engine thread).
+class PeftTrainer {
+ public:
+  static absl::StatusOr<std::unique_ptr<PeftTrainer>> Create(
+      std::shared_ptr<const runtime::LlamaModel> model, std::unique_ptr<lora::ShadowAdapter> shadow,
+      const TrainerOptions& options);
+
+  // Forward + backward of one micro-batch, accumulating gradients. Once grad_accum_steps
+  // micro-batches have accumulated it applies the optimizer step and returns its stats.
+  absl::StatusOr<std::optional<StepStats>> MicroStep(
+      const std::vector<const TrainingExample*>& batch);
+  // A whole optimizer step: grad_accum_steps micro-batches drawn from `sampler`.
+  absl::StatusOr<StepStats> Step(ExampleSampler& sampler);
+  // Mean token loss of the current shadow adapter.
+  absl::StatusOr<double> Evaluate(const std::vector<TrainingExample>& examples) const;
+
+  double LearningRate(int64_t step) const;  // For optimizer step `step` (1-based).
+  lora::ShadowAdapter& shadow() { return *shadow_; }
+  const lora::ShadowAdapter& shadow() const { return *shadow_; }
+  const TrainerOptions& options() const { return options_; }
+  int64_t micro_steps() const { return micro_steps_; }
+
+  // Checkpoint = shadow adapter + optimizer state + `extra` (e.g. sampler cursor) + counters.
+  absl::Status SaveCheckpoint(const std::string& dir,
+                              const std::map<std::string, std::string>& extra) const;
+  static absl::StatusOr<std::unique_ptr<PeftTrainer>> Resume(
+      std::shared_ptr<const runtime::LlamaModel> model, const std::string& dir,
+      const TrainerOptions& options, std::map<std::string, std::string>* extra);
+
+ private:
+  PeftTrainer() = default;
+
+  std::shared_ptr<const runtime::LlamaModel> model_;
+  std::unique_ptr<lora::ShadowAdapter> shadow_;
+  TrainerOptions options_;
+  int64_t micro_steps_ = 0;   // Micro-batches run so far (drives dropout seeds).
+  int64_t accumulated_ = 0;   // Micro-batches since the last optimizer step.
+  double accum_loss_ = 0;
+  int64_t accum_tokens_ = 0, accum_targets_ = 0;
+};
+
+}  // namespace collm::engine
+
+#endif  // COLLM_ENGINE_PEFT_TRAINER_H_

@@ -1,0 +1,268 @@
+#include "collm/engine/peft_trainer.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <random>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "collm/common/status.h"
+
+namespace collm::engine {
+namespace {
+
+constexpr char kMicroStepsKey[] = "collm.micro_steps";
+
+// Pads a micro-batch into next-token inputs, targets and a target mask.
+struct Batch {
+  at::Tensor inputs;   // [B, L-1] int64
+  at::Tensor targets;  // [B, L-1] int64
+  at::Tensor mask;     // [B, L-1] float, 1 where targets[b, i] counts.
+  int64_t tokens = 0;
+  int64_t num_targets = 0;
+};
+
+Batch MakeBatch(const std::vector<const TrainingExample*>& examples) {
+  int64_t len = 2;
+  for (const auto* e : examples) len = std::max<int64_t>(len, e->tokens.size());
+  const int64_t B = static_cast<int64_t>(examples.size());
+  at::Tensor tokens = at::zeros({B, len}, at::kLong);
+  at::Tensor mask = at::zeros({B, len}, at::kFloat);
+  auto tok = tokens.accessor<int64_t, 2>();
+  auto msk = mask.accessor<float, 2>();
+  Batch b;
+  for (int64_t i = 0; i < B; ++i) {
+    const auto& e = *examples[i];
+    for (size_t j = 0; j < e.tokens.size(); ++j) {
+      tok[i][j] = e.tokens[j];
+      msk[i][j] = e.loss_mask[j] ? 1.f : 0.f;
+    }
+    b.tokens += static_cast<int64_t>(e.tokens.size());
+  }
+  // Position 0 is never predicted.
+  b.inputs = tokens.narrow(1, 0, len - 1).contiguous();
+  b.targets = tokens.narrow(1, 1, len - 1).contiguous();
+  b.mask = mask.narrow(1, 1, len - 1).contiguous();
+  b.num_targets = static_cast<int64_t>(b.mask.sum().item<double>());
+  return b;
+}
+
+// Sum of token cross-entropies over masked targets.
+at::Tensor MaskedLossSum(const at::Tensor& logits, const Batch& b) {
+  const int64_t V = logits.size(-1);
+  at::Tensor ce = at::cross_entropy_loss(logits.reshape({-1, V}), b.targets.reshape({-1}).to(logits.device()),
+                                         {}, at::Reduction::None);
+  return (ce * b.mask.reshape({-1}).to(logits.device())).sum();
+}
+
+}  // namespace
+
+absl::Status TrainerOptions::Validate() const {
+  auto bad = [](const std::string& field, const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("training.", field, " ", what));
+  };
+  if (!(lr > 0) || !std::isfinite(lr)) return bad("lr", absl::StrCat("must be > 0, got ", lr));
+  if (schedule != "constant" && schedule != "cosine") {
+    return bad("schedule", absl::StrCat("must be constant or cosine, got '", schedule, "'"));
+  }
+  if (schedule == "cosine" && total_steps <= 0) return bad("total_steps", "must be > 0 for cosine");
+  if (warmup_steps < 0) return bad("warmup_steps", absl::StrCat("must be >= 0, got ", warmup_steps));
+  if (!(min_lr_ratio >= 0 && min_lr_ratio <= 1)) return bad("min_lr_ratio", "must be in [0, 1]");
+  if (micro_batch_size <= 0) return bad("micro_batch_size", absl::StrCat("must be > 0, got ", micro_batch_size));
+  if (grad_accum_steps <= 0) return bad("grad_accum_steps", absl::StrCat("must be > 0, got ", grad_accum_steps));
+  if (!(adamw.beta1 >= 0 && adamw.beta1 < 1) || !(adamw.beta2 >= 0 && adamw.beta2 < 1)) {
+    return bad("adamw.beta1/beta2", "must be in [0, 1)");
+  }
+  if (!(adamw.eps > 0)) return bad("adamw.eps", "must be > 0");
+  if (!(adamw.weight_decay >= 0)) return bad("adamw.weight_decay", "must be >= 0");
+  return absl::OkStatus();
+}
+
+ExampleSampler::ExampleSampler(const std::vector<TrainingExample>* examples, uint64_t seed)
+    : examples_(examples), seed_(seed) {
+  Shuffle();
+}
+
+void ExampleSampler::Shuffle() {
+  order_.resize(examples_->size());
+  for (size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+  // Fisher-Yates on raw mt19937_64 output: std::shuffle differs between standard libraries.
+  std::mt19937_64 rng(seed_ * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch_));
+  for (size_t i = order_.size(); i > 1; --i) std::swap(order_[i - 1], order_[rng() % i]);
+}
+
+std::vector<const TrainingExample*> ExampleSampler::Next(int64_t n) {
+  std::vector<const TrainingExample*> out;
+  if (examples_->empty()) return out;
+  while (static_cast<int64_t>(out.size()) < n) {
+    if (position_ >= static_cast<int64_t>(order_.size())) {
+      ++epoch_;
+      position_ = 0;
+      Shuffle();
+    }
+    out.push_back(&(*examples_)[order_[position_++]]);
+  }
+  return out;
+}
+
+std::map<std::string, std::string> ExampleSampler::State() const {
+  return {{"sampler.epoch", std::to_string(epoch_)}, {"sampler.position", std::to_string(position_)}};
+}
+
+absl::Status ExampleSampler::Restore(const std::map<std::string, std::string>& state) {
+  int64_t epoch, position;
+  auto e = state.find("sampler.epoch"), p = state.find("sampler.position");
+  if (e == state.end() || p == state.end() || !absl::SimpleAtoi(e->second, &epoch) ||
+      !absl::SimpleAtoi(p->second, &position) || epoch < 0 || position < 0) {
+    return absl::InvalidArgumentError("checkpoint has no valid sampler.epoch / sampler.position");
+  }
+  epoch_ = epoch;
+  Shuffle();
+  position_ = position;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> EvaluateLoss(const runtime::LlamaModel& model,
+                                    const runtime::LoraWeights* adapter,
+                                    const std::vector<TrainingExample>& examples,
+                                    int64_t batch_size) {
+  at::NoGradGuard no_grad;
+  double sum = 0;
+  int64_t targets = 0;
+  batch_size = std::max<int64_t>(1, batch_size);
+  for (size_t i = 0; i < examples.size(); i += batch_size) {
+    std::vector<const TrainingExample*> chunk;
+    for (size_t j = i; j < std::min(examples.size(), i + batch_size); ++j) chunk.push_back(&examples[j]);
+    Batch b = MakeBatch(chunk);
+    if (b.num_targets == 0) continue;
+    COLLM_ASSIGN_OR_RETURN(at::Tensor logits, model.DenseLogits(b.inputs, adapter));
+    try {
+      sum += MaskedLossSum(logits, b).item<double>();
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat("evaluation: ", e.what_without_backtrace()));
+    }
+    targets += b.num_targets;
+  }
+  if (targets == 0) return absl::InvalidArgumentError("no evaluation example has a target token");
+  return sum / static_cast<double>(targets);
+}
+
+absl::StatusOr<std::unique_ptr<PeftTrainer>> PeftTrainer::Create(
+    std::shared_ptr<const runtime::LlamaModel> model, std::unique_ptr<lora::ShadowAdapter> shadow,
+    const TrainerOptions& options) {
+  COLLM_RETURN_IF_ERROR(options.Validate());
+  std::unique_ptr<PeftTrainer> t(new PeftTrainer());
+  t->model_ = std::move(model);
+  t->shadow_ = std::move(shadow);
+  t->options_ = options;
+  return t;
+}
+
+double PeftTrainer::LearningRate(int64_t step) const {
+  const TrainerOptions& o = options_;
+  if (o.warmup_steps > 0 && step <= o.warmup_steps) {
+    return o.lr * static_cast<double>(step) / static_cast<double>(o.warmup_steps);
+  }
+  if (o.schedule == "constant") return o.lr;
+  const double span = std::max<int64_t>(1, o.total_steps - o.warmup_steps);
+  const double progress = std::min(1.0, static_cast<double>(step - o.warmup_steps) / span);
+  const double cosine = 0.5 * (1 + std::cos(M_PI * progress));
+  return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine);
+}
+
+absl::StatusOr<std::optional<StepStats>> PeftTrainer::MicroStep(
+    const std::vector<const TrainingExample*>& examples) {
+  if (examples.empty()) return absl::InvalidArgumentError("empty micro-batch");
+  Batch b = MakeBatch(examples);
+  if (b.num_targets == 0) return absl::InvalidArgumentError("micro-batch has no target tokens");
+  const auto& rt = model_->runtime();
+  try {
+    // Dropout draws from the global generator; seeding it from counters makes runs (and resumed
+    // runs) repeat exactly.
+    at::manual_seed(options_.seed * 1000003ull + static_cast<uint64_t>(micro_steps_));
+    runtime::LoraFactors factors;
+    factors.scale = shadow_->factors().scale;
+    factors.layers = shadow_->factors().layers;
+    // Device copies stay on the autograd graph, so gradients reach the CPU f32 parameters.
+    if (rt.device.is_cuda() || rt.dtype != at::kFloat) {
+      for (auto& layer : factors.layers) {
+        for (auto& f : layer) {
+          if (!f.a.defined()) continue;
+          f.a = f.a.to(rt.device, rt.dtype);
+          f.b = f.b.to(rt.device, rt.dtype);
+        }
+      }
+    }
+    COLLM_ASSIGN_OR_RETURN(runtime::LoraWeights weights, runtime::FuseLora(model_->config(), factors));
+    COLLM_ASSIGN_OR_RETURN(at::Tensor logits, model_->DenseLogits(b.inputs, &weights,
+                                                                  shadow_->config().dropout, true));
+    at::Tensor loss_sum = MaskedLossSum(logits, b);
+    const double mean = loss_sum.item<double>() / static_cast<double>(b.num_targets);
+    if (!std::isfinite(mean)) return absl::InternalError("training loss is not finite");
+    (loss_sum / (static_cast<double>(b.num_targets) * options_.grad_accum_steps)).backward();
+    accum_loss_ += mean;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("training step: ", e.what_without_backtrace()));
+  }
+  ++micro_steps_;
+  ++accumulated_;
+  accum_tokens_ += b.tokens;
+  accum_targets_ += b.num_targets;
+  if (accumulated_ < options_.grad_accum_steps) return std::optional<StepStats>();
+
+  StepStats stats;
+  stats.lr = LearningRate(shadow_->step() + 1);
+  stats.grad_norm = shadow_->Step(stats.lr, options_.max_grad_norm);
+  stats.step = shadow_->step();
+  stats.loss = accum_loss_ / static_cast<double>(accumulated_);
+  stats.tokens = accum_tokens_;
+  stats.target_tokens = accum_targets_;
+  accumulated_ = 0;
+  accum_loss_ = 0;
+  accum_tokens_ = accum_targets_ = 0;
+  return std::optional<StepStats>(stats);
+}
+
+absl::StatusOr<StepStats> PeftTrainer::Step(ExampleSampler& sampler) {
+  for (;;) {
+    auto batch = sampler.Next(options_.micro_batch_size);
+    if (batch.empty()) return absl::FailedPreconditionError("no training examples");
+    COLLM_ASSIGN_OR_RETURN(std::optional<StepStats> stats, MicroStep(batch));
+    if (stats.has_value()) return *stats;
+  }
+}
+
+absl::StatusOr<double> PeftTrainer::Evaluate(const std::vector<TrainingExample>& examples) const {
+  COLLM_ASSIGN_OR_RETURN(runtime::LoraWeights weights,
+                         shadow_->Snapshot().ToWeights(model_->config(), model_->runtime()));
+  return EvaluateLoss(*model_, &weights, examples);
+}
+
+absl::Status PeftTrainer::SaveCheckpoint(const std::string& dir,
+                                         const std::map<std::string, std::string>& extra) const {
+  if (accumulated_ != 0) {
+    return absl::FailedPreconditionError("checkpoint requested in the middle of gradient accumulation");
+  }
+  std::map<std::string, std::string> meta = extra;
+  meta[kMicroStepsKey] = std::to_string(micro_steps_);
+  return shadow_->SaveCheckpoint(dir, meta);
+}
+
+absl::StatusOr<std::unique_ptr<PeftTrainer>> PeftTrainer::Resume(
+    std::shared_ptr<const runtime::LlamaModel> model, const std::string& dir,
+    const TrainerOptions& options, std::map<std::string, std::string>* extra) {
+  std::map<std::string, std::string> meta;
+  COLLM_ASSIGN_OR_RETURN(auto shadow, lora::ShadowAdapter::LoadCheckpoint(dir, model->config(),
+                                                                         options.adamw, &meta));
+  COLLM_ASSIGN_OR_RETURN(auto trainer, Create(std::move(model), std::move(shadow), options));
+  auto it = meta.find(kMicroStepsKey);
+  if (it == meta.end() || !absl::SimpleAtoi(it->second, &trainer->micro_steps_)) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": checkpoint lacks ", kMicroStepsKey));
+  }
+  if (extra != nullptr) *extra = meta;
+  return trainer;
+}
+
+}  // namespace collm::engine
