@@ -11,6 +11,8 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   collm::cli::GenerateArgs generate_args;
   collm::cli::AddGenerateCommand(app, generate_args, exit_code);
+  collm::cli::FinetuneArgs finetune_args;
+  collm::cli::AddFinetuneCommand(app, finetune_args, exit_code);
   collm::cli::RandomModelArgs random_args;
   collm::cli::AddRandomModelCommand(app, random_args, exit_code);
 

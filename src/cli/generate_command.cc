@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "collm/cli/commands.h"
 #include "collm/common/clock.h"
+#include "collm/lora/peft_io.h"
 #include "collm/runtime/generator.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/runtime/random_model.h"
@@ -80,6 +81,24 @@ int RunGenerate(const GenerateArgs& args, std::ostream& out, std::ostream& err) 
     return 2;
   }
 
+  runtime::LoraWeights adapter_weights;
+  if (!args.adapter_dir.empty()) {
+    auto adapter = lora::ReadPeftAdapter(args.adapter_dir, (*model)->config());
+    if (!adapter.ok()) {
+      err << "collmctl: " << adapter.status().message() << "\n";
+      return 2;
+    }
+    auto weights = adapter->ToWeights((*model)->config(), (*model)->runtime());
+    if (!weights.ok()) {
+      err << "collmctl: " << weights.status().message() << "\n";
+      return 1;
+    }
+    adapter_weights = std::move(*weights);
+    request.adapter = &adapter_weights;
+    err << "collmctl: serving adapter " << args.adapter_dir << " unmerged (rank "
+        << adapter->config.rank << ")\n";
+  }
+
   runtime::Generator generator(*model, tokenizer->get());
   auto results = generator.Generate({request}, [&](size_t, const std::string& delta) {
     out << delta << std::flush;
@@ -106,6 +125,7 @@ void AddGenerateCommand(CLI::App& app, GenerateArgs& args, int& exit_code) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate text locally from a prompt");
   cmd->add_option("--model", args.model_dir,
                   "Hugging Face model directory (default: the built-in tiny random model)");
+  cmd->add_option("--adapter", args.adapter_dir, "PEFT LoRA adapter directory, served unmerged");
   cmd->add_option("--prompt,-p", args.prompt, "Prompt text")->capture_default_str();
   cmd->add_option("--max-tokens,-n", args.max_tokens, "Tokens to generate at most")
       ->capture_default_str();

@@ -149,7 +149,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::Generate(
       const int64_t take = std::min(budget, n - a->prefilled);
       batch.tokens.insert(batch.tokens.end(), a->request->prompt.begin() + a->prefilled,
                           a->request->prompt.begin() + a->prefilled + take);
-      batch.sequences.push_back({&a->kv, take, false});
+      batch.sequences.push_back({&a->kv, take, false, a->request->adapter});
       a->prefilled += take;
       budget -= take;
       if (a->prefilled == n) finishing.push_back(a.get());
@@ -171,7 +171,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::Generate(
     for (auto& a : seqs) {
       if (a->done) continue;
       batch.tokens.push_back(a->context.back());
-      batch.sequences.push_back({&a->kv, 1, false});
+      batch.sequences.push_back({&a->kv, 1, false, a->request->adapter});
       live.push_back(a.get());
     }
     if (live.empty()) break;

@@ -14,6 +14,7 @@ namespace collm::cli {
 
 struct GenerateArgs {
   std::string model_dir;  // Empty: the tiny random model (offline default).
+  std::string adapter_dir;  // PEFT adapter served unmerged; empty = base model.
   std::string prompt = "Once upon a time";
   int max_tokens = 64;
   float temperature = 0.8f;
@@ -46,6 +47,41 @@ struct RandomModelArgs {
 
 int RunRandomModel(const RandomModelArgs& args, std::ostream& out, std::ostream& err);
 void AddRandomModelCommand(CLI::App& app, RandomModelArgs& args, int& exit_code);
+
+struct FinetuneArgs {
+  std::string model_dir;
+  std::string data_path;       // JSONL (or JSON array) file.
+  std::string out_dir;         // PEFT adapter output.
+  int64_t steps = 100;
+  int rank = 8;
+  double alpha = 16;
+  double dropout = 0.05;
+  bool rslora = false;
+  std::vector<std::string> targets = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  double lr = 1e-3;
+  std::string schedule = "cosine";
+  int64_t warmup = 10;
+  int64_t batch = 8;
+  int64_t accum = 1;
+  double max_grad_norm = 1.0;
+  double weight_decay = 0.0;
+  uint64_t seed = 0;
+  int64_t max_length = 512;
+  int64_t max_examples = 0;
+  double held_out = 0.1;
+  int64_t eval_examples = 128;  // Held-out examples used for the before/after loss (0 = all).
+  std::string prompt_field = "prompt";
+  std::string completion_field = "completion";
+  std::string text_field = "text";
+  std::string messages_field = "messages";
+  std::string prompt_template = "{prompt}\n";
+  std::string init_adapter;    // Start from this PEFT adapter instead of a fresh one.
+  bool progress = true;        // Progress bar on stderr.
+};
+
+// Trains a LoRA adapter locally; progress on `err`, held-out loss before/after on `out`.
+int RunFinetune(const FinetuneArgs& args, std::ostream& out, std::ostream& err);
+void AddFinetuneCommand(CLI::App& app, FinetuneArgs& args, int& exit_code);
 
 // Where the offline default model lives: $COLLM_CACHE_DIR, else $XDG_CACHE_HOME/collm, else
 // ~/.cache/collm, plus "/tiny-random". Written on first use.

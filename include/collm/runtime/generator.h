@@ -14,6 +14,7 @@
 #include "collm/common/clock.h"
 #include "collm/runtime/kv_cache.h"
 #include "collm/runtime/llama_model.h"
+#include "collm/runtime/lora_weights.h"
 #include "collm/runtime/sampler.h"
 #include "collm/runtime/tokenizer.h"
 
@@ -22,6 +23,8 @@ namespace collm::runtime {
 struct GenerationRequest {
   std::vector<int32_t> prompt;  // Token ids, BOS included if wanted. Non-empty.
   SamplingParams params;
+  // Unmerged LoRA adapter to serve with; null = base model. Must outlive Generate().
+  const LoraWeights* adapter = nullptr;
 };
 
 enum class FinishReason { kLength, kEos, kStop };
