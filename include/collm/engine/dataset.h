@@ -26,15 +26,26 @@ struct TrainingExample {
 //   1. `messages_field` holds a list of {"role", "content"} (chat): rendered with the chat
 //      template below; loss on assistant contents (and the end-of-turn marker) only.
 //   2. `prompt_field` and `completion_field` are strings: prompt_template with "{prompt}"
-//      replaced, then the completion; loss on the completion (+ EOS).
+//      replaced, then the completion; loss on the completion (+ EOS). When the record also has a
+//      non-empty string `input_field` (Alpaca style), the prompt is prompt + "\n" + input.
 //   3. `text_field` is a string: loss on every token.
-// Any other record is a bad line (reported, skipped, counted).
+// Any other record is a bad line (reported, skipped, counted): not a JSON object, a present field
+// of the wrong type, only one of prompt/completion, an empty `messages` list or one without an
+// assistant turn, a role other than system/user/assistant. An empty field name disables its rule.
+//
+// Tokenization: the rendered text is cut into runs of equal loss mask, and each run is encoded
+// separately (BOS only once, at the start; mask 0). SentencePiece puts a dummy-prefix space before
+// each run, so a completion reads " answer" after its prompt and a run after a turn_end starts
+// with a space; encoding run by run (not the whole string) is what keeps the mask exact at the
+// boundaries. In a chat, messages after the last assistant turn carry no target and are dropped.
 struct DatasetFormat {
-  std::string prompt_field = "prompt";          // GSM8K: "question".
-  std::string completion_field = "completion";  // GSM8K: "answer".
+  std::string prompt_field = "prompt";          // GSM8K: "question"; Code Alpaca: "instruction".
+  std::string completion_field = "completion";  // GSM8K: "answer"; Code Alpaca: "output".
+  std::string input_field = "input";            // Optional extra prompt context (Alpaca).
   std::string text_field = "text";
   std::string messages_field = "messages";
-  std::string prompt_template = "{prompt}\n";  // e.g. "Question: {prompt}\nAnswer: ".
+  // Must contain "{prompt}"; e.g. "Question: {prompt}\nAnswer: ".
+  std::string prompt_template = "{prompt}\n";
   // Chat template pieces: each turn is role_prefix(role) + content + turn_end.
   std::string user_prefix = "User: ";
   std::string assistant_prefix = "Assistant: ";
@@ -44,7 +55,7 @@ struct DatasetFormat {
 
 struct DatasetOptions {
   DatasetFormat format;
-  int64_t max_length = 512;         // Tokens per example; longer ones are truncated (counted).
+  int64_t max_length = 512;         // Tokens per example (>= 2); longer ones keep their beginning.
   bool add_bos = true;
   bool add_eos = true;              // Append EOS to completions / assistant turns / text.
   double held_out_fraction = 0.1;   // In [0, 1): share of examples kept out of training.
@@ -53,23 +64,32 @@ struct DatasetOptions {
 };
 
 struct LoadReport {
-  int64_t lines = 0;       // Non-empty lines (or array elements) seen.
+  int64_t lines = 0;       // Non-blank lines (or array elements) read.
   int64_t loaded = 0;      // Examples kept.
   int64_t skipped = 0;     // Bad lines.
   int64_t truncated = 0;   // Examples cut to max_length.
   int64_t no_targets = 0;  // Examples dropped because truncation left no target token.
-  std::vector<std::string> errors;  // The first 20 problems, each "PATH:LINE: what".
+  // The first 20 problems, each "PATH:LINE: what" (LINE 1-based) or, for a JSON array file,
+  // "PATH:element N: what" (N 0-based).
+  std::vector<std::string> errors;
 };
 
 // Immutable after Load; thread-safe to read.
 class Dataset {
  public:
-  // Reads a JSON Lines file (one object per line) or a JSON array of objects (e.g. Code Alpaca's
-  // .json). A missing or unreadable file, or a file with no usable record, is an error; bad
-  // records are skipped and reported in `report` (may be null).
+  // Reads a JSON Lines file (one object per line) or, when its first non-blank character is '[',
+  // a JSON array of objects (e.g. Code Alpaca's .json). A missing or unreadable file is NotFound;
+  // a file with no usable record, or invalid options (held_out_fraction outside [0, 1),
+  // max_length < 2, a prompt_template without "{prompt}"), is InvalidArgument. Bad records are
+  // skipped and reported in `report` (may be null). Stops after max_examples kept examples.
+  //
+  // Split: the example indices are shuffled with std::mt19937_64(seed) and a Fisher-Yates shuffle
+  // written here (portable, unlike std::shuffle); the first round(n * held_out_fraction) (at least
+  // 1 when the fraction is > 0 and n >= 2, at most n - 1) are held out. Both parts keep file order.
   static absl::StatusOr<Dataset> Load(const std::string& path, const runtime::Tokenizer& tokenizer,
                                       const DatasetOptions& options, LoadReport* report);
-  // Builds from already tokenized examples (split as Load does).
+  // Builds from already tokenized examples (split as Load does). A held_out_fraction outside
+  // [0, 1) is clamped into it.
   static Dataset FromExamples(std::vector<TrainingExample> examples, double held_out_fraction,
                               uint64_t seed);
 
@@ -81,7 +101,9 @@ class Dataset {
   std::vector<TrainingExample> held_out_;
 };
 
-// Tokenizes one prompt/completion pair the way Dataset does (for feedback from served requests).
+// Tokenizes one prompt/completion pair the way Dataset does (for feedback from served requests):
+// template applied, truncated to options.max_length. The result may have no target (callers
+// check num_targets()).
 TrainingExample MakeExample(const runtime::Tokenizer& tokenizer, const std::string& prompt,
                             const std::string& completion, const DatasetOptions& options);
 
@@ -89,6 +111,7 @@ TrainingExample MakeExample(const runtime::Tokenizer& tokenizer, const std::stri
 // Thread-safe. When full, the oldest example is dropped (and counted).
 class InteractionBuffer {
  public:
+  // A capacity of 0 is treated as 1.
   explicit InteractionBuffer(size_t capacity);
   void Add(TrainingExample example);
   // Removes and returns up to `max` examples, oldest first.
