@@ -82,9 +82,8 @@ absl::StatusOr<std::string> StringField(const Json& record, const std::string& f
 
 absl::StatusOr<std::vector<Segment>> RenderChat(const Json& messages, const DatasetFormat& format) {
   if (!messages.is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat("field '", format.messages_field,
-                                                   "' must be an array, got ",
-                                                   messages.type_name()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "field '", format.messages_field, "' must be an array, got ", messages.type_name()));
   }
   std::vector<Segment> segments;
   std::string context;  // Mask-0 text not yet emitted.
@@ -117,8 +116,8 @@ absl::StatusOr<std::vector<Segment>> RenderChat(const Json& messages, const Data
       context.clear();
       segments.push_back({absl::StrCat(content, format.turn_end), 1});
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ".role '", role.substr(0, 40), "' is not one of system, user, assistant"));
+      return absl::InvalidArgumentError(absl::StrCat(where, ".role '", role.substr(0, 40),
+                                                     "' is not one of system, user, assistant"));
     }
   }
   // `context` left over = messages after the last assistant turn: no target, dropped.
@@ -176,8 +175,7 @@ absl::StatusOr<TrainingExample> RecordToExample(const Json& record,
 absl::Status ValidateOptions(const DatasetOptions& options) {
   const double f = options.held_out_fraction;
   if (!(f >= 0.0 && f < 1.0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("held_out_fraction must be in [0, 1), got ", f));
+    return absl::InvalidArgumentError(absl::StrCat("held_out_fraction must be in [0, 1), got ", f));
   }
   if (options.max_length < 2) {
     return absl::InvalidArgumentError(
@@ -188,9 +186,9 @@ absl::Status ValidateOptions(const DatasetOptions& options) {
         absl::StrCat("max_examples must be >= 0, got ", options.max_examples));
   }
   if (!absl::StrContains(options.format.prompt_template, kPromptPlaceholder)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "format.prompt_template must contain \"{prompt}\", got \"",
-        options.format.prompt_template, "\""));
+    return absl::InvalidArgumentError(
+        absl::StrCat("format.prompt_template must contain \"{prompt}\", got \"",
+                     options.format.prompt_template, "\""));
   }
   return absl::OkStatus();
 }
@@ -337,7 +335,8 @@ Dataset Dataset::FromExamples(std::vector<TrainingExample> examples, double held
   if (!(held_out_fraction >= 0.0)) held_out_fraction = 0.0;  // Also NaN.
   if (held_out_fraction >= 1.0) held_out_fraction = std::nextafter(1.0, 0.0);
   const size_t n = examples.size();
-  size_t num_held_out = static_cast<size_t>(std::llround(static_cast<double>(n) * held_out_fraction));
+  size_t num_held_out =
+      static_cast<size_t>(std::llround(static_cast<double>(n) * held_out_fraction));
   if (held_out_fraction > 0.0 && n >= 2) num_held_out = std::max<size_t>(num_held_out, 1);
   if (n >= 1) num_held_out = std::min(num_held_out, n - 1);
 

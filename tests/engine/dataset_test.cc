@@ -113,9 +113,10 @@ TEST(DatasetTest, NoBosNoEos) {
 
 TEST(DatasetTest, TextRecordsTrainOnEveryTokenButBos) {
   const runtime::Tokenizer& tok = TinyTokenizer();
-  const std::string path = WriteData("text.jsonl", "{\"text\": \"The little dog ran home.\"}\n"
-                                                   "\n   \n"
-                                                   "{\"text\": \"Tim was happy.\"}\n");
+  const std::string path = WriteData("text.jsonl",
+                                     "{\"text\": \"The little dog ran home.\"}\n"
+                                     "\n   \n"
+                                     "{\"text\": \"Tim was happy.\"}\n");
   LoadReport report;
   auto dataset = Dataset::Load(path, tok, NoSplit(), &report);
   ASSERT_TRUE(dataset.ok()) << dataset.status();
@@ -130,21 +131,21 @@ TEST(DatasetTest, TextRecordsTrainOnEveryTokenButBos) {
 
 TEST(DatasetTest, ChatRecordsMaskOnlyAssistantTurns) {
   const runtime::Tokenizer& tok = TinyTokenizer();
-  const std::string path = WriteData(
-      "chat.jsonl",
-      R"({"messages": [{"role": "system", "content": "Be kind."},)"
-      R"( {"role": "user", "content": "Hi there"},)"
-      R"( {"role": "assistant", "content": "Hello friend"},)"
-      R"( {"role": "user", "content": "Tell a story"},)"
-      R"( {"role": "assistant", "content": "Once upon a time"},)"
-      R"( {"role": "user", "content": "trailing, dropped"}]})"
-      "\n");
+  const std::string path =
+      WriteData("chat.jsonl", R"({"messages": [{"role": "system", "content": "Be kind."},)"
+                              R"( {"role": "user", "content": "Hi there"},)"
+                              R"( {"role": "assistant", "content": "Hello friend"},)"
+                              R"( {"role": "user", "content": "Tell a story"},)"
+                              R"( {"role": "assistant", "content": "Once upon a time"},)"
+                              R"( {"role": "user", "content": "trailing, dropped"}]})"
+                              "\n");
   DatasetOptions options = NoSplit();
   auto dataset = Dataset::Load(path, tok, options, nullptr);
   ASSERT_TRUE(dataset.ok()) << dataset.status();
   ASSERT_EQ(dataset->train().size(), 1u);
 
-  const std::vector<int32_t> ctx1 = tok.Encode("System: Be kind.\nUser: Hi there\nAssistant: ", true);
+  const std::vector<int32_t> ctx1 =
+      tok.Encode("System: Be kind.\nUser: Hi there\nAssistant: ", true);
   const std::vector<int32_t> ans1 = tok.Encode("Hello friend\n", false);
   const std::vector<int32_t> ctx2 = tok.Encode("User: Tell a story\nAssistant: ", false);
   std::vector<int32_t> ans2 = tok.Encode("Once upon a time\n", false);
@@ -171,8 +172,9 @@ TEST(DatasetTest, ChatRecordsMaskOnlyAssistantTurns) {
 
 TEST(DatasetTest, ConfigurableFieldsAndTemplate) {
   const runtime::Tokenizer& tok = TinyTokenizer();
-  const std::string path = WriteData(
-      "gsm.jsonl", R"({"question": "What is 2+2?", "answer": "It is 4.\n#### 4"})" "\n");
+  const std::string path =
+      WriteData("gsm.jsonl", R"({"question": "What is 2+2?", "answer": "It is 4.\n#### 4"})"
+                             "\n");
   DatasetOptions options = NoSplit();
   options.format.prompt_field = "question";
   options.format.completion_field = "answer";
@@ -190,9 +192,10 @@ TEST(DatasetTest, ConfigurableFieldsAndTemplate) {
 TEST(DatasetTest, AlpacaInputIsAppendedToThePrompt) {
   const runtime::Tokenizer& tok = TinyTokenizer();
   const std::string path = WriteData(
-      "alpaca.jsonl",
-      R"({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})" "\n"
-      R"({"instruction": "Say hi.", "input": "", "output": "hi"})" "\n");
+      "alpaca.jsonl", R"({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})"
+                      "\n"
+                      R"({"instruction": "Say hi.", "input": "", "output": "hi"})"
+                      "\n");
   DatasetOptions options = NoSplit();
   options.format.prompt_field = "instruction";
   options.format.completion_field = "output";
@@ -204,8 +207,8 @@ TEST(DatasetTest, AlpacaInputIsAppendedToThePrompt) {
   EXPECT_EQ(std::vector<int32_t>(dataset->train()[0].tokens.begin(),
                                  dataset->train()[0].tokens.begin() + p0.size()),
             p0);
-  EXPECT_EQ(dataset->train()[0].loss_mask, Mask(p0.size(), dataset->train()[0].tokens.size() -
-                                                               p0.size()));
+  EXPECT_EQ(dataset->train()[0].loss_mask,
+            Mask(p0.size(), dataset->train()[0].tokens.size() - p0.size()));
   EXPECT_EQ(std::vector<int32_t>(dataset->train()[1].tokens.begin(),
                                  dataset->train()[1].tokens.begin() + p1.size()),
             p1);
@@ -213,19 +216,20 @@ TEST(DatasetTest, AlpacaInputIsAppendedToThePrompt) {
 
 TEST(DatasetTest, BadLinesAreReportedWithLineNumbersAndSkipped) {
   const runtime::Tokenizer& tok = TinyTokenizer();
-  const std::string path = WriteData(
-      "bad.jsonl",
-      R"({"prompt": "a", "completion": "b"})" "\n"                           // 1 good
-      "this is not json\n"                                                    // 2
-      "[1, 2, 3]\n"                                                           // 3 array
-      R"({"prompt": "only a prompt"})" "\n"                                  // 4 missing
-      R"({"prompt": 5, "completion": "x"})" "\n"                             // 5 wrong type
-      R"({"messages": [{"role": "tool", "content": "x"}]})" "\n"             // 6 unknown role
-      "\n"                                                                    // 7 blank
-      R"({"something": "else"})" "\n"                                        // 8 no rule
-      R"({"messages": [{"role": "user", "content": "no answer"}]})" "\n"     // 9 no assistant
-      R"({"text": ["not", "a", "string"]})" "\n"                             // 10 wrong type
-      R"({"text": "fine"})" "\n");                                           // 11 good
+  const std::vector<std::string> lines = {
+      R"({"prompt": "a", "completion": "b"})",                        // 1 good
+      "this is not json",                                             // 2
+      "[1, 2, 3]",                                                    // 3 array
+      R"({"prompt": "only a prompt"})",                               // 4 missing field
+      R"({"prompt": 5, "completion": "x"})",                          // 5 wrong type
+      R"({"messages": [{"role": "tool", "content": "x"}]})",          // 6 unknown role
+      "",                                                             // 7 blank
+      R"({"something": "else"})",                                     // 8 no rule
+      R"({"messages": [{"role": "user", "content": "no answer"}]})",  // 9 no assistant
+      R"({"text": ["not", "a", "string"]})",                          // 10 wrong type
+      R"({"text": "fine"})",                                          // 11 good
+  };
+  const std::string path = WriteData("bad.jsonl", absl::StrJoin(lines, "\n") + "\n");
   LoadReport report;
   auto dataset = Dataset::Load(path, tok, NoSplit(), &report);
   ASSERT_TRUE(dataset.ok()) << dataset.status();
@@ -237,20 +241,32 @@ TEST(DatasetTest, BadLinesAreReportedWithLineNumbersAndSkipped) {
   EXPECT_EQ(report.errors[0], path + ":2: not valid JSON");
   EXPECT_PRED2(Contains, report.errors[1], path + ":3: expected a JSON object, got array");
   EXPECT_PRED2(Contains, report.errors[2], path + ":4: has 'prompt' but no 'completion'");
-  EXPECT_PRED2(Contains, report.errors[3], path + ":5: field 'prompt' must be a string, got number");
+  EXPECT_PRED2(Contains, report.errors[3],
+               path + ":5: field 'prompt' must be a string, got number");
   EXPECT_PRED2(Contains, report.errors[4], path + ":6: messages[0].role 'tool' is not one of");
   EXPECT_PRED2(Contains, report.errors[5], path + ":8: no usable field");
   EXPECT_PRED2(Contains, report.errors[6], path + ":9: field 'messages' has no assistant turn");
   EXPECT_PRED2(Contains, report.errors[7], path + ":10: field 'text' must be a string, got array");
 }
 
+TEST(DatasetTest, AcceptsByteOrderMarkAndCrlf) {
+  const std::string path =
+      WriteData("crlf.jsonl", "\xEF\xBB\xBF{\"text\": \"one\"}\r\n\r\n{\"text\": \"two\"}\r\n");
+  LoadReport report;
+  auto dataset = Dataset::Load(path, TinyTokenizer(), NoSplit(), &report);
+  ASSERT_TRUE(dataset.ok()) << dataset.status();
+  EXPECT_EQ(report.loaded, 2);
+  EXPECT_EQ(report.skipped, 0) << absl::StrJoin(report.errors, "\n");
+}
+
 TEST(DatasetTest, KeepsOnlyTheFirst20Errors) {
   std::string contents;
   for (int i = 0; i < 30; ++i) contents += "nope\n";
-  contents += R"({"text": "ok"})" "\n";
+  contents += R"({"text": "ok"})"
+              "\n";
   LoadReport report;
-  auto dataset = Dataset::Load(WriteData("many.jsonl", contents), TinyTokenizer(), NoSplit(),
-                               &report);
+  auto dataset =
+      Dataset::Load(WriteData("many.jsonl", contents), TinyTokenizer(), NoSplit(), &report);
   ASSERT_TRUE(dataset.ok()) << dataset.status();
   EXPECT_EQ(report.skipped, 30);
   EXPECT_EQ(report.errors.size(), 20u);
@@ -259,11 +275,11 @@ TEST(DatasetTest, KeepsOnlyTheFirst20Errors) {
 
 TEST(DatasetTest, JsonArrayFile) {
   const runtime::Tokenizer& tok = TinyTokenizer();
-  const std::string path = WriteData(
-      "array.json",
-      "  \n[\n  {\"instruction\": \"Write hi.\", \"input\": \"\", \"output\": \"hi\"},\n"
-      "  \"not an object\",\n"
-      "  {\"instruction\": \"Echo.\", \"input\": \"abc\", \"output\": \"abc\"}\n]\n");
+  const std::string path =
+      WriteData("array.json",
+                "  \n[\n  {\"instruction\": \"Write hi.\", \"input\": \"\", \"output\": \"hi\"},\n"
+                "  \"not an object\",\n"
+                "  {\"instruction\": \"Echo.\", \"input\": \"abc\", \"output\": \"abc\"}\n]\n");
   DatasetOptions options = NoSplit();
   options.format.prompt_field = "instruction";
   options.format.completion_field = "output";
@@ -290,10 +306,8 @@ TEST(DatasetTest, TruncationKeepsTheBeginningAndIsCounted) {
   const std::string long_text =
       "Once upon a time there was a little girl named Lily who loved to play in the park.";
   const std::string path = WriteData(
-      "trunc.jsonl",
-      absl::StrCat(R"({"text": ")", long_text, "\"}\n",
-                   R"({"prompt": ")", long_text, R"(", "completion": "end"})", "\n",
-                   R"({"text": "hi"})", "\n"));
+      "trunc.jsonl", absl::StrCat(R"({"text": ")", long_text, "\"}\n", R"({"prompt": ")", long_text,
+                                  R"(", "completion": "end"})", "\n", R"({"text": "hi"})", "\n"));
   DatasetOptions options = NoSplit();
   options.max_length = 8;
   ASSERT_GT(tok.Encode(long_text, true).size(), 8u);
@@ -315,8 +329,7 @@ TEST(DatasetTest, MaxExamplesStopsEarly) {
   DatasetOptions options = NoSplit();
   options.max_examples = 4;
   LoadReport report;
-  auto dataset = Dataset::Load(WriteData("max.jsonl", contents), TinyTokenizer(), options,
-                               &report);
+  auto dataset = Dataset::Load(WriteData("max.jsonl", contents), TinyTokenizer(), options, &report);
   ASSERT_TRUE(dataset.ok()) << dataset.status();
   EXPECT_EQ(dataset->train().size(), 4u);
   EXPECT_EQ(report.loaded, 4);

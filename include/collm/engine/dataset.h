@@ -55,12 +55,12 @@ struct DatasetFormat {
 
 struct DatasetOptions {
   DatasetFormat format;
-  int64_t max_length = 512;         // Tokens per example (>= 2); longer ones keep their beginning.
+  int64_t max_length = 512;  // Tokens per example (>= 2); longer ones keep their beginning.
   bool add_bos = true;
-  bool add_eos = true;              // Append EOS to completions / assistant turns / text.
-  double held_out_fraction = 0.1;   // In [0, 1): share of examples kept out of training.
-  uint64_t seed = 0;                // Decides the split (same seed, same split).
-  int64_t max_examples = 0;         // Stop after this many good records; 0 = all.
+  bool add_eos = true;             // Append EOS to completions / assistant turns / text.
+  double held_out_fraction = 0.1;  // In [0, 1): share of examples kept out of training.
+  uint64_t seed = 0;               // Decides the split (same seed, same split).
+  int64_t max_examples = 0;        // Stop after this many good records; 0 = all.
 };
 
 struct LoadReport {
