@@ -27,6 +27,10 @@ struct LoraConfig {
   // PEFT adapter_config.json. Parsing rejects what collm cannot honour (peft_type other than
   // LORA, bias other than "none", fan_in_fan_out, per-module rank/alpha patterns, DoRA, unknown
   // target modules) with an error naming the key.
+  // target_modules is a list of module names or a string naming one module or "all-linear" (all
+  // seven); other strings are PEFT regexes and are rejected. Keys absent take PEFT's defaults
+  // (r 8, lora_alpha 8, lora_dropout 0, q_proj/v_proj). Init-only and bookkeeping keys (task_type,
+  // init_lora_weights, loftq_config, ...) are ignored; any other key must be null, false or empty.
   static absl::StatusOr<LoraConfig> FromPeftJson(absl::string_view json_text);
   std::string ToPeftJson() const;
 };
