@@ -1,0 +1,706 @@
+// collm_runtime_bench: a scenario benchmark of LlamaModel::Forward, in the manner of LevelDB's
+// db_bench. For each model shape (an HF config.json in the shapes directory) it builds random
+// weights in memory and measures batch-1 decode against the bare GEMV floor, batched decode
+// throughput against batch 1, prefill throughput against batch-1 decode, and resident memory
+// against the weight bytes. Every metric is printed next to its baseline measured in the same run;
+// `--json PATH` writes the same numbers as JSON. See benchmarks/README.md.
+//
+// Each model runs in a fresh child process (this binary re-executed with the hidden
+// `--one-model NAME`) so that its peak RSS is its own.
+
+#include <dlfcn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "collm/runtime/device.h"
+#include "collm/runtime/kv_cache.h"
+#include "collm/runtime/llama_model.h"
+#include "collm/runtime/model_config.h"
+#include "nlohmann/json.hpp"
+
+namespace collm::runtime {
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+struct BenchFlags {
+  std::string shapes;
+  std::string models = "stories15M,stories110M";
+  std::string dtype = "f32";
+  int threads = 0;        // Torch intra-op threads; 0 = torch's default.
+  int iters = 30;         // Most timed iterations per measurement.
+  double min_time = 2.0;  // Stop a measurement once this many seconds were timed (>= 3 iters).
+  std::string batches = "1,4,16,64";
+  int64_t prompt = 512;
+  int64_t decode_context = 128;
+  int64_t batch_prompt = 64;
+  std::string json_path;
+  bool quick = false;
+  std::string one_model;   // Hidden: run only this model in this process.
+  std::string child_json;  // Hidden: where a child writes its model's JSON.
+};
+
+[[noreturn]] void Die(const std::string& what) {
+  std::cerr << "collm_runtime_bench: " << what << "\n";
+  std::exit(1);
+}
+
+template <typename T>
+T OrDie(absl::StatusOr<T> v, const std::string& what) {
+  if (!v.ok()) Die(what + ": " + v.status().ToString());
+  return *std::move(v);
+}
+
+void OrDie(const absl::Status& s, const std::string& what) {
+  if (!s.ok()) Die(what + ": " + s.ToString());
+}
+
+std::vector<std::string> SplitCsv(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+std::string Fmt(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), format, v);
+  return buf;
+}
+
+std::string Mb(double bytes) { return Fmt("%.1f MB", bytes / 1e6); }
+
+// ---------------------------------------------------------------------------------------------
+// Process facts
+
+int64_t VmRssBytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+
+int64_t MaxRssBytes() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // kB on Linux.
+}
+
+// The BLAS libraries actually mapped into this process (after alternatives and symlinks).
+std::string LoadedBlas() {
+  std::ifstream f("/proc/self/maps");
+  std::string line;
+  std::set<std::string> libs;
+  while (std::getline(f, line)) {
+    const size_t slash = line.find('/');
+    if (slash == std::string::npos) continue;
+    const std::string path = line.substr(slash);
+    const std::string base = path.substr(path.rfind('/') + 1);
+    if (base.find("blas") != std::string::npos || base.find("mkl") != std::string::npos) {
+      libs.insert(path);
+    }
+  }
+  std::string out;
+  for (const std::string& l : libs) out += (out.empty() ? "" : ", ") + l;
+  using IntFn = int (*)();
+  using StrFn = char* (*)();
+  if (auto cfg = reinterpret_cast<StrFn>(dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
+    out += std::string(" [") + cfg();
+    if (auto n = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))) {
+      out += ", " + std::to_string(n()) + " threads";
+    }
+    out += "]";
+  }
+  return out.empty() ? "unknown" : out;
+}
+
+std::string CpuModel() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  }
+  return "unknown";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing
+
+struct Stats {
+  double median_ms = 0, min_ms = 0, max_ms = 0, mean_ms = 0;
+  int iters = 0;
+  json ToJson() const {
+    return {{"median_ms", median_ms}, {"min_ms", min_ms}, {"max_ms", max_ms},
+            {"mean_ms", mean_ms},     {"iters", iters}};
+  }
+};
+
+Stats Summarize(std::vector<double> ms) {
+  Stats s;
+  std::sort(ms.begin(), ms.end());
+  s.iters = static_cast<int>(ms.size());
+  const size_t n = ms.size();
+  s.median_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+  s.min_ms = ms.front();
+  s.max_ms = ms.back();
+  double sum = 0;
+  for (double v : ms) sum += v;
+  s.mean_ms = sum / n;
+  return s;
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// Times each of `fns` in turn, interleaved (so a neighbour's load on the shared cores hits all
+// of them alike), after `warmup` untimed rounds, until `max_iters` rounds or `min_time` seconds
+// of timing, but at least 3 rounds. `reset` runs untimed after every call.
+std::vector<Stats> Measure(const std::vector<std::function<void()>>& fns,
+                           const std::function<void()>& reset, const BenchFlags& flags,
+                           int warmup = 2) {
+  for (int w = 0; w < warmup; ++w) {
+    for (const auto& fn : fns) {
+      fn();
+      if (reset) reset();
+    }
+  }
+  std::vector<std::vector<double>> ms(fns.size());
+  double timed = 0;
+  for (int it = 0; it < flags.iters && (it < 3 || timed < flags.min_time); ++it) {
+    for (size_t i = 0; i < fns.size(); ++i) {
+      const auto t0 = Clock::now();
+      fns[i]();
+      const auto t1 = Clock::now();
+      if (reset) reset();
+      ms[i].push_back(1e3 * Seconds(t0, t1));
+      timed += Seconds(t0, t1);
+    }
+  }
+  std::vector<Stats> out;
+  for (auto& m : ms) out.push_back(Summarize(std::move(m)));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model construction
+
+// HF-named random weights: N(0, 0.02) matrices, unit norms.
+std::map<std::string, at::Tensor> RandomWeights(const ModelConfig& c) {
+  const int64_t d = c.hidden_size, ff = c.intermediate_size, v = c.vocab_size;
+  const int64_t q = c.q_size(), kv = c.kv_size();
+  std::map<std::string, at::Tensor> t;
+  auto mat = [](std::vector<int64_t> shape) { return at::randn(shape).mul_(0.02); };
+  t["model.embed_tokens.weight"] = mat({v, d});
+  t["model.norm.weight"] = at::ones({d});
+  if (!c.tie_word_embeddings) t["lm_head.weight"] = mat({v, d});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    t[p + "input_layernorm.weight"] = at::ones({d});
+    t[p + "post_attention_layernorm.weight"] = at::ones({d});
+    t[p + "self_attn.q_proj.weight"] = mat({q, d});
+    t[p + "self_attn.k_proj.weight"] = mat({kv, d});
+    t[p + "self_attn.v_proj.weight"] = mat({kv, d});
+    t[p + "self_attn.o_proj.weight"] = mat({d, q});
+    if (c.qkv_bias) {
+      t[p + "self_attn.q_proj.bias"] = mat({q});
+      t[p + "self_attn.k_proj.bias"] = mat({kv});
+      t[p + "self_attn.v_proj.bias"] = mat({kv});
+    }
+    if (c.o_bias) t[p + "self_attn.o_proj.bias"] = mat({d});
+    t[p + "mlp.gate_proj.weight"] = mat({ff, d});
+    t[p + "mlp.up_proj.weight"] = mat({ff, d});
+    t[p + "mlp.down_proj.weight"] = mat({d, ff});
+  }
+  return t;
+}
+
+// The GEMVs of one batch-1 decode step, over tensors shaped like the model's fused weights (the
+// model's own are private): per layer w_qkv, w_o, w_gate_up, w_down, then the lm_head.
+class GemvFloor {
+ public:
+  GemvFloor(const ModelConfig& c, c10::ScalarType dtype) {
+    const int64_t d = c.hidden_size, ff = c.intermediate_size;
+    const int64_t q = c.q_size(), kv = c.kv_size();
+    const auto opt = at::TensorOptions().dtype(dtype);
+    auto add = [&](int64_t rows, int64_t cols) {
+      Op op;
+      op.w = at::randn({rows, cols}).mul_(0.02).to(dtype);
+      op.x = at::randn({cols}, opt);
+      op.y = at::empty({rows}, opt);
+      bytes_ += op.w.nbytes();
+      ops_.push_back(std::move(op));
+    };
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      add(q + 2 * kv, d);
+      add(d, q);
+      add(2 * ff, d);
+      add(d, ff);
+    }
+    add(c.vocab_size, d);
+  }
+  void Run() {
+    for (Op& op : ops_) at::mv_out(op.y, op.w, op.x);
+  }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  struct Op {
+    at::Tensor w, x, y;
+  };
+  std::vector<Op> ops_;
+  int64_t bytes_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// One model
+
+class ModelBench {
+ public:
+  ModelBench(const BenchFlags& flags, const std::string& name)
+      : flags_(flags), name_(name), rng_(1234) {}
+
+  json Run();
+
+ private:
+  std::vector<int32_t> Tokens(int64_t n) {
+    std::uniform_int_distribution<int32_t> dist(3, static_cast<int32_t>(config_.vocab_size - 1));
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = dist(rng_);
+    return t;
+  }
+  std::unique_ptr<KvCache> MakeCache(int64_t blocks) {
+    return OrDie(KvCache::Create(config_, {kBlock, blocks, 0}, model_->runtime()), "KvCache");
+  }
+  // Runs a prompt of `n` tokens for each of `seqs`, at most kPrefillChunk tokens per Forward.
+  void Prefill(KvCache& cache, std::vector<SequenceKv>& seqs, int64_t n);
+  // One decode step: one new token for each of `seqs` in one Forward.
+  void DecodeStep(KvCache& cache, std::vector<SequenceKv>& seqs);
+
+  json BenchDecodeVsGemv();
+  json BenchBatches(double* b1_tokens_per_s);
+  json BenchPrefill(double b1_tokens_per_s);
+
+  static constexpr int64_t kBlock = 16;
+  static constexpr int64_t kPrefillChunk = 512;
+
+  const BenchFlags& flags_;
+  std::string name_;
+  std::mt19937 rng_;
+  ModelConfig config_;
+  std::shared_ptr<const LlamaModel> model_;
+  std::vector<std::vector<std::string>> rows_;  // metric, value, baseline, ratio, target.
+};
+
+void ModelBench::Prefill(KvCache& cache, std::vector<SequenceKv>& seqs, int64_t n) {
+  const int64_t per_call = std::max<int64_t>(1, kPrefillChunk / n);
+  for (size_t s0 = 0; s0 < seqs.size(); s0 += per_call) {
+    StepBatch batch;
+    for (size_t s = s0; s < std::min(seqs.size(), s0 + per_call); ++s) {
+      OrDie(cache.Reserve(seqs[s], seqs[s].length + n), "Reserve");
+      const auto t = Tokens(n);
+      batch.tokens.insert(batch.tokens.end(), t.begin(), t.end());
+      batch.sequences.push_back({&seqs[s], n, false});
+    }
+    OrDie(model_->Forward(batch, cache), "prefill Forward");
+  }
+}
+
+void ModelBench::DecodeStep(KvCache& cache, std::vector<SequenceKv>& seqs) {
+  StepBatch batch;
+  batch.tokens = Tokens(static_cast<int64_t>(seqs.size()));
+  for (SequenceKv& s : seqs) {
+    OrDie(cache.Reserve(s, s.length + 1), "Reserve");
+    batch.sequences.push_back({&s, 1, false});
+  }
+  OrDie(model_->Forward(batch, cache), "decode Forward");
+}
+
+json ModelBench::BenchDecodeVsGemv() {
+  const int64_t ctx = std::min(flags_.decode_context, config_.max_position_embeddings - 1);
+  auto cache = MakeCache((ctx + 1 + kBlock - 1) / kBlock);
+  std::vector<SequenceKv> seqs(1);
+  Prefill(*cache, seqs, ctx);
+  GemvFloor gemv(config_, model_->runtime().dtype);
+  auto stats = Measure({[&] { DecodeStep(*cache, seqs); }, [&] { gemv.Run(); }},
+                       [&] { cache->Truncate(seqs[0], ctx); }, flags_, /*warmup=*/3);
+  const Stats& step = stats[0];
+  const Stats& floor = stats[1];
+  const double gbps_step = gemv.bytes() / (step.median_ms * 1e6);
+  const double gbps_gemv = gemv.bytes() / (floor.median_ms * 1e6);
+  const double ratio = step.median_ms / floor.median_ms;
+  const double target = name_ == "stories110M" ? 1.3 : name_ == "stories15M" ? 2.0 : 0.0;
+  rows_.push_back({"decode b=1 ctx=" + std::to_string(ctx) + " ms/step",
+                   Fmt("%.2f ms", step.median_ms) + Fmt(" (%.1f GB/s)", gbps_step),
+                   "GEMVs only " + Fmt("%.2f ms", floor.median_ms) + Fmt(" (%.1f GB/s)", gbps_gemv),
+                   Fmt("%.2f", ratio), target > 0 ? Fmt("<= %.1f", target) : "-",
+                   target > 0 ? (ratio <= target ? "ok" : "MISS") : ""});
+  return {{"context", ctx},
+          {"step", step.ToJson()},
+          {"gemv_floor", floor.ToJson()},
+          {"weight_bytes_streamed", gemv.bytes()},
+          {"step_gb_per_s", gbps_step},
+          {"gemv_gb_per_s", gbps_gemv},
+          {"ratio_step_over_gemv", ratio},
+          {"target_ratio_max", target > 0 ? json(target) : json(nullptr)}};
+}
+
+json ModelBench::BenchBatches(double* b1_tokens_per_s) {
+  const int64_t ctx = std::min(flags_.batch_prompt, config_.max_position_embeddings - 1);
+  json out = json::array();
+  double base = 0;
+  for (const std::string& b : SplitCsv(flags_.batches)) {
+    const int64_t batch = std::stoll(b);
+    const int64_t per_seq = (ctx + 1 + kBlock - 1) / kBlock;
+    auto cache = MakeCache(batch * per_seq);
+    std::vector<SequenceKv> seqs(batch);
+    Prefill(*cache, seqs, ctx);
+    const Stats s = Measure({[&] { DecodeStep(*cache, seqs); }},
+                            [&] {
+                              for (SequenceKv& kv : seqs) cache->Truncate(kv, ctx);
+                            },
+                            flags_)[0];
+    const double tps = batch / (s.median_ms / 1e3);
+    if (base == 0) base = batch == 1 ? tps : 0;
+    const double ratio = base > 0 ? tps / base : 0;
+    const bool has_target = batch == 16 && base > 0;
+    rows_.push_back({"decode b=" + std::to_string(batch) + " ctx=" + std::to_string(ctx) + " tok/s",
+                     Fmt("%.1f tok/s", tps) + Fmt(" (%.1f ms/step)", s.median_ms),
+                     base > 0 ? Fmt("b=1 %.1f tok/s", base) : "(no b=1 run)",
+                     base > 0 ? Fmt("%.2fx", ratio) : "-", has_target ? ">= 8x" : "-",
+                     has_target ? (ratio >= 8 ? "ok" : "MISS") : ""});
+    out.push_back({{"batch", batch},
+                   {"context", ctx},
+                   {"step", s.ToJson()},
+                   {"tokens_per_s", tps},
+                   {"ratio_vs_batch1", base > 0 ? json(ratio) : json(nullptr)}});
+  }
+  *b1_tokens_per_s = base;
+  return out;
+}
+
+json ModelBench::BenchPrefill(double b1_tokens_per_s) {
+  const int64_t n = std::min(flags_.prompt, config_.max_position_embeddings);
+  const bool capped = n < flags_.prompt;
+  auto cache = MakeCache((n + kBlock - 1) / kBlock);
+  std::vector<SequenceKv> seqs(1);
+  OrDie(cache->Reserve(seqs[0], n), "Reserve");
+  const std::vector<int32_t> tokens = Tokens(n);
+  auto prefill = [&] {
+    StepBatch batch;
+    batch.tokens = tokens;
+    batch.sequences.push_back({&seqs[0], n, false});
+    OrDie(model_->Forward(batch, *cache), "prefill Forward");
+  };
+  const Stats s =
+      Measure({prefill}, [&] { cache->Truncate(seqs[0], 0); }, flags_, /*warmup=*/1)[0];
+  const double tps = n / (s.median_ms / 1e3);
+  const double ratio = b1_tokens_per_s > 0 ? tps / b1_tokens_per_s : 0;
+  rows_.push_back(
+      {"prefill " + std::to_string(n) + " tok" + (capped ? " (capped: max ctx)" : "") + " tok/s",
+       Fmt("%.1f tok/s", tps) + Fmt(" (%.0f ms)", s.median_ms),
+       b1_tokens_per_s > 0 ? Fmt("decode b=1 %.1f tok/s", b1_tokens_per_s) : "(no b=1 run)",
+       b1_tokens_per_s > 0 ? Fmt("%.1fx", ratio) : "-", ">= 20x",
+       b1_tokens_per_s > 0 ? (ratio >= 20 ? "ok" : "MISS") : ""});
+  return {{"tokens", n},
+          {"requested_tokens", flags_.prompt},
+          {"capped_at_max_position_embeddings", capped},
+          {"forward", s.ToJson()},
+          {"tokens_per_s", tps},
+          {"ratio_vs_decode_batch1", b1_tokens_per_s > 0 ? json(ratio) : json(nullptr)}};
+}
+
+json ModelBench::Run() {
+  const std::string path = flags_.shapes + "/" + name_ + ".json";
+  config_ = OrDie(ModelConfig::FromFile(path), "reading " + path);
+  RuntimeOptions ro;
+  ro.dtype = flags_.dtype;
+  ro.num_threads = flags_.threads;
+  const ResolvedRuntime runtime = OrDie(ResolveRuntime(ro), "runtime");
+  at::manual_seed(0);
+
+  const int64_t rss_before = VmRssBytes();
+  const auto t0 = Clock::now();
+  {
+    // NoGradGuard as in LlamaModel::Load; the map is freed right after so RSS counts the model.
+    at::NoGradGuard no_grad;
+    std::map<std::string, at::Tensor> tensors = RandomWeights(config_);
+    model_ = OrDie(LlamaModel::FromTensors(config_, tensors, runtime, "random:" + name_),
+                   "FromTensors");
+  }
+  const double load_s = Seconds(t0, Clock::now());
+  const int64_t rss_loaded = VmRssBytes();
+  const int64_t peak_loaded = MaxRssBytes();
+  const int64_t params = model_->parameter_bytes();
+
+  std::printf("\n== %s: d=%ld ff=%ld layers=%ld heads=%ld/%ld vocab=%ld ctx=%ld tied=%d, %s, "
+              "%.1f MB weights (random, built in %.1f s)\n",
+              name_.c_str(), static_cast<long>(config_.hidden_size),
+              static_cast<long>(config_.intermediate_size),
+              static_cast<long>(config_.num_hidden_layers),
+              static_cast<long>(config_.num_attention_heads),
+              static_cast<long>(config_.num_key_value_heads), static_cast<long>(config_.vocab_size),
+              static_cast<long>(config_.max_position_embeddings), config_.tie_word_embeddings,
+              DTypeName(runtime.dtype).c_str(), params / 1e6, load_s);
+  std::printf("   torch intra-op threads %d, inter-op %d; fused CPU kernels %s; BLAS %s\n",
+              at::get_num_threads(), at::get_num_interop_threads(),
+              model_->uses_fused_cpu_kernels() ? "yes" : "no", LoadedBlas().c_str());
+  std::fflush(stdout);
+
+  json out = {{"model", name_},
+              {"shape_file", path},
+              {"dtype", DTypeName(runtime.dtype)},
+              {"parameter_bytes", params},
+              {"build_seconds", load_s},
+              {"torch_threads", at::get_num_threads()},
+              {"fused_cpu_kernels", model_->uses_fused_cpu_kernels()}};
+  {
+    c10::InferenceMode guard;
+    out["decode_vs_gemv"] = BenchDecodeVsGemv();
+    double b1 = 0;
+    out["decode_batches"] = BenchBatches(&b1);
+    out["prefill"] = BenchPrefill(b1);
+  }
+  const int64_t peak_end = MaxRssBytes();
+  rows_.push_back({"RSS after load (VmRSS)", Mb(rss_loaded),
+                   "weights " + Mb(params) + " + " + Mb(rss_before) + " before load",
+                   Fmt("%.2f", static_cast<double>(rss_loaded - rss_before) / params), "-", ""});
+  // Ratios are of the growth over the RSS before load (the torch libraries), so small models are
+  // not dominated by it; the raw numbers are in the value column and the JSON.
+  rows_.push_back({"peak RSS during load (maxrss)", Mb(peak_loaded),
+                   "weights " + Mb(params) + " + " + Mb(rss_before) + " before load",
+                   Fmt("%.2f", static_cast<double>(peak_loaded - rss_before) / params), "-", ""});
+  rows_.push_back({"peak RSS end (+GEMV copy, KV)", Mb(peak_end),
+                   "weights " + Mb(params) + " + " + Mb(rss_before) + " before load",
+                   Fmt("%.2f", static_cast<double>(peak_end - rss_before) / params), "-", ""});
+  out["memory"] = {{"rss_before_load_bytes", rss_before},
+                   {"rss_after_load_bytes", rss_loaded},
+                   {"peak_rss_after_load_bytes", peak_loaded},
+                   {"peak_rss_end_bytes", peak_end},
+                   {"ratio_rss_growth_over_params",
+                    static_cast<double>(rss_loaded - rss_before) / params},
+                   {"ratio_peak_load_growth_over_params",
+                    static_cast<double>(peak_loaded - rss_before) / params},
+                   {"ratio_peak_end_growth_over_params",
+                    static_cast<double>(peak_end - rss_before) / params}};
+
+  std::vector<std::vector<std::string>> table = {
+      {"metric", "value", "baseline (same run)", "ratio", "target", ""}};
+  table.insert(table.end(), rows_.begin(), rows_.end());
+  std::vector<size_t> width(table[0].size(), 0);
+  for (const auto& r : table) {
+    for (size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
+  }
+  for (const auto& r : table) {
+    std::string line = "   ";
+    for (size_t i = 0; i < r.size(); ++i) {
+      line += r[i] + std::string(width[i] - r[i].size() + 2, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::printf("%s\n", line.c_str());
+  }
+  std::fflush(stdout);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+
+// Re-executes this binary for one model; returns its JSON or an {"error": ...} object.
+json RunChild(const std::string& name, int argc, char** argv) {
+  char tmpl[] = "/tmp/collm_runtime_bench_XXXXXX";
+  const int fd = mkstemp(tmpl);
+  if (fd < 0) Die("mkstemp failed");
+  close(fd);
+  const std::string child_json = tmpl;
+  std::vector<std::string> args(argv, argv + argc);
+  args.insert(args.end(), {"--one-model", name, "--child-json", child_json});
+  std::vector<char*> cargs;
+  for (std::string& a : args) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  if (pid < 0) Die("fork failed");
+  if (pid == 0) {
+    execv("/proc/self/exe", cargs.data());
+    std::perror("execv /proc/self/exe");
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  json out;
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+    std::ifstream f(child_json);
+    out = json::parse(f, nullptr, /*allow_exceptions=*/false);
+    if (out.is_discarded()) out = {{"model", name}, {"error", "child wrote no JSON"}};
+  } else {
+    out = {{"model", name},
+           {"error", "child exited with status " + std::to_string(status)}};
+  }
+  std::remove(child_json.c_str());
+  return out;
+}
+
+int Main(int argc, char** argv) {
+  BenchFlags flags;
+  const char* models_dir = std::getenv("COLLM_MODELS_DIR");
+  flags.shapes = models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
+
+  CLI::App app{"collm_runtime_bench: LlamaModel decode/prefill/memory scenarios on random weights"};
+  app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
+      ->capture_default_str();
+  app.add_option("--models", flags.models, "Comma-separated shape names, e.g. "
+                                           "stories15M,stories110M,tinyllama-1.1B")
+      ->capture_default_str();
+  app.add_option("--dtype", flags.dtype, "Compute dtype: f32, bf16, f16")->capture_default_str();
+  app.add_option("--threads", flags.threads, "Torch intra-op threads (0 = torch's default)")
+      ->capture_default_str();
+  app.add_option("--iters", flags.iters, "Most timed iterations per measurement")
+      ->capture_default_str();
+  app.add_option("--min-time", flags.min_time,
+                 "Stop timing a measurement after this many seconds (at least 3 iterations)")
+      ->capture_default_str();
+  app.add_option("--batches", flags.batches, "Decode batch sizes; the first should be 1")
+      ->capture_default_str();
+  app.add_option("--prompt", flags.prompt, "Prefill prompt length (capped at the model's context)")
+      ->capture_default_str();
+  app.add_option("--decode-context", flags.decode_context,
+                 "Cached positions for the batch-1 decode vs GEMV scenario")
+      ->capture_default_str();
+  app.add_option("--batch-prompt", flags.batch_prompt,
+                 "Prompt tokens prefilled per sequence before batched decode")
+      ->capture_default_str();
+  app.add_option("--json", flags.json_path, "Also write the results as JSON to this path");
+  app.add_flag("--quick", flags.quick, "Few iterations, for smoke tests");
+  app.add_option("--one-model", flags.one_model)->group("");
+  app.add_option("--child-json", flags.child_json)->group("");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (flags.quick) {
+    flags.iters = std::min(flags.iters, 5);
+    flags.min_time = std::min(flags.min_time, 0.3);
+  }
+  if (flags.iters < 1) Die("--iters must be >= 1");
+  for (const std::string& b : SplitCsv(flags.batches)) {
+    if (b.find_first_not_of("0123456789") != std::string::npos || std::stoll(b) < 1) {
+      Die("--batches must be positive integers, got '" + b + "'");
+    }
+  }
+  if (flags.prompt < 1 || flags.decode_context < 1 || flags.batch_prompt < 1) {
+    Die("--prompt, --decode-context and --batch-prompt must be >= 1");
+  }
+
+  if (!flags.one_model.empty()) {
+    json result = ModelBench(flags, flags.one_model).Run();
+    if (!flags.child_json.empty()) {
+      std::ofstream f(flags.child_json);
+      f << result.dump(2);
+      if (!f) Die("cannot write " + flags.child_json);
+    }
+    return 0;
+  }
+
+  std::printf("collm_runtime_bench: %s, %ld cores online, dtype %s, iters <= %d, min-time %.1f s%s\n",
+              CpuModel().c_str(), sysconf(_SC_NPROCESSORS_ONLN), flags.dtype.c_str(), flags.iters,
+              flags.min_time, flags.quick ? " (quick)" : "");
+  std::printf("each model runs in a fresh process; ratios compare against the baseline column, "
+              "measured in the same run\n");
+  const auto t0 = Clock::now();
+  json results = json::array();
+  bool failed = false;
+  for (const std::string& name : SplitCsv(flags.models)) {
+    json r = RunChild(name, argc, argv);
+    if (r.contains("error")) {
+      std::printf("\n== %s: FAILED (%s)\n", name.c_str(), r["error"].get<std::string>().c_str());
+      failed = true;
+    }
+    results.push_back(std::move(r));
+  }
+  const double total_s = Seconds(t0, Clock::now());
+
+  std::printf("\nsummary (%.0f s)\n", total_s);
+  std::printf("   %-16s %14s %14s %9s %12s %12s %9s %10s\n", "model", "b1 step/gemv", "b1 tok/s",
+              "b16/b1", "prefill tok/s", "prefill/b1", "RSS/wts", "peak/wts");
+  for (const json& r : results) {
+    if (r.contains("error")) continue;
+    auto get = [](const json& j, double fallback = 0) {
+      return j.is_number() ? j.get<double>() : fallback;
+    };
+    double b1 = 0, b16 = 0;
+    for (const json& b : r["decode_batches"]) {
+      if (b["batch"] == 1) b1 = get(b["tokens_per_s"]);
+      if (b["batch"] == 16) b16 = get(b["tokens_per_s"]);
+    }
+    std::printf("   %-16s %14.2f %14.1f %9s %12.1f %12s %9.2f %10.2f\n",
+                r["model"].get<std::string>().c_str(),
+                get(r["decode_vs_gemv"]["ratio_step_over_gemv"]), b1,
+                b1 > 0 && b16 > 0 ? Fmt("%.2fx", b16 / b1).c_str() : "-",
+                get(r["prefill"]["tokens_per_s"]),
+                get(r["prefill"]["ratio_vs_decode_batch1"]) > 0
+                    ? Fmt("%.1fx", get(r["prefill"]["ratio_vs_decode_batch1"])).c_str()
+                    : "-",
+                get(r["memory"]["ratio_rss_growth_over_params"]),
+                get(r["memory"]["ratio_peak_load_growth_over_params"]));
+  }
+
+  if (!flags.json_path.empty()) {
+    json doc = {{"benchmark", "collm_runtime_bench"},
+                {"machine",
+                 {{"cpu", CpuModel()}, {"cores_online", sysconf(_SC_NPROCESSORS_ONLN)}}},
+                {"flags",
+                 {{"shapes", flags.shapes},
+                  {"models", SplitCsv(flags.models)},
+                  {"dtype", flags.dtype},
+                  {"threads", flags.threads},
+                  {"iters", flags.iters},
+                  {"min_time_s", flags.min_time},
+                  {"batches", SplitCsv(flags.batches)},
+                  {"prompt", flags.prompt},
+                  {"decode_context", flags.decode_context},
+                  {"batch_prompt", flags.batch_prompt},
+                  {"quick", flags.quick}}},
+                {"total_seconds", total_s},
+                {"models", results}};
+    std::ofstream f(flags.json_path);
+    f << doc.dump(2) << "\n";
+    if (!f) Die("cannot write " + flags.json_path);
+    std::printf("wrote %s\n", flags.json_path.c_str());
+  }
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace collm::runtime
+
+int main(int argc, char** argv) { return collm::runtime::Main(argc, argv); }
