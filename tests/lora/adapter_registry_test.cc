@@ -116,8 +116,12 @@ TEST(AdapterRegistryTest, PublishingWhileRequestsDecodeKeepsEachRequestOnOneVers
   auto cache = runtime::KvCache::Create(c, {16, 32, 0}, e.model->runtime()).value();
   const int kTokens = 8;
   for (int step = 0; step < 20; ++step) {
-    if (step == 3) ASSERT_TRUE(e.registry->Publish("live", RandomAdapter(c, 11), "v2").ok());
-    if (step == 5) ASSERT_TRUE(e.registry->Publish("live", RandomAdapter(c, 12), "v3").ok());
+    if (step == 3) {
+      ASSERT_TRUE(e.registry->Publish("live", RandomAdapter(c, 11), "v2").ok());
+    }
+    if (step == 5) {
+      ASSERT_TRUE(e.registry->Publish("live", RandomAdapter(c, 12), "v3").ok());
+    }
     runtime::StepBatch batch;
     std::vector<Req*> in_batch;
     for (size_t i = 0; i < reqs.size(); ++i) {
