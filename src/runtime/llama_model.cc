@@ -427,10 +427,36 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
   std::vector<const int32_t*> blocks_of(T);
   for (int64_t i = 0; i < T; ++i) blocks_of[i] = batch.sequences[plan.seq_of[i]].kv->blocks.data();
 
+  // Sequences with many new tokens (prefill chunks) run attention as GEMMs over a gathered copy of
+  // their keys/values; single decode tokens and short chunks use the per-(token, head) loops,
+  // where GEMM call overhead would dominate.
+  constexpr int64_t kGemmAttentionMinTokens = 16;
+  struct GemmSeq {
+    int64_t t0, n, ctx;
+    const int32_t* blocks;
+    at::Tensor mask;  // [n, ctx], true where the key is in the query's future.
+  };
+  std::vector<GemmSeq> gemm_seqs;
+  std::vector<int64_t> loop_tokens;
+  {
+    int64_t t0 = 0;
+    for (const SequenceStep& s : batch.sequences) {
+      if (s.num_tokens >= kGemmAttentionMinTokens) {
+        const int64_t start = s.kv->length, ctx = start + s.num_tokens;
+        at::Tensor key_pos = at::arange(ctx, at::kLong).unsqueeze(0);
+        at::Tensor query_pos = (at::arange(s.num_tokens, at::kLong) + start).unsqueeze(1);
+        gemm_seqs.push_back({t0, s.num_tokens, ctx, s.kv->blocks.data(), key_pos > query_pos});
+      } else {
+        for (int64_t j = 0; j < s.num_tokens; ++j) loop_tokens.push_back(t0 + j);
+      }
+      t0 += s.num_tokens;
+    }
+  }
   int64_t ctx_sum = 0;
-  for (int64_t i = 0; i < T; ++i) ctx_sum += plan.positions[i] + 1;
-  const int64_t avg_ctx = std::max<int64_t>(1, ctx_sum / T);
+  for (int64_t i : loop_tokens) ctx_sum += plan.positions[i] + 1;
+  const int64_t avg_ctx = std::max<int64_t>(1, loop_tokens.empty() ? 1 : ctx_sum / static_cast<int64_t>(loop_tokens.size()));
   const int64_t attn_grain = std::max<int64_t>(1, 32768 / (avg_ctx * hd * 4));
+  const int64_t num_loop_items = static_cast<int64_t>(loop_tokens.size()) * H;
 
   at::Tensor h = at::empty({T, d}, f32);
   at::Tensor attn = at::empty({T, qs}, f32);
@@ -464,10 +490,10 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
 
     // Causal attention of each (token, head) over its own sequence's cache, block by block.
     float* ap = attn.data_ptr<float>();
-    at::parallel_for(0, T * H, attn_grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_loop_items, attn_grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t i = idx / H, head = idx % H, g = head / group;
+        const int64_t i = loop_tokens[idx / H], head = idx % H, g = head / group;
         const int64_t ctx = plan.positions[i] + 1;
         const int32_t* blocks = blocks_of[i];
         const float* qv = qkvp + i * qkv_dim + head * hd;
@@ -502,6 +528,27 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
         }
       }
     });
+
+    for (const GemmSeq& gs : gemm_seqs) {
+      // Gather this sequence's keys and values into contiguous [ctx, kv_size] matrices.
+      at::Tensor keys = at::empty({gs.ctx, kvs}, f32), values = at::empty({gs.ctx, kvs}, f32);
+      float* kp = keys.data_ptr<float>();
+      float* vp = values.data_ptr<float>();
+      for (int64_t j0 = 0; j0 < gs.ctx; j0 += bs) {
+        const int64_t n = std::min(bs, gs.ctx - j0);
+        const int64_t src = static_cast<int64_t>(gs.blocks[j0 / bs]) * bs * kvs;
+        std::memcpy(kp + j0 * kvs, kc + src, n * kvs * sizeof(float));
+        std::memcpy(vp + j0 * kvs, vc + src, n * kvs * sizeof(float));
+      }
+      at::Tensor rows = qkv.narrow(0, gs.t0, gs.n);
+      at::Tensor out_rows = attn.narrow(0, gs.t0, gs.n);
+      for (int64_t head = 0; head < H; ++head) {
+        const int64_t g = head / group;
+        at::Tensor scores = at::mm(rows.narrow(1, head * hd, hd), keys.narrow(1, g * hd, hd).t());
+        scores.mul_(scale).masked_fill_(gs.mask, -std::numeric_limits<float>::infinity());
+        out_rows.narrow(1, head * hd, hd).copy_(at::mm(at::softmax(scores, 1), values.narrow(1, g * hd, hd)));
+      }
+    }
 
     if (L.b_o.defined()) x.add_(L.b_o);
     AddLinear(x, attn, L.w_o);
