@@ -452,7 +452,7 @@ json ModelBench::Run() {
     // NoGradGuard as in LlamaModel::Load; the map is freed right after so RSS counts the model.
     at::NoGradGuard no_grad;
     std::map<std::string, at::Tensor> tensors = RandomWeights(config_);
-    model_ = OrDie(LlamaModel::FromTensors(config_, tensors, runtime, "random:" + name_),
+    model_ = OrDie(LlamaModel::FromTensors(config_, std::move(tensors), runtime, "random:" + name_),
                    "FromTensors");
   }
   const double load_s = Seconds(t0, Clock::now());

@@ -203,11 +203,11 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::Load(const std::st
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("loading ", dir, ": ", e.what_without_backtrace()));
   }
-  return FromTensors(config, tensors, runtime, checkpoint->dir());
+  return FromTensors(config, std::move(tensors), runtime, checkpoint->dir());
 }
 
 absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
-    const ModelConfig& config, const std::map<std::string, at::Tensor>& tensors,
+    const ModelConfig& config, std::map<std::string, at::Tensor> tensors,
     const ResolvedRuntime& runtime, const std::string& source) {
   COLLM_RETURN_IF_ERROR(config.Validate());
   const int64_t d = config.hidden_size, ff = config.intermediate_size, v = config.vocab_size;
@@ -264,6 +264,10 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
       layer.w_gate_up = at::cat({wg, wu}, 0).contiguous();
       COLLM_ASSIGN_OR_RETURN(layer.w_down, get(p + "mlp.down_proj.weight", {d, ff}));
       model->layers_.push_back(std::move(layer));
+      // The fused copies exist now: drop this layer's originals to bound peak memory.
+      for (auto it = tensors.lower_bound(p); it != tensors.end() && it->first.compare(0, p.size(), p) == 0;) {
+        it = tensors.erase(it);
+      }
     }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(source, ": ", e.what_without_backtrace()));

@@ -60,8 +60,10 @@ class LlamaModel {
 
   // Builds a model from HF-named tensors (any float dtype, any device); `source` names where they
   // came from in error messages. Used by Load and by benchmarks that make random weights in memory.
+  // Takes the map by value and releases each layer's tensors once they are fused, so a caller
+  // that moves its map in peaks at about one model plus one layer.
   static absl::StatusOr<std::shared_ptr<const LlamaModel>> FromTensors(
-      const ModelConfig& config, const std::map<std::string, at::Tensor>& tensors,
+      const ModelConfig& config, std::map<std::string, at::Tensor> tensors,
       const ResolvedRuntime& runtime, const std::string& source);
 
   const ModelConfig& config() const { return config_; }
