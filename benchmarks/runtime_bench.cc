@@ -8,9 +8,6 @@
 // Each model runs in a fresh child process (this binary re-executed with the hidden
 // `--one-model NAME`) so that its peak RSS is its own.
 
-#include <dlfcn.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <ATen/ATen.h>
@@ -23,16 +20,14 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
-#include <iostream>
 #include <map>
 #include <memory>
 #include <random>
-#include <set>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench_util.h"
 #include "collm/runtime/device.h"
 #include "collm/runtime/kv_cache.h"
 #include "collm/runtime/llama_model.h"
@@ -43,7 +38,7 @@ namespace collm::runtime {
 namespace {
 
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
+using Clock = bench::Clock;
 
 struct BenchFlags {
   std::string shapes;
@@ -62,185 +57,26 @@ struct BenchFlags {
   std::string child_json;  // Hidden: where a child writes its model's JSON.
 };
 
-[[noreturn]] void Die(const std::string& what) {
-  std::cerr << "collm_runtime_bench: " << what << "\n";
-  std::exit(1);
-}
+using bench::CpuModel;
+using bench::Die;
+using bench::Fmt;
+using bench::LoadedBlas;
+using bench::MaxRssBytes;
+using bench::Mb;
+using bench::OrDie;
+using bench::Seconds;
+using bench::SplitCsv;
+using bench::Stats;
+using bench::VmRssBytes;
 
-template <typename T>
-T OrDie(absl::StatusOr<T> v, const std::string& what) {
-  if (!v.ok()) Die(what + ": " + v.status().ToString());
-  return *std::move(v);
-}
-
-void OrDie(const absl::Status& s, const std::string& what) {
-  if (!s.ok()) Die(what + ": " + s.ToString());
-}
-
-std::vector<std::string> SplitCsv(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
-
-std::string Fmt(const char* format, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), format, v);
-  return buf;
-}
-
-std::string Mb(double bytes) { return Fmt("%.1f MB", bytes / 1e6); }
-
-// ---------------------------------------------------------------------------------------------
-// Process facts
-
-int64_t VmRssBytes() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return -1;
-}
-
-int64_t MaxRssBytes() {
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // kB on Linux.
-}
-
-// The BLAS libraries actually mapped into this process (after alternatives and symlinks).
-std::string LoadedBlas() {
-  std::ifstream f("/proc/self/maps");
-  std::string line;
-  std::set<std::string> libs;
-  while (std::getline(f, line)) {
-    const size_t slash = line.find('/');
-    if (slash == std::string::npos) continue;
-    const std::string path = line.substr(slash);
-    const std::string base = path.substr(path.rfind('/') + 1);
-    if (base.find("blas") != std::string::npos || base.find("mkl") != std::string::npos) {
-      libs.insert(path);
-    }
-  }
-  std::string out;
-  for (const std::string& l : libs) out += (out.empty() ? "" : ", ") + l;
-  using IntFn = int (*)();
-  using StrFn = char* (*)();
-  if (auto cfg = reinterpret_cast<StrFn>(dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
-    out += std::string(" [") + cfg();
-    if (auto n = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))) {
-      out += ", " + std::to_string(n()) + " threads";
-    }
-    out += "]";
-  }
-  return out.empty() ? "unknown" : out;
-}
-
-std::string CpuModel() {
-  std::ifstream f("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  }
-  return "unknown";
-}
-
-// ---------------------------------------------------------------------------------------------
-// Timing
-
-struct Stats {
-  double median_ms = 0, min_ms = 0, max_ms = 0, mean_ms = 0;
-  int iters = 0;
-  json ToJson() const {
-    return {{"median_ms", median_ms}, {"min_ms", min_ms}, {"max_ms", max_ms},
-            {"mean_ms", mean_ms},     {"iters", iters}};
-  }
-};
-
-Stats Summarize(std::vector<double> ms) {
-  Stats s;
-  std::sort(ms.begin(), ms.end());
-  s.iters = static_cast<int>(ms.size());
-  const size_t n = ms.size();
-  s.median_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
-  s.min_ms = ms.front();
-  s.max_ms = ms.back();
-  double sum = 0;
-  for (double v : ms) sum += v;
-  s.mean_ms = sum / n;
-  return s;
-}
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-// Times each of `fns` in turn, interleaved (so a neighbour's load on the shared cores hits all
-// of them alike), after `warmup` untimed rounds, until `max_iters` rounds or `min_time` seconds
-// of timing, but at least 3 rounds. `reset` runs untimed after every call.
 std::vector<Stats> Measure(const std::vector<std::function<void()>>& fns,
                            const std::function<void()>& reset, const BenchFlags& flags,
                            int warmup = 2) {
-  for (int w = 0; w < warmup; ++w) {
-    for (const auto& fn : fns) {
-      fn();
-      if (reset) reset();
-    }
-  }
-  std::vector<std::vector<double>> ms(fns.size());
-  double timed = 0;
-  for (int it = 0; it < flags.iters && (it < 3 || timed < flags.min_time); ++it) {
-    for (size_t i = 0; i < fns.size(); ++i) {
-      const auto t0 = Clock::now();
-      fns[i]();
-      const auto t1 = Clock::now();
-      if (reset) reset();
-      ms[i].push_back(1e3 * Seconds(t0, t1));
-      timed += Seconds(t0, t1);
-    }
-  }
-  std::vector<Stats> out;
-  for (auto& m : ms) out.push_back(Summarize(std::move(m)));
-  return out;
+  return bench::Measure(fns, reset, {flags.iters, flags.min_time}, warmup);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Model construction
-
-// HF-named random weights: N(0, 0.02) matrices, unit norms.
-std::map<std::string, at::Tensor> RandomWeights(const ModelConfig& c) {
-  const int64_t d = c.hidden_size, ff = c.intermediate_size, v = c.vocab_size;
-  const int64_t q = c.q_size(), kv = c.kv_size();
-  std::map<std::string, at::Tensor> t;
-  auto mat = [](std::vector<int64_t> shape) { return at::randn(shape).mul_(0.02); };
-  t["model.embed_tokens.weight"] = mat({v, d});
-  t["model.norm.weight"] = at::ones({d});
-  if (!c.tie_word_embeddings) t["lm_head.weight"] = mat({v, d});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    t[p + "input_layernorm.weight"] = at::ones({d});
-    t[p + "post_attention_layernorm.weight"] = at::ones({d});
-    t[p + "self_attn.q_proj.weight"] = mat({q, d});
-    t[p + "self_attn.k_proj.weight"] = mat({kv, d});
-    t[p + "self_attn.v_proj.weight"] = mat({kv, d});
-    t[p + "self_attn.o_proj.weight"] = mat({d, q});
-    if (c.qkv_bias) {
-      t[p + "self_attn.q_proj.bias"] = mat({q});
-      t[p + "self_attn.k_proj.bias"] = mat({kv});
-      t[p + "self_attn.v_proj.bias"] = mat({kv});
-    }
-    if (c.o_bias) t[p + "self_attn.o_proj.bias"] = mat({d});
-    t[p + "mlp.gate_proj.weight"] = mat({ff, d});
-    t[p + "mlp.up_proj.weight"] = mat({ff, d});
-    t[p + "mlp.down_proj.weight"] = mat({d, ff});
-  }
-  return t;
-}
 
 // The GEMVs of one batch-1 decode step, over tensors shaped like the model's fused weights (the
 // model's own are private): per layer w_qkv, w_o, w_gate_up, w_down, then the lm_head.
@@ -451,7 +287,7 @@ json ModelBench::Run() {
   {
     // NoGradGuard as in LlamaModel::Load; the map is freed right after so RSS counts the model.
     at::NoGradGuard no_grad;
-    std::map<std::string, at::Tensor> tensors = RandomWeights(config_);
+    std::map<std::string, at::Tensor> tensors = bench::RandomWeights(config_);
     model_ = OrDie(LlamaModel::FromTensors(config_, std::move(tensors), runtime, "random:" + name_),
                    "FromTensors");
   }
@@ -514,60 +350,12 @@ json ModelBench::Run() {
   std::vector<std::vector<std::string>> table = {
       {"metric", "value", "baseline (same run)", "ratio", "target", ""}};
   table.insert(table.end(), rows_.begin(), rows_.end());
-  std::vector<size_t> width(table[0].size(), 0);
-  for (const auto& r : table) {
-    for (size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
-  }
-  for (const auto& r : table) {
-    std::string line = "   ";
-    for (size_t i = 0; i < r.size(); ++i) {
-      line += r[i] + std::string(width[i] - r[i].size() + 2, ' ');
-    }
-    while (!line.empty() && line.back() == ' ') line.pop_back();
-    std::printf("%s\n", line.c_str());
-  }
-  std::fflush(stdout);
+  bench::PrintTable(table);
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Driver
-
-// Re-executes this binary for one model; returns its JSON or an {"error": ...} object.
-json RunChild(const std::string& name, int argc, char** argv) {
-  char tmpl[] = "/tmp/collm_runtime_bench_XXXXXX";
-  const int fd = mkstemp(tmpl);
-  if (fd < 0) Die("mkstemp failed");
-  close(fd);
-  const std::string child_json = tmpl;
-  std::vector<std::string> args(argv, argv + argc);
-  args.insert(args.end(), {"--one-model", name, "--child-json", child_json});
-  std::vector<char*> cargs;
-  for (std::string& a : args) cargs.push_back(a.data());
-  cargs.push_back(nullptr);
-
-  std::fflush(stdout);
-  const pid_t pid = fork();
-  if (pid < 0) Die("fork failed");
-  if (pid == 0) {
-    execv("/proc/self/exe", cargs.data());
-    std::perror("execv /proc/self/exe");
-    _exit(127);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  json out;
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-    std::ifstream f(child_json);
-    out = json::parse(f, nullptr, /*allow_exceptions=*/false);
-    if (out.is_discarded()) out = {{"model", name}, {"error", "child wrote no JSON"}};
-  } else {
-    out = {{"model", name},
-           {"error", "child exited with status " + std::to_string(status)}};
-  }
-  std::remove(child_json.c_str());
-  return out;
-}
 
 int Main(int argc, char** argv) {
   BenchFlags flags;
@@ -640,7 +428,7 @@ int Main(int argc, char** argv) {
   json results = json::array();
   bool failed = false;
   for (const std::string& name : SplitCsv(flags.models)) {
-    json r = RunChild(name, argc, argv);
+    json r = bench::RunChild(name, argc, argv);
     if (r.contains("error")) {
       std::printf("\n== %s: FAILED (%s)\n", name.c_str(), r["error"].get<std::string>().c_str());
       failed = true;

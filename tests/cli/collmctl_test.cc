@@ -82,3 +82,75 @@ TEST(CollmctlRandomModelTest, WritesLoadableCheckpointInRealShape) {
 
 }  // namespace
 }  // namespace collm::cli
+
+namespace collm::cli {
+namespace {
+
+std::string WritePatternJsonl(const std::string& dir) {
+  std::string jsonl;
+  for (int i = 0; i < 60; ++i) {
+    jsonl += "{\"prompt\": \"Say the rule " + std::to_string(i) +
+             "\", \"completion\": \"the cat sat on the mat\"}\n";
+  }
+  jsonl += "this line is not json\n";
+  const std::string path = dir + "/train.jsonl";
+  collm::testing::WriteFileOrDie(path, jsonl);
+  return path;
+}
+
+TEST(CollmctlFinetuneTest, TrainsWritesPeftAdapterAndGenerateServesIt) {
+  const std::string model = collm::testing::TinyModelDir();
+  const std::string dir = collm::testing::MakeTempDir("collm-ft");
+  const std::string data = WritePatternJsonl(dir);
+  auto r = RunCommand(collm::testing::BinaryPath("src/collmctl") + " finetune --model " + model +
+                      " --data " + data + " --steps 60 --lr 2e-2 --batch 8 --rank 8 --seed 3 --out " +
+                      dir + "/adapter");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Progress bar and the bad-line report go to stderr.
+  EXPECT_NE(r.err.find("60/60"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("1 bad lines skipped"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("train.jsonl:61"), std::string::npos) << r.err;
+  const auto before = r.out.find("held-out loss before: "), after = r.out.find("held-out loss after: ");
+  ASSERT_NE(before, std::string::npos) << r.out;
+  ASSERT_NE(after, std::string::npos) << r.out;
+  const double loss_before = std::stod(r.out.substr(before + 22));
+  const double loss_after = std::stod(r.out.substr(after + 21));
+  EXPECT_LT(loss_after, loss_before - 1.0) << r.out;
+  EXPECT_FALSE(collm::testing::ReadFileOrDie(dir + "/adapter/adapter_config.json").empty());
+
+  const std::string gen = collm::testing::BinaryPath("src/collmctl") + " generate --model " + model +
+                          " --prompt 'Say the rule 7' --max-tokens 8 --temperature 0 --ignore-eos";
+  auto base = RunCommand(gen);
+  auto tuned = RunCommand(gen + " --adapter " + dir + "/adapter");
+  ASSERT_EQ(tuned.exit_code, 0) << tuned.err;
+  EXPECT_NE(tuned.err.find("serving adapter"), std::string::npos) << tuned.err;
+  EXPECT_NE(tuned.out, base.out);
+  // The tuned model has picked up the trained completion's words; the random base has not.
+  auto words = [](const std::string& text) {
+    int n = 0;
+    for (const char* w : {"cat", "sat", "mat"}) n += text.find(w) != std::string::npos;
+    return n;
+  };
+  EXPECT_GE(words(tuned.out), 1) << "tuned: " << tuned.out;
+  EXPECT_EQ(words(base.out), 0) << "base: " << base.out;
+}
+
+TEST(CollmctlFinetuneTest, BadInputGivesClearErrors) {
+  const std::string model = collm::testing::TinyModelDir();
+  const std::string ctl = collm::testing::BinaryPath("src/collmctl");
+  auto missing = RunCommand(ctl + " finetune --model " + model + " --data /nonexistent.jsonl --out /tmp/x");
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.err.find("/nonexistent.jsonl"), std::string::npos) << missing.err;
+  auto target = RunCommand(ctl + " finetune --model " + model + " --data x --out /tmp/x --targets q_proj,qkv");
+  EXPECT_EQ(target.exit_code, 2);
+  EXPECT_NE(target.err.find("qkv"), std::string::npos) << target.err;
+  auto rank = RunCommand(ctl + " finetune --model " + model + " --data x --out /tmp/x --rank 0");
+  EXPECT_EQ(rank.exit_code, 2);
+  EXPECT_NE(rank.err.find("rank"), std::string::npos) << rank.err;
+  auto adapter = RunCommand(ctl + " generate --model " + model + " --adapter /nonexistent/adapter -p x");
+  EXPECT_EQ(adapter.exit_code, 2);
+  EXPECT_NE(adapter.err.find("/nonexistent/adapter"), std::string::npos) << adapter.err;
+}
+
+}  // namespace
+}  // namespace collm::cli

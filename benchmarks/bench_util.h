@@ -1,0 +1,88 @@
+// Helpers shared by the scenario benchmarks (collm_runtime_bench, collm_lora_bench): process
+// facts (RSS, CPU, BLAS), interleaved median timing, random HF-named weights, one child process
+// per model, and the result table. Not a library for anything but benchmarks/.
+#ifndef COLLM_BENCHMARKS_BENCH_UTIL_H_
+#define COLLM_BENCHMARKS_BENCH_UTIL_H_
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/TensorBody.h>
+
+#include "absl/status/statusor.h"
+#include "collm/runtime/model_config.h"
+#include "nlohmann/json.hpp"
+
+namespace collm::bench {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// Prints "PROGRAM: what" to stderr and exits with status 1.
+[[noreturn]] void Die(const std::string& what);
+
+template <typename T>
+T OrDie(absl::StatusOr<T> v, const std::string& what) {
+  if (!v.ok()) Die(what + ": " + v.status().ToString());
+  return *std::move(v);
+}
+void OrDie(const absl::Status& s, const std::string& what);
+
+std::vector<std::string> SplitCsv(const std::string& s);
+// Comma-separated positive integers; Die()s naming `flag` on anything else.
+std::vector<int64_t> ParsePositiveCsv(const std::string& s, const std::string& flag);
+std::string Fmt(const char* format, double v);
+std::string Mb(double bytes);  // "12.3 MB" (1e6 bytes).
+
+// ---- Process facts
+int64_t VmRssBytes();   // Current resident set (/proc/self/status VmRSS).
+int64_t MaxRssBytes();  // Peak resident set so far (getrusage ru_maxrss).
+// The BLAS libraries mapped into this process (with OpenBLAS's config and thread count).
+std::string LoadedBlas();
+std::string CpuModel();
+long CoresOnline();
+
+// ---- Timing
+struct Stats {
+  double median_ms = 0, min_ms = 0, max_ms = 0, mean_ms = 0;
+  int iters = 0;
+  json ToJson() const;
+};
+// REQUIRES: !ms.empty().
+Stats Summarize(std::vector<double> ms);
+double Seconds(Clock::time_point a, Clock::time_point b);
+
+struct TimingOptions {
+  int iters = 30;         // Most timed rounds.
+  double min_time = 2.0;  // Stop once this many seconds were timed (always >= 3 rounds).
+};
+
+// Times each of `fns` in turn, interleaved (so a neighbour's load on the shared cores hits all
+// of them alike), after `warmup` untimed rounds, until `opt.iters` rounds or `opt.min_time`
+// seconds of timing, but at least 3 rounds. `reset` (may be empty) runs untimed after every call.
+std::vector<Stats> Measure(const std::vector<std::function<void()>>& fns,
+                           const std::function<void()>& reset, const TimingOptions& opt,
+                           int warmup = 2);
+
+// ---- Models
+// HF-named random weights for `c`: N(0, 0.02) matrices, unit norms. Call under NoGradGuard.
+std::map<std::string, at::Tensor> RandomWeights(const runtime::ModelConfig& c);
+
+// ---- Driver
+// Re-executes this binary with its own arguments plus `--one-model NAME --child-json PATH` and
+// returns the JSON the child wrote there, or {"model", "error"} when it failed.
+json RunChild(const std::string& name, int argc, char** argv);
+
+// Prints rows (the first is the header) as left-aligned columns indented by three spaces; a
+// one-cell row is a section title printed as is, outside the columns.
+void PrintTable(const std::vector<std::vector<std::string>>& rows);
+
+}  // namespace collm::bench
+
+#endif  // COLLM_BENCHMARKS_BENCH_UTIL_H_

@@ -1,0 +1,62 @@
+// Publishes the shadow adapter into the registry as a new live version: on demand or every N
+// optimizer steps, optionally gated on held-out quality (publish only when the candidate's held-out
+// loss beats the live version's by a margin; otherwise training just continues, and the stats say
+// why).
+#ifndef COLLM_ENGINE_SHADOW_PUBLISHER_H_
+#define COLLM_ENGINE_SHADOW_PUBLISHER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "collm/engine/dataset.h"
+#include "collm/engine/peft_trainer.h"
+#include "collm/lora/adapter_registry.h"
+
+namespace collm::engine {
+
+struct PublishOptions {
+  int64_t every_steps = 0;       // Due every N optimizer steps; 0 = only when asked.
+  bool quality_gate = false;     // Require a held-out improvement over the live version.
+  double min_improvement = 0.0;  // Nats of held-out loss the candidate must gain; >= 0.
+};
+
+struct PublishStats {
+  int64_t attempts = 0;
+  int64_t published = 0;
+  int64_t rejected = 0;               // Refused by the quality gate.
+  int64_t live_version = 0;           // 0 = none published yet.
+  double live_loss = -1;              // Held-out loss of the live version (base model before).
+  double last_candidate_loss = -1;
+  std::string last_decision;          // Human-readable reason of the last attempt.
+};
+
+// Owned by the engine thread; not thread-safe. The registry is thread-safe and outlives it.
+class ShadowPublisher {
+ public:
+  ShadowPublisher(std::shared_ptr<const runtime::LlamaModel> model, lora::AdapterRegistry& registry,
+                  std::string adapter_name, PublishOptions options,
+                  std::vector<TrainingExample> held_out);
+
+  bool Due(int64_t optimizer_step) const;
+  // Evaluates the shadow (when gated) and publishes it unless the gate refuses. Returns whether a
+  // new version went live.
+  absl::StatusOr<bool> Consider(const PeftTrainer& trainer);
+  const PublishStats& stats() const { return stats_; }
+
+ private:
+  absl::StatusOr<double> LiveLoss();
+
+  std::shared_ptr<const runtime::LlamaModel> model_;
+  lora::AdapterRegistry& registry_;
+  const std::string name_;
+  const PublishOptions options_;
+  const std::vector<TrainingExample> held_out_;
+  PublishStats stats_;
+};
+
+}  // namespace collm::engine
+
+#endif  // COLLM_ENGINE_SHADOW_PUBLISHER_H_
