@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "collm/common/status.h"
+#include "collm/lora/peft_io.h"
 
 namespace collm::lora {
 
@@ -30,6 +31,12 @@ absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::Publish(
   while (static_cast<int>(e.versions.size()) > keep_versions_) e.versions.pop_front();
   ++generation_;
   return e.versions.back();
+}
+
+absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::LoadPeft(
+    const std::string& name, const std::string& dir) {
+  COLLM_ASSIGN_OR_RETURN(LoraAdapter adapter, ReadPeftAdapter(dir, model_));
+  return Publish(name, adapter, "peft:" + dir);
 }
 
 absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::Get(

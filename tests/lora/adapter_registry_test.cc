@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include "collm/lora/peft_io.h"
 #include "collm/runtime/generator.h"
+#include "testing/test_env.h"
 #include "collm/runtime/llama_model.h"
 #include "gtest/gtest.h"
 #include "testing/tiny_model.h"
@@ -84,6 +86,23 @@ TEST(AdapterRegistryTest, ListUnloadAndPinnedSnapshotsOutliveUnload) {
   // The request that pinned v1 can still decode with it.
   EXPECT_EQ(GreedyAlone(*e.model, &pinned->weights, {1, 2, 3}, 5).size(), 5u);
   EXPECT_GE(e.registry->generation(), 3);
+}
+
+TEST(AdapterRegistryTest, LoadsPeftDirectoriesByNameAndKeepsStateOnBadOnes) {
+  Env e = MakeEnv();
+  const std::string dir = collm::testing::MakeTempDir("collm-peft-reg") + "/a";
+  LoraAdapter written = RandomAdapter(e.model->config(), 8);
+  ASSERT_TRUE(WritePeftAdapter(dir, written).ok());
+  auto v1 = e.registry->LoadPeft("math", dir).value();
+  EXPECT_EQ(v1->version, 1);
+  EXPECT_EQ(v1->source, "peft:" + dir);
+  auto bad = e.registry->LoadPeft("math", dir + "/missing");
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find(dir + "/missing"), std::string::npos) << bad.status();
+  EXPECT_EQ(e.registry->Get("math").value(), v1);
+  const std::vector<int32_t> prompt = {1, 9, 8, 7};
+  auto direct = written.ToWeights(e.model->config(), e.model->runtime()).value();
+  EXPECT_EQ(GreedyAlone(*e.model, &v1->weights, prompt, 10), GreedyAlone(*e.model, &direct, prompt, 10));
 }
 
 TEST(AdapterRegistryTest, RejectsInvalidAdapters) {

@@ -54,6 +54,10 @@ class AdapterRegistry {
                                                                  const LoraAdapter& adapter,
                                                                  const std::string& source,
                                                                  double held_out_loss = -1);
+  // Reads a PEFT adapter directory and publishes it as the newest version of `name` (source
+  // "peft:DIR"). A bad directory changes nothing and names the file and tensor at fault.
+  absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> LoadPeft(const std::string& name,
+                                                                  const std::string& dir);
   // The current version; NotFound naming the adapter.
   absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> Get(const std::string& name) const;
   // Makes the previous version current again (the rolled-back version is dropped).
