@@ -37,7 +37,7 @@ class Reader {
 
   // Reads the next field key; wire type in *wire.
   absl::Status Key(int* field, int* wire) {
-    uint64_t key;
+    uint64_t key = 0;
     COLLM_RETURN_IF_ERROR(Varint(&key));
     *field = static_cast<int>(key >> 3);
     *wire = static_cast<int>(key & 7);
@@ -46,7 +46,7 @@ class Reader {
   }
 
   absl::Status Bytes(absl::string_view* out) {
-    uint64_t n;
+    uint64_t n = 0;
     COLLM_RETURN_IF_ERROR(Varint(&n));
     if (n > data_.size() - pos_) return absl::InvalidArgumentError("length past the end of data");
     *out = data_.substr(pos_, n);
@@ -62,9 +62,9 @@ class Reader {
   }
 
   absl::Status Skip(int wire) {
-    uint64_t v;
+    uint64_t v = 0;
     absl::string_view s;
-    uint32_t f;
+    uint32_t f = 0;
     switch (wire) {
       case 0:
         return Varint(&v);
@@ -106,12 +106,12 @@ absl::Status ParsePiece(absl::string_view data, Piece* piece) {
       piece->text = std::string(s);
     } else if (field == kPieceScore) {
       COLLM_RETURN_IF_ERROR(ExpectWire(field, wire, 5));
-      uint32_t bits;
+      uint32_t bits = 0;
       COLLM_RETURN_IF_ERROR(r.Fixed32(&bits));
       std::memcpy(&piece->score, &bits, 4);
     } else if (field == kPieceType) {
       COLLM_RETURN_IF_ERROR(ExpectWire(field, wire, 0));
-      uint64_t t;
+      uint64_t t = 0;
       COLLM_RETURN_IF_ERROR(r.Varint(&t));
       if (t < 1 || t > 6) return absl::InvalidArgumentError(absl::StrCat("piece type ", t));
       piece->type = static_cast<PieceType>(t);
@@ -124,7 +124,7 @@ absl::Status ParsePiece(absl::string_view data, Piece* piece) {
 
 absl::Status ReadBool(Reader& r, int field, int wire, bool* out) {
   COLLM_RETURN_IF_ERROR(ExpectWire(field, wire, 0));
-  uint64_t v;
+  uint64_t v = 0;
   COLLM_RETURN_IF_ERROR(r.Varint(&v));
   *out = v != 0;
   return absl::OkStatus();
@@ -132,7 +132,7 @@ absl::Status ReadBool(Reader& r, int field, int wire, bool* out) {
 
 absl::Status ReadInt32(Reader& r, int field, int wire, int32_t* out) {
   COLLM_RETURN_IF_ERROR(ExpectWire(field, wire, 0));
-  uint64_t v;
+  uint64_t v = 0;
   COLLM_RETURN_IF_ERROR(r.Varint(&v));
   *out = static_cast<int32_t>(static_cast<int64_t>(v));  // Negative int32 are 10-byte varints.
   return absl::OkStatus();
@@ -265,7 +265,7 @@ std::string SerializeModelProto(const ModelProto& m) {
     std::string piece;
     PutBytes(piece, kPieceText, p.text);
     PutKey(piece, kPieceScore, 5);
-    uint32_t bits;
+    uint32_t bits = 0;
     std::memcpy(&bits, &p.score, 4);
     for (int i = 0; i < 4; ++i) piece.push_back(static_cast<char>((bits >> (8 * i)) & 0xff));
     PutInt(piece, kPieceType, static_cast<int>(p.type));
