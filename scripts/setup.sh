@@ -13,6 +13,7 @@ PACKAGES=(
   libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libcpp-httplib-dev libssl-dev libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-sentencepiece python3-grpcio python3-protobuf
+  prometheus
 )
 
 missing=()

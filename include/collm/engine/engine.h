@@ -1,0 +1,152 @@
+// The engine: one thread that owns the model's KV cache, the running sequences and (later) the
+// shadow-adapter trainer, and serves requests with continuous batching. Sequences join and leave
+// at every step; prompts are prefilled in chunks under a per-step token budget so long prompts do
+// not stall decoding; KV memory is bounded and a request is admitted only when its whole
+// sequence (prompt + max_tokens, capped by the context) fits. Other threads submit through a
+// bounded queue and receive output through a per-request sink.
+#ifndef COLLM_ENGINE_ENGINE_H_
+#define COLLM_ENGINE_ENGINE_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "collm/common/clock.h"
+#include "collm/lora/adapter_registry.h"
+#include "collm/runtime/generator.h"
+#include "collm/runtime/kv_cache.h"
+#include "collm/runtime/llama_model.h"
+#include "collm/runtime/sampler.h"
+#include "collm/runtime/tokenizer.h"
+
+namespace collm::engine {
+
+// Latency objectives of one request class; 0 = no objective.
+struct SloTarget {
+  double ttft_ms = 0;  // Time to first token, queueing included.
+  double tpot_ms = 0;  // Mean time per output token after the first.
+};
+
+struct EngineOptions {
+  int64_t max_step_tokens = 256;  // Tokens per step: decodes + prefill chunks; > 0.
+  int64_t max_running = 32;       // Sequences in the running batch at most; > 0.
+  int64_t max_queued = 128;       // Waiting requests at most; more are refused at once; > 0.
+  runtime::KvCacheOptions kv_cache;
+  std::string default_adapter;    // Adapter for requests that name none; "" = base model.
+  SloTarget default_slo;          // For requests without an SLO class.
+  std::map<std::string, SloTarget> slo_classes;
+};
+
+struct EngineRequest {
+  std::vector<int32_t> prompt;     // Token ids (BOS included if wanted); non-empty.
+  runtime::SamplingParams params;
+  std::string adapter;             // Registry name; "" = options.default_adapter.
+  std::string slo_class;           // "" = options.default_slo.
+  int64_t deadline_nanos = 0;      // Engine clock time after which the request is dropped; 0 = none.
+};
+
+struct RequestResult {
+  absl::Status status;  // OK, Cancelled, DeadlineExceeded, or Internal.
+  runtime::FinishReason finish_reason = runtime::FinishReason::kLength;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  std::string adapter;        // "" = base model.
+  int64_t adapter_version = 0;
+  double ttft_seconds = 0;    // Submit to first token.
+  double tpot_seconds = 0;    // Mean between output tokens after the first.
+  double e2e_seconds = 0;
+  bool slo_met = false;       // TTFT and TPOT within the request's SLO.
+};
+
+// Receives one request's output, on the engine thread: implementations must not block.
+class RequestSink {
+ public:
+  virtual ~RequestSink() = default;
+  // New text (never part of a stop string; may be empty when a token completes no character)
+  // and the ids that produced it.
+  virtual void OnDelta(const std::string& text, const std::vector<int32_t>& ids) = 0;
+  // Called exactly once, last.
+  virtual void OnFinish(const RequestResult& result) = 0;
+};
+
+struct EngineStats {
+  int64_t queued = 0;
+  int64_t running = 0;
+  int64_t steps = 0;
+  int64_t last_batch_tokens = 0;
+  int64_t completed = 0;
+  int64_t cancelled = 0;
+  int64_t expired = 0;
+  int64_t rejected_queue_full = 0;
+  int64_t slo_met = 0;
+  int64_t prompt_tokens = 0;
+  int64_t generated_tokens = 0;
+  int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_total = 0;
+};
+
+// Thread-safe: Submit, Cancel, Stats and Shutdown may be called from any thread.
+class Engine {
+ public:
+  // `registry` may be null (base model only). The model, tokenizer and registry must outlive it.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      std::shared_ptr<const runtime::LlamaModel> model, const runtime::Tokenizer* tokenizer,
+      lora::AdapterRegistry* registry, const EngineOptions& options, Clock& clock = Clock::Real());
+  ~Engine();
+
+  // Starts the engine thread.
+  void Start();
+  // Validates and enqueues. InvalidArgument naming the field, NotFound for an unknown adapter,
+  // ResourceExhausted at once when the queue is full or the request can never fit in the KV
+  // cache. Returns the request id.
+  absl::StatusOr<uint64_t> Submit(EngineRequest request, std::shared_ptr<RequestSink> sink);
+  // The request finishes with Cancelled within one step. Unknown ids are ignored.
+  void Cancel(uint64_t id);
+  // Stops accepting requests, lets running and queued ones finish for up to `grace_seconds`,
+  // cancels what is left, and joins the engine thread. Idempotent.
+  void Shutdown(double grace_seconds);
+  EngineStats Stats() const;
+
+  // Runs one scheduling step on the calling thread (only when Start() was not called): for tests
+  // that drive time with a FakeClock. Returns false when there was nothing to do.
+  bool StepForTest();
+
+ private:
+  struct Sequence;
+  Engine() = default;
+  void Loop();
+  bool Step();
+  void Finish(Sequence& s, absl::Status status, runtime::FinishReason reason);
+
+  std::shared_ptr<const runtime::LlamaModel> model_;
+  const runtime::Tokenizer* tokenizer_ = nullptr;
+  lora::AdapterRegistry* registry_ = nullptr;
+  EngineOptions options_;
+  Clock* clock_ = nullptr;
+  std::unique_ptr<runtime::KvCache> cache_;  // Engine thread only.
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<std::unique_ptr<Sequence>> queue_;  // Guarded by mu_.
+  std::set<uint64_t> cancel_requests_;           // Guarded by mu_.
+  uint64_t next_id_ = 1;                         // Guarded by mu_.
+  bool accepting_ = true;                        // Guarded by mu_.
+  bool stop_ = false;                            // Guarded by mu_.
+  int64_t shutdown_deadline_nanos_ = 0;          // Guarded by mu_; 0 = not shutting down.
+  EngineStats stats_;                            // Guarded by mu_.
+
+  std::vector<std::unique_ptr<Sequence>> running_;  // Engine thread only.
+  std::thread thread_;
+};
+
+}  // namespace collm::engine
+
+#endif  // COLLM_ENGINE_ENGINE_H_

@@ -1,0 +1,357 @@
+#include "collm/engine/engine.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "collm/common/logging.h"
+#include "collm/common/status.h"
+
+namespace collm::engine {
+
+struct Engine::Sequence {
+  uint64_t id = 0;
+  EngineRequest request;
+  std::shared_ptr<RequestSink> sink;
+  std::shared_ptr<const lora::AdapterSnapshot> pin;  // Null = base model.
+  SloTarget slo;
+  runtime::SequenceKv kv;
+  std::vector<int32_t> context;  // Prompt + generated, for the repetition penalty.
+  int64_t prefilled = 0;
+  int64_t limit = 0;  // Generated tokens at most (max_tokens capped by the context).
+  int64_t generated = 0;
+  std::optional<runtime::Sampler> sampler;
+  std::optional<runtime::IncrementalDetokenizer> detok;
+  std::optional<runtime::StopStringMatcher> stops;
+  int64_t submit_nanos = 0, first_token_nanos = 0, last_token_nanos = 0;
+  bool cancelled = false;
+  std::optional<runtime::FinishReason> finished;  // Set when EOS or a stop string ended it.
+
+  int64_t prompt_size() const { return static_cast<int64_t>(request.prompt.size()); }
+  bool decoding() const { return prefilled == prompt_size(); }
+};
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    std::shared_ptr<const runtime::LlamaModel> model, const runtime::Tokenizer* tokenizer,
+    lora::AdapterRegistry* registry, const EngineOptions& options, Clock& clock) {
+  auto bad = [](const std::string& field, int64_t v) {
+    return absl::InvalidArgumentError(absl::StrCat("engine.", field, " must be > 0, got ", v));
+  };
+  if (options.max_step_tokens <= 0) return bad("max_step_tokens", options.max_step_tokens);
+  if (options.max_running <= 0) return bad("max_running", options.max_running);
+  if (options.max_queued <= 0) return bad("max_queued", options.max_queued);
+  if (!options.default_adapter.empty() && (registry == nullptr || !registry->Get(options.default_adapter).ok())) {
+    return absl::NotFoundError(absl::StrCat("engine.default_adapter '", options.default_adapter,
+                                            "' is not loaded"));
+  }
+  std::unique_ptr<Engine> e(new Engine());
+  e->model_ = std::move(model);
+  e->tokenizer_ = tokenizer;
+  e->registry_ = registry;
+  e->options_ = options;
+  e->clock_ = &clock;
+  COLLM_ASSIGN_OR_RETURN(e->cache_, runtime::KvCache::Create(e->model_->config(), options.kv_cache,
+                                                             e->model_->runtime()));
+  e->stats_.kv_blocks_total = e->cache_->num_blocks();
+  return e;
+}
+
+Engine::~Engine() { Shutdown(0); }
+
+void Engine::Start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (thread_.joinable() || stop_) return;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<RequestSink> sink) {
+  const runtime::ModelConfig& config = model_->config();
+  COLLM_RETURN_IF_ERROR(request.params.Validate());
+  const int64_t n = static_cast<int64_t>(request.prompt.size());
+  if (n == 0) return absl::InvalidArgumentError("prompt is empty");
+  if (n >= config.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt has ", n, " tokens; the context is ",
+                                                   config.max_position_embeddings));
+  }
+  for (int32_t id : request.prompt) {
+    if (id < 0 || id >= config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", id, " is outside the vocabulary"));
+    }
+  }
+  if (!request.params.stop.empty() && tokenizer_ == nullptr) {
+    return absl::InvalidArgumentError("stop strings need a tokenizer");
+  }
+  auto seq = std::make_unique<Sequence>();
+  seq->slo = options_.default_slo;
+  if (!request.slo_class.empty()) {
+    auto it = options_.slo_classes.find(request.slo_class);
+    if (it == options_.slo_classes.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("slo_class '", request.slo_class, "' is not configured"));
+    }
+    seq->slo = it->second;
+  }
+  const std::string adapter = request.adapter.empty() ? options_.default_adapter : request.adapter;
+  if (!adapter.empty()) {
+    if (registry_ == nullptr) return absl::NotFoundError(absl::StrCat("no adapter named '", adapter, "'"));
+    COLLM_ASSIGN_OR_RETURN(seq->pin, registry_->Get(adapter));  // Pinned for the whole request.
+  }
+  seq->limit = std::min<int64_t>(request.params.max_tokens, config.max_position_embeddings - n);
+  if (cache_->BlocksFor(n + seq->limit) > cache_->num_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat("request needs ", cache_->BlocksFor(n + seq->limit),
+                                                     " KV blocks; the cache has ", cache_->num_blocks()));
+  }
+  seq->context = request.prompt;
+  seq->sampler.emplace(request.params);
+  if (tokenizer_ != nullptr) {
+    seq->detok.emplace(*tokenizer_, request.prompt);
+    seq->stops.emplace(request.params.stop);
+  }
+  seq->request = std::move(request);
+  seq->sink = std::move(sink);
+  seq->submit_nanos = clock_->NowNanos();
+
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!accepting_) return absl::UnavailableError("the engine is shutting down");
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queued) {
+    ++stats_.rejected_queue_full;
+    return absl::ResourceExhaustedError(absl::StrCat("request queue is full (", options_.max_queued, ")"));
+  }
+  seq->id = next_id_++;
+  const uint64_t id = seq->id;
+  queue_.push_back(std::move(seq));
+  stats_.queued = static_cast<int64_t>(queue_.size());
+  wake_.notify_one();
+  return id;
+}
+
+void Engine::Cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancel_requests_.insert(id);
+  wake_.notify_one();
+}
+
+void Engine::Shutdown(double grace_seconds) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    accepting_ = false;
+    if (shutdown_deadline_nanos_ == 0) {
+      shutdown_deadline_nanos_ = clock_->NowNanos() + static_cast<int64_t>(grace_seconds * 1e9) + 1;
+    }
+    stop_ = true;
+    wake_.notify_one();
+  }
+  if (thread_.joinable()) {
+    thread_.join();
+  } else {
+    // Never started: drive the remaining work here.
+    while (Step()) {
+    }
+  }
+}
+
+EngineStats Engine::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+bool Engine::StepForTest() { return Step(); }
+
+void Engine::Loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      const bool idle = queue_.empty() && running_.empty();
+      if (stop_ && idle) return;
+      if (idle) {
+        // Wake for submits, cancels and shutdown; the timeout bounds how late a deadline is seen.
+        wake_.wait_for(lock, std::chrono::milliseconds(50));
+        continue;
+      }
+    }
+    Step();
+  }
+}
+
+void Engine::Finish(Sequence& s, absl::Status status, runtime::FinishReason reason) {
+  const int64_t now = clock_->NowNanos();
+  if (s.detok && status.ok()) {
+    std::string tail = s.stops->stopped() ? "" : s.stops->Push(s.detok->Finish());
+    if (!s.stops->stopped()) tail += s.stops->Finish();
+    if (!tail.empty() && s.sink) s.sink->OnDelta(tail, {});
+  }
+  RequestResult r;
+  r.status = std::move(status);
+  r.finish_reason = reason;
+  r.prompt_tokens = s.prompt_size();
+  r.completion_tokens = s.generated;
+  if (s.pin) {
+    r.adapter = s.pin->name;
+    r.adapter_version = s.pin->version;
+  }
+  r.e2e_seconds = (now - s.submit_nanos) * 1e-9;
+  if (s.first_token_nanos > 0) {
+    r.ttft_seconds = (s.first_token_nanos - s.submit_nanos) * 1e-9;
+    if (s.generated > 1) {
+      r.tpot_seconds = (s.last_token_nanos - s.first_token_nanos) * 1e-9 / static_cast<double>(s.generated - 1);
+    }
+  }
+  r.slo_met = r.status.ok() && s.first_token_nanos > 0 &&
+              (s.slo.ttft_ms <= 0 || r.ttft_seconds * 1e3 <= s.slo.ttft_ms) &&
+              (s.slo.tpot_ms <= 0 || r.tpot_seconds * 1e3 <= s.slo.tpot_ms);
+  cache_->Release(s.kv);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (r.status.ok()) {
+      ++stats_.completed;
+      if (r.slo_met) ++stats_.slo_met;
+    } else if (r.status.code() == absl::StatusCode::kDeadlineExceeded) {
+      ++stats_.expired;
+    } else if (r.status.code() == absl::StatusCode::kCancelled) {
+      ++stats_.cancelled;
+    }
+    stats_.generated_tokens += s.generated;
+  }
+  if (s.sink) s.sink->OnFinish(r);
+}
+
+bool Engine::Step() {
+  const int64_t now = clock_->NowNanos();
+  std::vector<std::unique_ptr<Sequence>> dropped;  // Finished outside the lock.
+  std::vector<absl::Status> dropped_status;
+  bool force_cancel = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    force_cancel = shutdown_deadline_nanos_ != 0 && now >= shutdown_deadline_nanos_;
+    for (auto& s : running_) {
+      if (cancel_requests_.count(s->id)) s->cancelled = true;
+    }
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      Sequence& s = **it;
+      absl::Status why;
+      if (cancel_requests_.count(s.id)) why = absl::CancelledError("request cancelled");
+      else if (force_cancel) why = absl::CancelledError("engine shut down before the request ran");
+      else if (s.request.deadline_nanos > 0 && now >= s.request.deadline_nanos)
+        why = absl::DeadlineExceededError("deadline expired while queued");
+      if (why.ok()) {
+        ++it;
+        continue;
+      }
+      dropped_status.push_back(why);
+      dropped.push_back(std::move(*it));
+      it = queue_.erase(it);
+    }
+    cancel_requests_.clear();
+  }
+  for (size_t i = 0; i < dropped.size(); ++i) Finish(*dropped[i], dropped_status[i], runtime::FinishReason::kLength);
+
+  // Running sequences that were cancelled, expired, or outlived the shutdown grace.
+  bool did_work = !dropped.empty();
+  for (auto it = running_.begin(); it != running_.end();) {
+    Sequence& s = **it;
+    absl::Status why;
+    if (s.cancelled) why = absl::CancelledError("request cancelled");
+    else if (force_cancel) why = absl::CancelledError("engine shut down during the request");
+    else if (s.request.deadline_nanos > 0 && now >= s.request.deadline_nanos)
+      why = absl::DeadlineExceededError("deadline expired");
+    if (why.ok()) {
+      ++it;
+      continue;
+    }
+    Finish(s, why, runtime::FinishReason::kLength);
+    it = running_.erase(it);
+    did_work = true;
+  }
+
+  // Admission, first come first served: a request enters when its whole KV need fits.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (!queue_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
+      Sequence& s = *queue_.front();
+      if (!cache_->Reserve(s.kv, s.prompt_size() + s.limit).ok()) break;
+      stats_.prompt_tokens += s.prompt_size();
+      running_.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+    stats_.queued = static_cast<int64_t>(queue_.size());
+  }
+  if (running_.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.running = 0;
+    stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
+    return did_work;
+  }
+
+  // Decodes first (one token each), then prefill chunks in the remaining budget.
+  runtime::StepBatch batch;
+  std::vector<Sequence*> members;
+  int64_t budget = options_.max_step_tokens;
+  for (auto& s : running_) {
+    if (!s->decoding() || budget <= 0) continue;
+    batch.tokens.push_back(s->context.back());
+    batch.sequences.push_back({&s->kv, 1, false, s->pin ? &s->pin->weights : nullptr});
+    members.push_back(s.get());
+    --budget;
+  }
+  for (auto& s : running_) {
+    if (s->decoding() || budget <= 0) continue;
+    const int64_t take = std::min(budget, s->prompt_size() - s->prefilled);
+    batch.tokens.insert(batch.tokens.end(), s->request.prompt.begin() + s->prefilled,
+                        s->request.prompt.begin() + s->prefilled + take);
+    batch.sequences.push_back({&s->kv, take, false, s->pin ? &s->pin->weights : nullptr});
+    members.push_back(s.get());
+    budget -= take;
+  }
+  auto logits = model_->Forward(batch, *cache_);
+  if (!logits.ok()) {
+    COLLM_LOG_ERROR("engine step failed: {}", logits.status().ToString());
+    for (auto& s : running_) Finish(*s, logits.status(), runtime::FinishReason::kLength);
+    running_.clear();
+    return true;
+  }
+  const int64_t after = clock_->NowNanos();
+  const int64_t vocab = model_->config().vocab_size;
+  for (size_t k = 0; k < members.size(); ++k) {
+    Sequence& s = *members[k];
+    if (!s.decoding()) {
+      s.prefilled += batch.sequences[k].num_tokens;
+      if (!s.decoding()) continue;  // Prompt not finished yet: no token to sample.
+    }
+    at::Tensor row = (*logits)[static_cast<int64_t>(k)];
+    const int32_t token = s.sampler->Sample(absl::MakeSpan(row.data_ptr<float>(), vocab), s.context);
+    if (s.first_token_nanos == 0) s.first_token_nanos = after;
+    s.last_token_nanos = after;
+    const auto& eos = model_->config().eos_token_ids;
+    if (!s.request.params.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+      s.finished = runtime::FinishReason::kEos;
+      continue;
+    }
+    ++s.generated;
+    s.context.push_back(token);
+    std::string text;
+    if (s.detok) text = s.stops->Push(s.detok->Push(token));
+    if (s.sink) s.sink->OnDelta(text, {token});
+    if (s.stops && s.stops->stopped()) s.finished = runtime::FinishReason::kStop;
+  }
+  // Retire finished sequences.
+  for (auto it = running_.begin(); it != running_.end();) {
+    Sequence& s = **it;
+    std::optional<runtime::FinishReason> reason = s.finished;
+    if (!reason && s.generated >= s.limit) reason = runtime::FinishReason::kLength;
+    if (!reason) {
+      ++it;
+      continue;
+    }
+    Finish(s, absl::OkStatus(), *reason);
+    it = running_.erase(it);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.steps;
+  stats_.last_batch_tokens = static_cast<int64_t>(batch.tokens.size());
+  stats_.running = static_cast<int64_t>(running_.size());
+  stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
+  return true;
+}
+
+}  // namespace collm::engine
