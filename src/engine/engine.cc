@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -42,6 +44,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.max_step_tokens <= 0) return bad("max_step_tokens", options.max_step_tokens);
   if (options.max_running <= 0) return bad("max_running", options.max_running);
   if (options.max_queued <= 0) return bad("max_queued", options.max_queued);
+  if (!(options.training_share >= 0 && options.training_share <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.training_share must be in [0, 1], got ", options.training_share));
+  }
+  if (!(options.guard_safety >= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.guard_safety must be >= 1, got ", options.guard_safety));
+  }
   if (!options.default_adapter.empty() && (registry == nullptr || !registry->Get(options.default_adapter).ok())) {
     return absl::NotFoundError(absl::StrCat("engine.default_adapter '", options.default_adapter,
                                             "' is not loaded"));
@@ -158,13 +168,137 @@ EngineStats Engine::Stats() const {
 
 bool Engine::StepForTest() { return Step(); }
 
+void Engine::SetCostEstimatesForTest(double infer_step_seconds, double train_step_seconds) {
+  infer_cost_ = infer_step_seconds;
+  train_cost_ = train_step_seconds;
+  train_cost_per_example_ = train_step_seconds / std::max<int64_t>(1, last_train_batch_);
+}
+
+absl::Status Engine::EnableTraining(TrainingSetup setup) {
+  if (setup.trainer == nullptr) return absl::InvalidArgumentError("training needs a trainer");
+  if (setup.dataset.empty() && setup.feedback == nullptr) {
+    return absl::InvalidArgumentError("training needs a dataset or a feedback buffer");
+  }
+  training_ = std::move(setup);
+  if (!training_.dataset.empty()) {
+    sampler_ = std::make_unique<ExampleSampler>(&training_.dataset, training_.seed);
+  }
+  last_train_batch_ = training_.trainer->options().micro_batch_size;
+  return absl::OkStatus();
+}
+
+bool Engine::Step() {
+  last_infer_seconds_ = 0;
+  const bool inferred = InferenceStep();
+  const bool trained = MaybeTrain();
+  // Busy-time shares, smoothed over the last ~10 iterations that did anything.
+  if (inferred || trained) {
+    const double train_seconds = trained ? last_train_seconds_ : 0.0;
+    busy_infer_ = 0.9 * busy_infer_ + 0.1 * last_infer_seconds_;
+    busy_train_ = 0.9 * busy_train_ + 0.1 * train_seconds;
+    std::lock_guard<std::mutex> lock(mu_);
+    const double total = busy_infer_ + busy_train_;
+    stats_.train_time_share = total > 0 ? busy_train_ / total : 0;
+  }
+  return inferred || trained;
+}
+
+double Engine::SloSlack(int64_t now) const {
+  double slack = std::numeric_limits<double>::infinity();
+  auto ttft_slack = [&](const Sequence& s) {
+    if (s.slo.ttft_ms <= 0 || s.first_token_nanos > 0) return;
+    slack = std::min(slack, s.slo.ttft_ms * 1e-3 - (now - s.submit_nanos) * 1e-9 - infer_cost_);
+  };
+  for (const auto& s : running_) {
+    ttft_slack(*s);
+    if (s->slo.tpot_ms > 0 && s->first_token_nanos > 0) {
+      // The next token arrives after the training delay plus one inference step.
+      slack = std::min(slack, s->slo.tpot_ms * 1e-3 * static_cast<double>(s->generated) -
+                                  (now - s->first_token_nanos) * 1e-9 - infer_cost_);
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& s : queue_) ttft_slack(*s);
+  return slack;
+}
+
+bool Engine::MaybeTrain() {
+  if (training_.trainer == nullptr || options_.training_share <= 0) return false;
+  bool idle;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle = queue_.empty() && running_.empty();
+    if (stop_) return false;  // Shutting down: serve what is left, no new training.
+  }
+  PeftTrainer& trainer = *training_.trainer;
+  int64_t n = trainer.options().micro_batch_size;
+  if (!idle) {
+    const double total = busy_infer_ + busy_train_;
+    if (total > 0 && busy_train_ / total >= options_.training_share) return false;
+    const double slack = options_.slo_guard ? SloSlack(clock_->NowNanos())
+                                            : std::numeric_limits<double>::infinity();
+    if (std::isfinite(slack)) {
+      // Until a micro-step has been measured (when idle) its cost is unknown: don't risk it.
+      const int64_t fit =
+          train_cost_per_example_ <= 0
+              ? 0
+              : static_cast<int64_t>(std::floor(slack / (options_.guard_safety * train_cost_per_example_)));
+      if (fit < 1) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.train_guard_blocked;
+        return false;
+      }
+      n = std::min(n, fit);  // The micro-step shrinks to the slack.
+    }
+  }
+  std::vector<TrainingExample> fresh;
+  if (training_.feedback != nullptr) fresh = training_.feedback->Take(static_cast<size_t>(n));
+  std::vector<const TrainingExample*> batch;
+  for (const auto& e : fresh) batch.push_back(&e);
+  if (static_cast<int64_t>(batch.size()) < n && sampler_ != nullptr) {
+    for (const auto* e : sampler_->Next(n - static_cast<int64_t>(batch.size()))) batch.push_back(e);
+  }
+  if (batch.empty()) return false;
+  const int64_t start = clock_->NowNanos();
+  auto stats = trainer.MicroStep(batch);
+  const double seconds = (clock_->NowNanos() - start) * 1e-9;
+  last_train_seconds_ = seconds;
+  last_train_batch_ = static_cast<int64_t>(batch.size());
+  const double per_example = seconds / static_cast<double>(batch.size());
+  train_cost_per_example_ = train_cost_per_example_ == 0 ? per_example
+                                                         : 0.8 * train_cost_per_example_ + 0.2 * per_example;
+  train_cost_ = train_cost_ == 0 ? seconds : 0.8 * train_cost_ + 0.2 * seconds;
+  if (!stats.ok()) {
+    COLLM_LOG_ERROR("training micro-step failed: {}", stats.status().ToString());
+    return true;
+  }
+  std::optional<PublishStats> publish;
+  if (stats->has_value() && training_.publisher != nullptr &&
+      training_.publisher->Due((*stats)->step)) {
+    auto published = training_.publisher->Consider(trainer);
+    if (!published.ok()) COLLM_LOG_ERROR("publish failed: {}", published.status().ToString());
+    publish = training_.publisher->stats();
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.train_micro_steps;
+  stats_.train_examples += static_cast<int64_t>(batch.size());
+  stats_.train_step_seconds = train_cost_;
+  if (stats->has_value()) {
+    ++stats_.train_optimizer_steps;
+    stats_.train_loss = (*stats)->loss;
+  }
+  if (publish) stats_.publish = *publish;
+  return true;
+}
+
 void Engine::Loop() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
       const bool idle = queue_.empty() && running_.empty();
       if (stop_ && idle) return;
-      if (idle) {
+      const bool can_train = training_.trainer != nullptr && options_.training_share > 0;
+      if (idle && !can_train) {
         // Wake for submits, cancels and shutdown; the timeout bounds how late a deadline is seen.
         wake_.wait_for(lock, std::chrono::milliseconds(50));
         continue;
@@ -216,7 +350,7 @@ void Engine::Finish(Sequence& s, absl::Status status, runtime::FinishReason reas
   if (s.sink) s.sink->OnFinish(r);
 }
 
-bool Engine::Step() {
+bool Engine::InferenceStep() {
   const int64_t now = clock_->NowNanos();
   std::vector<std::unique_ptr<Sequence>> dropped;  // Finished outside the lock.
   std::vector<absl::Status> dropped_status;
@@ -303,6 +437,7 @@ bool Engine::Step() {
     members.push_back(s.get());
     budget -= take;
   }
+  const int64_t forward_start = clock_->NowNanos();
   auto logits = model_->Forward(batch, *cache_);
   if (!logits.ok()) {
     COLLM_LOG_ERROR("engine step failed: {}", logits.status().ToString());
@@ -311,6 +446,9 @@ bool Engine::Step() {
     return true;
   }
   const int64_t after = clock_->NowNanos();
+  const double step_seconds = (after - forward_start) * 1e-9;
+  infer_cost_ = infer_cost_ == 0 ? step_seconds : 0.8 * infer_cost_ + 0.2 * step_seconds;
+  last_infer_seconds_ = step_seconds;
   const int64_t vocab = model_->config().vocab_size;
   for (size_t k = 0; k < members.size(); ++k) {
     Sequence& s = *members[k];
@@ -349,6 +487,7 @@ bool Engine::Step() {
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.steps;
   stats_.last_batch_tokens = static_cast<int64_t>(batch.tokens.size());
+  stats_.infer_step_seconds = infer_cost_;
   stats_.running = static_cast<int64_t>(running_.size());
   stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
   return true;

@@ -47,6 +47,18 @@ absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::Get(
   return it->second.versions.back();
 }
 
+absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::GetVersion(
+    const std::string& name, int64_t version) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(name);
+  if (it != entries_.end()) {
+    for (const auto& s : it->second.versions) {
+      if (s->version == version) return s;
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("adapter '", name, "' version ", version, " is not kept"));
+}
+
 absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::Rollback(
     const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);

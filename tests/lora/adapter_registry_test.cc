@@ -58,6 +58,8 @@ TEST(AdapterRegistryTest, VersionsIncreaseAndRollbackRestoresPreviousOutputsExac
   EXPECT_EQ(v1->version, 1);
   EXPECT_EQ(v2->version, 2);
   EXPECT_EQ(e.registry->Get("a").value(), v2);
+  EXPECT_EQ(e.registry->GetVersion("a", 1).value(), v1);
+  EXPECT_EQ(e.registry->GetVersion("a", 7).status().code(), absl::StatusCode::kNotFound);
   const std::vector<int32_t> prompt = {1, 50, 60, 70};
   auto out1 = GreedyAlone(*e.model, &v1->weights, prompt, 12);
   auto out2 = GreedyAlone(*e.model, &v2->weights, prompt, 12);

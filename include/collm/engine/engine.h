@@ -20,6 +20,9 @@
 
 #include "absl/status/statusor.h"
 #include "collm/common/clock.h"
+#include "collm/engine/dataset.h"
+#include "collm/engine/peft_trainer.h"
+#include "collm/engine/shadow_publisher.h"
 #include "collm/lora/adapter_registry.h"
 #include "collm/runtime/generator.h"
 #include "collm/runtime/kv_cache.h"
@@ -43,6 +46,23 @@ struct EngineOptions {
   std::string default_adapter;    // Adapter for requests that name none; "" = base model.
   SloTarget default_slo;          // For requests without an SLO class.
   std::map<std::string, SloTarget> slo_classes;
+
+  // Co-execution (fast timescale). PEFT micro-steps on the shadow adapter run in the same loop
+  // as inference steps, once EnableTraining() attached a trainer.
+  double training_share = 0.0;  // Target share of busy engine time spent training, in [0, 1].
+                                // Idle time is always used for training when > 0.
+  bool slo_guard = true;        // Start a micro-step only if no queued or running request would
+                                // then miss its TTFT/TPOT objective, given measured step costs.
+  double guard_safety = 1.2;    // Multiplier on predicted costs in the guard; >= 1.
+};
+
+// Where training examples come from: feedback from served requests first, then the dataset.
+struct TrainingSetup {
+  std::unique_ptr<PeftTrainer> trainer;
+  std::vector<TrainingExample> dataset;          // Local training data (may be empty).
+  std::shared_ptr<InteractionBuffer> feedback;   // May be null.
+  std::unique_ptr<ShadowPublisher> publisher;    // May be null: never publish.
+  uint64_t seed = 0;
 };
 
 struct EngineRequest {
@@ -91,6 +111,16 @@ struct EngineStats {
   int64_t generated_tokens = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
+  // Training.
+  int64_t train_micro_steps = 0;
+  int64_t train_optimizer_steps = 0;
+  int64_t train_examples = 0;
+  int64_t train_guard_blocked = 0;  // Micro-steps skipped because an SLO would be missed.
+  double train_loss = 0;            // Loss of the last optimizer step.
+  double train_time_share = 0;      // Measured share of busy time spent training (EWMA).
+  double train_step_seconds = 0;    // EWMA cost of one micro-step.
+  double infer_step_seconds = 0;    // EWMA cost of one inference step.
+  PublishStats publish;
 };
 
 // Thread-safe: Submit, Cancel, Stats and Shutdown may be called from any thread.
@@ -115,15 +145,27 @@ class Engine {
   void Shutdown(double grace_seconds);
   EngineStats Stats() const;
 
-  // Runs one scheduling step on the calling thread (only when Start() was not called): for tests
-  // that drive time with a FakeClock. Returns false when there was nothing to do.
+  // Attaches the shadow-adapter trainer; call before Start(). InvalidArgument for a bad share.
+  absl::Status EnableTraining(TrainingSetup setup);
+
+  // Runs one scheduling step (inference, then maybe a training micro-step) on the calling thread
+  // (only when Start() was not called): for tests that drive time with a FakeClock. Returns false
+  // when there was nothing to do.
   bool StepForTest();
+  // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock).
+  void SetCostEstimatesForTest(double infer_step_seconds, double train_step_seconds);
 
  private:
   struct Sequence;
   Engine() = default;
   void Loop();
   bool Step();
+  bool InferenceStep();
+  // Runs a micro-step when the share target and the SLO guard allow; returns whether it did.
+  bool MaybeTrain();
+  // Seconds of delay the tightest SLO among queued and running requests can absorb before the
+  // next token (infinity when none has an objective).
+  double SloSlack(int64_t now) const;
   void Finish(Sequence& s, absl::Status status, runtime::FinishReason reason);
 
   std::shared_ptr<const runtime::LlamaModel> model_;
@@ -145,6 +187,18 @@ class Engine {
 
   std::vector<std::unique_ptr<Sequence>> running_;  // Engine thread only.
   std::thread thread_;
+
+  // Training state, engine thread only.
+  TrainingSetup training_;
+  std::unique_ptr<ExampleSampler> sampler_;
+  double infer_cost_ = 0;   // EWMA seconds per inference step.
+  double train_cost_ = 0;   // EWMA seconds per training micro-step (0 = not measured yet).
+  double busy_infer_ = 0;   // EWMA of inference seconds per loop iteration.
+  double busy_train_ = 0;   // EWMA of training seconds per loop iteration.
+  double train_cost_per_example_ = 0;
+  int64_t last_train_batch_ = 1;
+  double last_infer_seconds_ = 0;
+  double last_train_seconds_ = 0;
 };
 
 }  // namespace collm::engine

@@ -60,6 +60,9 @@ class AdapterRegistry {
                                                                   const std::string& dir);
   // The current version; NotFound naming the adapter.
   absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> Get(const std::string& name) const;
+  // A specific kept version; NotFound when the name or version is not (or no longer) kept.
+  absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> GetVersion(const std::string& name,
+                                                                    int64_t version) const;
   // Makes the previous version current again (the rolled-back version is dropped).
   // FailedPrecondition when there is no previous version.
   absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> Rollback(const std::string& name);

@@ -1,0 +1,201 @@
+// Co-execution: PEFT micro-steps on the shadow adapter interleaved with inference in the engine
+// loop, under a training-share target and an SLO guard.
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <future>
+#include <random>
+#include <thread>
+
+#include "collm/engine/engine.h"
+#include "gtest/gtest.h"
+#include "testing/tiny_model.h"
+
+namespace collm::engine {
+namespace {
+
+class Sink : public RequestSink {
+ public:
+  void OnDelta(const std::string&, const std::vector<int32_t>& ids) override {
+    ids_.insert(ids_.end(), ids.begin(), ids.end());
+  }
+  void OnFinish(const RequestResult& r) override {
+    result_ = r;
+    done_.set_value();
+  }
+  bool Wait() { return future_.wait_for(std::chrono::seconds(60)) == std::future_status::ready; }
+  std::vector<int32_t> ids_;
+  RequestResult result_;
+  std::promise<void> done_;
+  std::future<void> future_ = done_.get_future();
+};
+
+std::vector<TrainingExample> Pattern(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<TrainingExample> out;
+  for (int i = 0; i < n; ++i) {
+    TrainingExample e;
+    e.tokens = {1, static_cast<int32_t>(3 + rng() % 500), static_cast<int32_t>(3 + rng() % 500)};
+    e.loss_mask = {0, 0, 0};
+    for (int k = 0; k < 6; ++k) {
+      e.tokens.push_back(300 + k * 5);
+      e.loss_mask.push_back(1);
+    }
+    out.push_back(e);
+  }
+  return out;
+}
+
+struct Env {
+  std::shared_ptr<const runtime::LlamaModel> model =
+      runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
+  std::unique_ptr<runtime::Tokenizer> tokenizer =
+      runtime::Tokenizer::Load(collm::testing::TinyModelDir() + "/tokenizer.model").value();
+  lora::AdapterRegistry registry{model->config(), model->runtime(), Clock::Real(), 1000};
+
+  TrainingSetup Setup(int64_t micro_batch, int64_t publish_every) {
+    lora::LoraConfig c;
+    c.rank = 4;
+    c.dropout = 0;
+    c.targets = {runtime::LoraTarget::kQ, runtime::LoraTarget::kV, runtime::LoraTarget::kDown};
+    TrainerOptions o;
+    o.lr = 1e-2;
+    o.micro_batch_size = micro_batch;
+    auto adapter = lora::LoraAdapter::Create(model->config(), c, 1).value();
+    EXPECT_TRUE(registry.Publish("live", adapter, "initial").ok());
+    TrainingSetup s;
+    s.trainer = PeftTrainer::Create(model, lora::ShadowAdapter::Create(adapter, o.adamw).value(), o).value();
+    s.dataset = Pattern(64, 1);
+    if (publish_every > 0) {
+      PublishOptions p;
+      p.every_steps = publish_every;
+      s.publisher = std::make_unique<ShadowPublisher>(model, registry, "live", p, Pattern(8, 2));
+    }
+    return s;
+  }
+};
+
+std::vector<int32_t> Alone(const Env& e, const EngineRequest& r, const runtime::LoraWeights* w) {
+  runtime::Generator gen(e.model, e.tokenizer.get());
+  runtime::GenerationRequest g;
+  g.prompt = r.prompt;
+  g.params = r.params;
+  g.adapter = w;
+  return gen.Generate({g}).value()[0].tokens;
+}
+
+TEST(CoExecutionTest, TrainsAndPublishesWhileServingAndEveryRequestUsesOneVersion) {
+  Env e;
+  EngineOptions o;
+  o.training_share = 0.5;
+  o.default_adapter = "live";
+  TrainingSetup setup = e.Setup(4, 3);  // Publishes the initial "live" version.
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o).value();
+  ASSERT_TRUE(engine->EnableTraining(std::move(setup)).ok());
+  const double base_loss = EvaluateLoss(*e.model, nullptr, Pattern(8, 2)).value();
+  engine->Start();
+  std::vector<std::shared_ptr<Sink>> sinks;
+  std::vector<EngineRequest> reqs;
+  for (int wave = 0; wave < 4; ++wave) {
+    for (int i = 0; i < 3; ++i) {
+      EngineRequest r;
+      r.prompt = e.tokenizer->Encode("Once upon a time " + std::to_string(wave * 3 + i), true);
+      r.params.temperature = 0;
+      r.params.max_tokens = 10;
+      r.params.ignore_eos = true;
+      reqs.push_back(r);
+      sinks.push_back(std::make_shared<Sink>());
+      ASSERT_TRUE(engine->Submit(r, sinks.back()).ok());
+    }
+    for (size_t k = sinks.size() - 3; k < sinks.size(); ++k) ASSERT_TRUE(sinks[k]->Wait());
+    // Let training run on idle time between waves.
+    const int64_t target = (wave + 1) * 3;
+    for (int spin = 0; spin < 600 && engine->Stats().train_optimizer_steps < target; ++spin) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  engine->Shutdown(10);
+  EngineStats st = engine->Stats();
+  EXPECT_GE(st.train_optimizer_steps, 12);
+  EXPECT_GE(st.publish.published, 3);
+  EXPECT_LT(st.publish.live_loss, base_loss - 0.5) << "held-out loss should fall while serving";
+  int64_t last_version = 0;
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    const RequestResult& r = sinks[i]->result_;
+    ASSERT_TRUE(r.status.ok()) << r.status;
+    EXPECT_EQ(r.adapter, "live");
+    EXPECT_GE(r.adapter_version, last_version) << "versions only move forward";
+    last_version = r.adapter_version;
+    // Recompute the request alone with exactly the version it reported.
+    auto snap = e.registry.GetVersion("live", r.adapter_version).value();
+    EXPECT_EQ(sinks[i]->ids_, Alone(e, reqs[i], &snap->weights)) << "request " << i;
+  }
+  EXPECT_GT(last_version, 1) << "later requests should be served by a published version";
+}
+
+TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
+  Env e;
+  FakeClock clock(1'000'000'000);
+  EngineOptions o;
+  o.training_share = 1.0;
+  o.guard_safety = 1.0;
+  o.slo_classes["tight"] = {0, 10};
+  o.slo_classes["loose"] = {0, 50};
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
+  ASSERT_TRUE(engine->EnableTraining(e.Setup(4, 0)).ok());
+  EngineRequest r;
+  r.prompt = e.tokenizer->Encode("hello there", true);
+  r.params.max_tokens = 50;
+  r.params.ignore_eos = true;
+  r.slo_class = "tight";
+  auto sink = std::make_shared<Sink>();
+  ASSERT_TRUE(engine->Submit(r, sink).ok());
+  // Each step takes 10 ms of (fake) time; a micro-step of 4 examples costs 100 ms (25 ms each).
+  // "tight" asks for a 10 ms TPOT: there is never room for a single example.
+  for (int i = 0; i < 5; ++i) {
+    engine->SetCostEstimatesForTest(0.010, 0.100);
+    ASSERT_TRUE(engine->StepForTest());
+    clock.AdvanceSeconds(0.010);
+  }
+  EngineStats st = engine->Stats();
+  EXPECT_EQ(st.train_guard_blocked, 5);
+  EXPECT_EQ(st.train_micro_steps, 0);
+  engine->Cancel(1);
+  ASSERT_TRUE(engine->StepForTest());  // Idle now: a full micro-step of 4 uses the idle time.
+  st = engine->Stats();
+  EXPECT_EQ(st.train_micro_steps, 1);
+  EXPECT_EQ(st.train_examples, 4);
+
+  // "loose" allows 50 ms per token: after the first token 40 ms of slack remain, enough for one
+  // example but not four, so the micro-step shrinks to one example.
+  r.slo_class = "loose";
+  auto sink2 = std::make_shared<Sink>();
+  ASSERT_TRUE(engine->Submit(r, sink2).ok());
+  engine->SetCostEstimatesForTest(0.010, 0.100);
+  ASSERT_TRUE(engine->StepForTest());
+  st = engine->Stats();
+  EXPECT_EQ(st.train_micro_steps, 2);
+  EXPECT_EQ(st.train_examples, 5);
+}
+
+TEST(CoExecutionTest, ZeroShareNeverTrainsAndBadShareIsRejected) {
+  Env e;
+  EngineOptions o;
+  o.training_share = 0;
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o).value();
+  ASSERT_TRUE(engine->EnableTraining(e.Setup(2, 0)).ok());
+  EXPECT_FALSE(engine->StepForTest());
+  EXPECT_EQ(engine->Stats().train_micro_steps, 0);
+  o.training_share = 1.5;
+  auto bad = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o);
+  EXPECT_NE(std::string(bad.status().message()).find("training_share"), std::string::npos);
+  EngineOptions idle_train;
+  idle_train.training_share = 0.1;
+  auto trains = Engine::Create(e.model, e.tokenizer.get(), &e.registry, idle_train).value();
+  ASSERT_TRUE(trains->EnableTraining(e.Setup(2, 0)).ok());
+  EXPECT_TRUE(trains->StepForTest());  // Idle: any share > 0 uses the idle time.
+  EXPECT_EQ(trains->Stats().train_micro_steps, 1);
+}
+
+}  // namespace
+}  // namespace collm::engine
