@@ -1,0 +1,67 @@
+// collmd's configuration: YAML (configs/collmd.yaml documents every key) -> each module's Options.
+// Unknown keys and bad values are errors naming the key path ("engine.max_step_tokens must be > 0,
+// got 0"; "engine.max_step_tokenz: unknown key").
+#ifndef COLLM_CONFIG_DAEMON_CONFIG_H_
+#define COLLM_CONFIG_DAEMON_CONFIG_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "collm/common/logging.h"
+#include "collm/engine/dataset.h"
+#include "collm/engine/engine.h"
+#include "collm/engine/peft_trainer.h"
+#include "collm/engine/shadow_publisher.h"
+#include "collm/lora/lora_config.h"
+#include "collm/runtime/device.h"
+#include "collm/runtime/sampler.h"
+
+namespace collm::config {
+
+struct TrainingConfig {
+  bool enabled = false;
+  std::vector<std::string> data;       // Local JSONL/JSON files (relative to the config file).
+  engine::DatasetOptions dataset;      // Fields, template, max_length, held_out_fraction, seed.
+  lora::LoraConfig lora;               // Shadow adapter shape (when not starting from one).
+  std::string adapter_name = "live";   // Registry name the shadow publishes to.
+  std::string init_adapter;            // PEFT dir to start from; "" = fresh adapter.
+  engine::TrainerOptions trainer;
+  engine::PublishOptions publish;
+  std::string checkpoint_dir;          // Shadow checkpoints (resume after restart); "" = none.
+  int64_t checkpoint_every_steps = 0;  // 0 = only at shutdown.
+  int64_t feedback_capacity = 1024;    // Examples buffered from SubmitFeedback.
+};
+
+struct ServerConfig {
+  std::string address = "127.0.0.1:50051";  // gRPC listen address; port 0 = pick a free one.
+  int64_t max_message_bytes = 64 << 20;
+};
+
+struct MetricsConfig {
+  bool enabled = true;
+  std::string address = "127.0.0.1:9400";  // Prometheus /metrics over HTTP; port 0 = free port.
+};
+
+struct DaemonConfig {
+  std::string model_dir;                      // HF model directory (required).
+  runtime::RuntimeOptions runtime;
+  engine::EngineOptions engine;
+  runtime::SamplingParams default_sampling;   // For fields a request leaves unset.
+  std::map<std::string, std::string> adapters;  // name -> PEFT dir, loaded at start.
+  TrainingConfig training;
+  ServerConfig server;
+  MetricsConfig metrics;
+  LoggingOptions logging;
+  double shutdown_grace_seconds = 10;         // Drain time on SIGTERM/SIGINT.
+
+  // Parses YAML text; relative paths resolve against `base_dir`.
+  static absl::StatusOr<DaemonConfig> FromYaml(const std::string& yaml, const std::string& base_dir);
+  static absl::StatusOr<DaemonConfig> FromFile(const std::string& path);
+};
+
+}  // namespace collm::config
+
+#endif  // COLLM_CONFIG_DAEMON_CONFIG_H_

@@ -1,0 +1,45 @@
+// A gRPC server with the standard health service (grpc.health.v1: NOT_SERVING until SetServing)
+// and server reflection, so grpcurl-style tools work.
+#ifndef COLLM_SERVING_GRPC_SERVER_H_
+#define COLLM_SERVING_GRPC_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+
+namespace collm::serving {
+
+struct GrpcServerOptions {
+  std::string address = "127.0.0.1:50051";  // Port 0 picks a free port (see port()).
+  int64_t max_message_bytes = 64 << 20;
+};
+
+// Thread-safe.
+class GrpcServer {
+ public:
+  // Starts listening with `services` (borrowed; must outlive the server). Health starts as
+  // NOT_SERVING. Unavailable naming the address when it cannot bind.
+  static absl::StatusOr<std::unique_ptr<GrpcServer>> Start(const GrpcServerOptions& options,
+                                                           const std::vector<grpc::Service*>& services);
+  ~GrpcServer();
+  int port() const { return port_; }
+  // Overall and per-service health.
+  void SetServing(bool serving);
+  // Stops accepting new calls and waits up to `grace_seconds` for in-flight ones. Idempotent.
+  void Shutdown(double grace_seconds);
+
+ private:
+  GrpcServer() = default;
+  std::unique_ptr<grpc::Server> server_;
+  std::vector<std::string> service_names_;
+  int port_ = 0;
+  bool shut_down_ = false;
+};
+
+}  // namespace collm::serving
+
+#endif  // COLLM_SERVING_GRPC_SERVER_H_
