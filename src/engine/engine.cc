@@ -35,6 +35,68 @@ struct Engine::Sequence {
   bool decoding() const { return prefilled == prompt_size(); }
 };
 
+struct Engine::Metrics {
+  telemetry::Histogram* ttft;
+  telemetry::Histogram* tpot;
+  telemetry::Histogram* e2e;
+  telemetry::Histogram* batch_tokens;
+  telemetry::Counter* requests_ok;
+  telemetry::Counter* requests_cancelled;
+  telemetry::Counter* requests_expired;
+  telemetry::Counter* requests_slo_met;
+  telemetry::Counter* generated_tokens;
+  telemetry::Counter* prompt_tokens;
+  telemetry::Counter* steps;
+  telemetry::Counter* train_micro_steps;
+  telemetry::Counter* train_optimizer_steps;
+  telemetry::Counter* train_guard_blocked;
+  telemetry::Gauge* queue_depth;
+  telemetry::Gauge* running;
+  telemetry::Gauge* kv_used;
+  telemetry::Gauge* kv_total;
+  telemetry::Gauge* train_loss;
+  telemetry::Gauge* train_share;
+  telemetry::Gauge* held_out_loss;
+  telemetry::Gauge* adapter_version;
+  telemetry::Gauge* slo_attainment;
+};
+
+void Engine::SetMetrics(telemetry::MetricsRegistry* r) {
+  if (r == nullptr) {
+    metrics_.reset();
+    return;
+  }
+  const auto latency = telemetry::ExponentialBuckets(0.001, 2, 16);  // 1 ms .. 33 s.
+  metrics_ = std::make_unique<Metrics>(Metrics{
+      r->GetHistogram("collm_ttft_seconds", "Time to first token, queueing included", latency),
+      r->GetHistogram("collm_tpot_seconds", "Mean time per output token after the first", latency),
+      r->GetHistogram("collm_e2e_seconds", "Request latency from submit to finish", latency),
+      r->GetHistogram("collm_batch_tokens", "Tokens per engine step (decodes + prefill chunks)",
+                      telemetry::ExponentialBuckets(1, 2, 12)),
+      r->GetCounter("collm_requests_total", "Finished requests by outcome", {{"outcome", "ok"}}),
+      r->GetCounter("collm_requests_total", "Finished requests by outcome", {{"outcome", "cancelled"}}),
+      r->GetCounter("collm_requests_total", "Finished requests by outcome", {{"outcome", "deadline_exceeded"}}),
+      r->GetCounter("collm_requests_slo_met_total", "Requests that met their TTFT and TPOT SLOs"),
+      r->GetCounter("collm_generated_tokens_total", "Output tokens generated"),
+      r->GetCounter("collm_prompt_tokens_total", "Prompt tokens prefilled"),
+      r->GetCounter("collm_engine_steps_total", "Inference steps run"),
+      r->GetCounter("collm_train_micro_steps_total", "PEFT micro-steps run"),
+      r->GetCounter("collm_train_steps_total", "PEFT optimizer steps run"),
+      r->GetCounter("collm_train_guard_blocked_total", "Micro-steps skipped by the SLO guard"),
+      r->GetGauge("collm_queue_depth", "Requests waiting for admission"),
+      r->GetGauge("collm_running_sequences", "Sequences in the running batch"),
+      r->GetGauge("collm_kv_cache_blocks_used", "KV cache blocks in use"),
+      r->GetGauge("collm_kv_cache_blocks_total", "KV cache blocks in the pool"),
+      r->GetGauge("collm_train_loss", "Training loss of the last optimizer step"),
+      r->GetGauge("collm_train_time_share", "Share of busy engine time spent training"),
+      r->GetGauge("collm_held_out_loss", "Held-out loss of the live adapter (-1 unknown)"),
+      r->GetGauge("collm_live_adapter_version", "Version of the adapter training publishes to"),
+      r->GetGauge("collm_slo_attainment", "Share of finished requests that met their SLOs"),
+  });
+  metrics_->kv_total->Set(static_cast<double>(cache_->num_blocks()));
+  metrics_->held_out_loss->Set(-1);
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     std::shared_ptr<const runtime::LlamaModel> model, const runtime::Tokenizer* tokenizer,
     lora::AdapterRegistry* registry, const EngineOptions& options, Clock& clock) {
@@ -288,7 +350,50 @@ bool Engine::MaybeTrain() {
     stats_.train_loss = (*stats)->loss;
   }
   if (publish) stats_.publish = *publish;
+  if (metrics_) {
+    metrics_->train_micro_steps->Increment();
+    if (stats->has_value()) {
+      metrics_->train_optimizer_steps->Increment();
+      metrics_->train_loss->Set((*stats)->loss);
+    }
+    if (publish) {
+      metrics_->held_out_loss->Set(publish->live_loss);
+      metrics_->adapter_version->Set(static_cast<double>(publish->live_version));
+    }
+  }
   return true;
+}
+
+void Engine::RecordStepMetrics(int64_t batch_tokens) {
+  if (!metrics_) return;
+  metrics_->steps->Increment();
+  metrics_->batch_tokens->Observe(static_cast<double>(batch_tokens));
+  metrics_->running->Set(static_cast<double>(running_.size()));
+  metrics_->kv_used->Set(static_cast<double>(cache_->num_blocks() - cache_->num_free_blocks()));
+  std::lock_guard<std::mutex> lock(mu_);
+  metrics_->queue_depth->Set(static_cast<double>(queue_.size()));
+  metrics_->train_share->Set(stats_.train_time_share);
+  const int64_t finished = stats_.completed + stats_.cancelled + stats_.expired;
+  if (finished > 0) metrics_->slo_attainment->Set(static_cast<double>(stats_.slo_met) / finished);
+}
+
+absl::Status Engine::CheckpointTraining(const std::string& dir) {
+  if (training_.trainer == nullptr) return absl::FailedPreconditionError("training is not enabled");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (thread_.joinable() && !stop_) {
+      return absl::FailedPreconditionError("checkpoint while the engine thread runs");
+    }
+  }
+  std::map<std::string, std::string> extra;
+  if (sampler_ != nullptr) extra = sampler_->State();
+  training_.trainer->DiscardPartialStep();  // Checkpoints sit on optimizer-step boundaries.
+  return training_.trainer->SaveCheckpoint(dir, extra);
+}
+
+absl::Status Engine::RestoreTrainingCursor(const std::map<std::string, std::string>& state) {
+  if (sampler_ == nullptr) return absl::OkStatus();
+  return sampler_->Restore(state);
 }
 
 void Engine::Loop() {
@@ -335,6 +440,20 @@ void Engine::Finish(Sequence& s, absl::Status status, runtime::FinishReason reas
               (s.slo.ttft_ms <= 0 || r.ttft_seconds * 1e3 <= s.slo.ttft_ms) &&
               (s.slo.tpot_ms <= 0 || r.tpot_seconds * 1e3 <= s.slo.tpot_ms);
   cache_->Release(s.kv);
+  if (metrics_) {
+    if (r.status.ok()) {
+      metrics_->requests_ok->Increment();
+      if (s.first_token_nanos > 0) metrics_->ttft->Observe(r.ttft_seconds);
+      if (s.generated > 1) metrics_->tpot->Observe(r.tpot_seconds);
+      metrics_->e2e->Observe(r.e2e_seconds);
+      if (r.slo_met) metrics_->requests_slo_met->Increment();
+    } else if (r.status.code() == absl::StatusCode::kDeadlineExceeded) {
+      metrics_->requests_expired->Increment();
+    } else {
+      metrics_->requests_cancelled->Increment();
+    }
+    metrics_->generated_tokens->Increment(static_cast<double>(s.generated));
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (r.status.ok()) {
@@ -405,6 +524,7 @@ bool Engine::InferenceStep() {
       Sequence& s = *queue_.front();
       if (!cache_->Reserve(s.kv, s.prompt_size() + s.limit).ok()) break;
       stats_.prompt_tokens += s.prompt_size();
+      if (metrics_) metrics_->prompt_tokens->Increment(static_cast<double>(s.prompt_size()));
       running_.push_back(std::move(queue_.front()));
       queue_.pop_front();
     }
@@ -484,6 +604,7 @@ bool Engine::InferenceStep() {
     Finish(s, absl::OkStatus(), *reason);
     it = running_.erase(it);
   }
+  RecordStepMetrics(static_cast<int64_t>(batch.tokens.size()));
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.steps;
   stats_.last_batch_tokens = static_cast<int64_t>(batch.tokens.size());

@@ -240,6 +240,13 @@ absl::StatusOr<double> PeftTrainer::Evaluate(const std::vector<TrainingExample>&
   return EvaluateLoss(*model_, &weights, examples);
 }
 
+void PeftTrainer::DiscardPartialStep() {
+  shadow_->ZeroGrad();
+  accumulated_ = 0;
+  accum_loss_ = 0;
+  accum_tokens_ = accum_targets_ = 0;
+}
+
 absl::Status PeftTrainer::SaveCheckpoint(const std::string& dir,
                                          const std::map<std::string, std::string>& extra) const {
   if (accumulated_ != 0) {

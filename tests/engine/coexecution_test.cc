@@ -9,6 +9,7 @@
 
 #include "collm/engine/engine.h"
 #include "gtest/gtest.h"
+#include "testing/test_env.h"
 #include "testing/tiny_model.h"
 
 namespace collm::engine {
@@ -17,7 +18,7 @@ namespace {
 class Sink : public RequestSink {
  public:
   void OnDelta(const std::string&, const std::vector<int32_t>& ids) override {
-    ids_.insert(ids_.end(), ids.begin(), ids.end());
+    if (!ids.empty()) ids_.insert(ids_.end(), ids.begin(), ids.end());
   }
   void OnFinish(const RequestResult& r) override {
     result_ = r;
@@ -176,6 +177,43 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   st = engine->Stats();
   EXPECT_EQ(st.train_micro_steps, 2);
   EXPECT_EQ(st.train_examples, 5);
+}
+
+TEST(CoExecutionTest, MetricsAndCheckpointResume) {
+  Env e;
+  telemetry::MetricsRegistry metrics;
+  EngineOptions o;
+  o.training_share = 0.5;
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o).value();
+  ASSERT_TRUE(engine->EnableTraining(e.Setup(2, 2)).ok());
+  engine->SetMetrics(&metrics);
+  EngineRequest r;
+  r.prompt = e.tokenizer->Encode("metrics please", true);
+  r.params.max_tokens = 6;
+  r.params.ignore_eos = true;
+  auto sink = std::make_shared<Sink>();
+  ASSERT_TRUE(engine->Submit(r, sink).ok());
+  for (int i = 0; i < 12; ++i) engine->StepForTest();
+  ASSERT_TRUE(sink->Wait());
+  const std::string text = metrics.RenderPrometheus();
+  for (const char* needle : {"collm_ttft_seconds_count 1", "collm_requests_total{outcome=\"ok\"} 1",
+                             "collm_generated_tokens_total 6", "collm_train_steps_total",
+                             "collm_kv_cache_blocks_total", "collm_live_adapter_version",
+                             "collm_batch_tokens_bucket"}) {
+    EXPECT_NE(text.find(needle), std::string::npos) << needle << " missing in:\n" << text;
+  }
+  const int64_t steps = engine->Stats().train_optimizer_steps;
+  ASSERT_GT(steps, 0);
+  engine->Shutdown(1);
+  const std::string dir = collm::testing::MakeTempDir("collm-engine-ckpt") + "/shadow";
+  ASSERT_TRUE(engine->CheckpointTraining(dir).ok());
+  std::map<std::string, std::string> extra;
+  TrainerOptions to;
+  to.lr = 1e-2;
+  to.micro_batch_size = 2;
+  auto resumed = PeftTrainer::Resume(e.model, dir, to, &extra).value();
+  EXPECT_EQ(resumed->shadow().step(), steps);
+  EXPECT_TRUE(extra.count("sampler.epoch"));
 }
 
 TEST(CoExecutionTest, ZeroShareNeverTrainsAndBadShareIsRejected) {

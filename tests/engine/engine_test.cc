@@ -19,7 +19,7 @@ class CollectingSink : public RequestSink {
   void OnDelta(const std::string& text, const std::vector<int32_t>& ids) override {
     std::lock_guard<std::mutex> lock(mu_);
     text_ += text;
-    ids_.insert(ids_.end(), ids.begin(), ids.end());
+    if (!ids.empty()) ids_.insert(ids_.end(), ids.begin(), ids.end());
     ++deltas_;
   }
   void OnFinish(const RequestResult& result) override {

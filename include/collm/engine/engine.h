@@ -29,6 +29,7 @@
 #include "collm/runtime/llama_model.h"
 #include "collm/runtime/sampler.h"
 #include "collm/runtime/tokenizer.h"
+#include "collm/telemetry/metrics.h"
 
 namespace collm::engine {
 
@@ -152,6 +153,17 @@ class Engine {
   // (only when Start() was not called): for tests that drive time with a FakeClock. Returns false
   // when there was nothing to do.
   bool StepForTest();
+  // Records request latencies, batch sizes, queue depth, KV use and training progress into
+  // `metrics` (borrowed, must outlive the engine). Call before Start().
+  void SetMetrics(telemetry::MetricsRegistry* metrics);
+  // Writes the shadow adapter, its optimizer state and the data cursor to `dir`, so a restarted
+  // daemon resumes training where it stopped. Only while the engine thread is not running (before
+  // Start or after Shutdown). FailedPrecondition without training.
+  absl::Status CheckpointTraining(const std::string& dir);
+  // Restores the data cursor saved by CheckpointTraining (the trainer itself is resumed with
+  // PeftTrainer::Resume before EnableTraining).
+  absl::Status RestoreTrainingCursor(const std::map<std::string, std::string>& state);
+
   // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock).
   void SetCostEstimatesForTest(double infer_step_seconds, double train_step_seconds);
 
@@ -199,6 +211,11 @@ class Engine {
   int64_t last_train_batch_ = 1;
   double last_infer_seconds_ = 0;
   double last_train_seconds_ = 0;
+
+  // Metrics (null = none), engine thread only after Start.
+  struct Metrics;
+  std::unique_ptr<Metrics> metrics_;
+  void RecordStepMetrics(int64_t batch_tokens);
 };
 
 }  // namespace collm::engine

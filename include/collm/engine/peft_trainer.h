@@ -90,6 +90,9 @@ class PeftTrainer {
   const TrainerOptions& options() const { return options_; }
   int64_t micro_steps() const { return micro_steps_; }
 
+  // Drops gradients accumulated since the last optimizer step (e.g. at shutdown, so a checkpoint
+  // can be taken at a step boundary).
+  void DiscardPartialStep();
   // Checkpoint = shadow adapter + optimizer state + `extra` (e.g. sampler cursor) + counters.
   absl::Status SaveCheckpoint(const std::string& dir,
                               const std::map<std::string, std::string>& extra) const;
