@@ -23,7 +23,9 @@ namespace collm::config {
 
 struct TrainingConfig {
   bool enabled = false;
-  std::vector<std::string> data;       // Local JSONL/JSON files (relative to the config file).
+  // Local JSONL/JSON files (relative to the config file). Empty with enabled = feedback-only
+  // training (examples from SubmitFeedback; then feedback_capacity must be > 0).
+  std::vector<std::string> data;
   engine::DatasetOptions dataset;      // Fields, template, max_length, held_out_fraction, seed.
   lora::LoraConfig lora;               // Shadow adapter shape (when not starting from one).
   std::string adapter_name = "live";   // Registry name the shadow publishes to.
@@ -57,8 +59,14 @@ struct DaemonConfig {
   LoggingOptions logging;
   double shutdown_grace_seconds = 10;         // Drain time on SIGTERM/SIGINT.
 
-  // Parses YAML text; relative paths resolve against `base_dir`.
+  // Parses YAML text. Every value may use ${VAR} or ${VAR:-default} (an unset VAR without a
+  // default is an error; "$${" is a literal "${"). Paths (model, adapters, training.data,
+  // training.init_adapter, training.checkpoint_dir) expand a leading "~/" to $HOME; relative ones
+  // resolve against `base_dir` ("" = leave them relative). Errors are InvalidArgument naming the
+  // key path; YAML syntax errors give "line L, column C" (1-based).
   static absl::StatusOr<DaemonConfig> FromYaml(const std::string& yaml, const std::string& base_dir);
+  // FromYaml on the file's text with base_dir = the file's (absolute) directory; errors are
+  // prefixed with "PATH: ". NotFound when the file does not exist.
   static absl::StatusOr<DaemonConfig> FromFile(const std::string& path);
 };
 
