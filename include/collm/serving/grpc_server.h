@@ -4,6 +4,7 @@
 #define COLLM_SERVING_GRPC_SERVER_H_
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -34,10 +35,11 @@ class GrpcServer {
 
  private:
   GrpcServer() = default;
-  std::unique_ptr<grpc::Server> server_;
-  std::vector<std::string> service_names_;
+  std::mutex mu_;
+  std::unique_ptr<grpc::Server> server_;      // Guarded by mu_; null after Shutdown.
+  std::vector<std::string> service_names_;   // Fixed after Start.
   int port_ = 0;
-  bool shut_down_ = false;
+  bool shut_down_ = false;                   // Guarded by mu_.
 };
 
 }  // namespace collm::serving
