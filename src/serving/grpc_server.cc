@@ -1,5 +1,11 @@
 #include "collm/serving/grpc_server.h"
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
+#include <grpcpp/impl/server_initializer.h>
+
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -7,12 +13,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <grpcpp/impl/server_builder_option.h>
-#include <grpcpp/impl/server_builder_plugin.h>
-#include <grpcpp/impl/server_initializer.h>
 
 #include "absl/strings/str_cat.h"
 
@@ -103,10 +103,9 @@ void GrpcServer::Shutdown(double grace_seconds) {
   if (server == nullptr) return;
   // Health checks report NOT_SERVING while in-flight calls drain.
   if (auto* health = server->GetHealthCheckService()) health->Shutdown();
-  const auto deadline =
-      std::chrono::system_clock::now() +
-      std::chrono::duration_cast<std::chrono::system_clock::duration>(
-          std::chrono::duration<double>(grace_seconds > 0 ? grace_seconds : 0));
+  const auto deadline = std::chrono::system_clock::now() +
+                        std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                            std::chrono::duration<double>(grace_seconds > 0 ? grace_seconds : 0));
   server->Shutdown(deadline);
   server->Wait();
 }

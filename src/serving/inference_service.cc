@@ -30,9 +30,12 @@ grpc::Status InvalidArgument(std::string message) {
 
 collm::v1::FinishReason ToProto(runtime::FinishReason reason) {
   switch (reason) {
-    case runtime::FinishReason::kLength: return collm::v1::FINISH_REASON_LENGTH;
-    case runtime::FinishReason::kEos: return collm::v1::FINISH_REASON_EOS;
-    case runtime::FinishReason::kStop: return collm::v1::FINISH_REASON_STOP;
+    case runtime::FinishReason::kLength:
+      return collm::v1::FINISH_REASON_LENGTH;
+    case runtime::FinishReason::kEos:
+      return collm::v1::FINISH_REASON_EOS;
+    case runtime::FinishReason::kStop:
+      return collm::v1::FINISH_REASON_STOP;
   }
   return collm::v1::FINISH_REASON_UNSPECIFIED;
 }
@@ -59,7 +62,8 @@ absl::StatusOr<runtime::SamplingParams> ResolveSampling(const collm::v1::Samplin
   if (in.has_max_tokens()) p.max_tokens = in.max_tokens();
   if (in.stop_size() > 0) p.stop.assign(in.stop().begin(), in.stop().end());
   for (size_t i = 0; i < p.stop.size(); ++i) {
-    if (p.stop[i].empty()) return absl::InvalidArgumentError(absl::StrCat("sampling.stop[", i, "] is empty"));
+    if (p.stop[i].empty())
+      return absl::InvalidArgumentError(absl::StrCat("sampling.stop[", i, "] is empty"));
   }
   p.ignore_eos = p.ignore_eos || in.ignore_eos();
   absl::Status valid = p.Validate();
@@ -74,16 +78,16 @@ struct StreamState {
   std::mutex mu;
   GenerateReactor* reactor = nullptr;  // Guarded by mu; null after OnDone.
   // Output not yet handed to gRPC; deltas that arrive while a write is in flight coalesce here.
-  std::string pending_text;            // Guarded by mu.
-  std::vector<int32_t> pending_ids;    // Guarded by mu.
-  bool has_pending = false;            // Guarded by mu.
-  bool write_in_flight = false;        // Guarded by mu.
-  bool write_failed = false;           // Guarded by mu: the client is gone.
-  bool engine_done = false;            // Guarded by mu: OnFinish arrived.
-  bool final_queued = false;           // Guarded by mu: the last message waits to be written.
-  bool finish_started = false;         // Guarded by mu.
-  GenerateResponse final_message;      // Guarded by mu.
-  grpc::Status final_status;           // Guarded by mu.
+  std::string pending_text;          // Guarded by mu.
+  std::vector<int32_t> pending_ids;  // Guarded by mu.
+  bool has_pending = false;          // Guarded by mu.
+  bool write_in_flight = false;      // Guarded by mu.
+  bool write_failed = false;         // Guarded by mu: the client is gone.
+  bool engine_done = false;          // Guarded by mu: OnFinish arrived.
+  bool final_queued = false;         // Guarded by mu: the last message waits to be written.
+  bool finish_started = false;       // Guarded by mu.
+  GenerateResponse final_message;    // Guarded by mu.
+  grpc::Status final_status;         // Guarded by mu.
 };
 
 // One Generate call. Deletes itself in OnDone. At most one write is in flight; whichever thread
@@ -186,10 +190,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
 
   engine::Engine* const engine_;
   const std::shared_ptr<StreamState> state_;
-  GenerateResponse out_;     // The message being written; touched only by the writer.
-  uint64_t engine_id_ = 0;   // Guarded by state_->mu.
-  bool submitted_ = false;   // Guarded by state_->mu.
-  bool cancel_sent_ = false; // Guarded by state_->mu.
+  GenerateResponse out_;      // The message being written; touched only by the writer.
+  uint64_t engine_id_ = 0;    // Guarded by state_->mu.
+  bool submitted_ = false;    // Guarded by state_->mu.
+  bool cancel_sent_ = false;  // Guarded by state_->mu.
 };
 
 // The engine's view of one stream. Runs on the engine thread: only queues and pumps.
@@ -297,9 +301,9 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
         const int vocab = ctx_.tokenizer->vocab_size();
         for (int i = 0; i < ids.size(); ++i) {
           if (ids[i] < 0 || ids[i] >= vocab) {
-            reactor->Reject(InvalidArgument(absl::StrCat("prompt_tokens.ids[", i, "] = ", ids[i],
-                                                         " is outside the vocabulary [0, ", vocab,
-                                                         ")")));
+            reactor->Reject(
+                InvalidArgument(absl::StrCat("prompt_tokens.ids[", i, "] = ", ids[i],
+                                             " is outside the vocabulary [0, ", vocab, ")")));
             return reactor;
           }
         }
@@ -352,7 +356,8 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::ListAdapters(
     grpc::CallbackServerContext* context, const collm::v1::ListAdaptersRequest* /*request*/,
     collm::v1::ListAdaptersResponse* response) {
   return Unary(context, "ListAdapters", [&] {
-    for (const lora::AdapterInfo& info : ctx_.registry->List()) ToProto(info, response->add_adapters());
+    for (const lora::AdapterInfo& info : ctx_.registry->List())
+      ToProto(info, response->add_adapters());
     return grpc::Status::OK;
   });
 }
@@ -423,9 +428,9 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::SubmitFeedback(
   });
 }
 
-grpc::ServerUnaryReactor* InferenceServiceImpl::GetStats(grpc::CallbackServerContext* context,
-                                                         const collm::v1::GetStatsRequest* /*request*/,
-                                                         collm::v1::GetStatsResponse* response) {
+grpc::ServerUnaryReactor* InferenceServiceImpl::GetStats(
+    grpc::CallbackServerContext* context, const collm::v1::GetStatsRequest* /*request*/,
+    collm::v1::GetStatsResponse* response) {
   return Unary(context, "GetStats", [&] {
     const engine::EngineStats s = ctx_.engine->Stats();
     response->set_queued(s.queued);

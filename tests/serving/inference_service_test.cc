@@ -2,12 +2,12 @@
 
 #include <ATen/ATen.h>
 #include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 #include <google/protobuf/unknown_field_set.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -58,7 +58,8 @@ class Fixture {
     model_ = runtime::LlamaModel::Load(dir, runtime::RuntimeOptions{}).value();
     tokenizer_ = runtime::Tokenizer::Load(dir + "/tokenizer.model").value();
     registry_ = std::make_unique<lora::AdapterRegistry>(model_->config(), model_->runtime());
-    engine_ = engine::Engine::Create(model_, tokenizer_.get(), registry_.get(), options.engine).value();
+    engine_ =
+        engine::Engine::Create(model_, tokenizer_.get(), registry_.get(), options.engine).value();
     if (options.start_engine) {
       engine_->Start();
     } else {
@@ -177,7 +178,8 @@ TEST(InferenceServiceTest, GenerateStreamsTheTextOfAGeneratorRunAlone) {
   EXPECT_EQ(r.ids, alone.tokens);
   const GenerateResponse& last = r.messages.back();
   EXPECT_EQ(last.finish_reason(), collm::v1::FINISH_REASON_LENGTH);
-  EXPECT_EQ(last.usage().prompt_tokens(), static_cast<int>(f.tokenizer_->Encode(prompt, true).size()));
+  EXPECT_EQ(last.usage().prompt_tokens(),
+            static_cast<int>(f.tokenizer_->Encode(prompt, true).size()));
   EXPECT_EQ(last.usage().completion_tokens(), 24);
   EXPECT_EQ(last.adapter(), "");
   EXPECT_EQ(last.adapter_version(), 0);
@@ -418,7 +420,8 @@ TEST(InferenceServiceTest, LoadsListsServesAndUnloadsAdapters) {
     collm::v1::UnloadAdapterResponse out;
     ASSERT_TRUE(f.stub_->UnloadAdapter(&ctx, unload, &out).ok());
     grpc::ClientContext again;
-    EXPECT_EQ(f.stub_->UnloadAdapter(&again, unload, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(f.stub_->UnloadAdapter(&again, unload, &out).error_code(),
+              grpc::StatusCode::NOT_FOUND);
   }
   EXPECT_EQ(f.Generate(req).status.error_code(), grpc::StatusCode::NOT_FOUND);
 }
@@ -454,8 +457,9 @@ TEST(InferenceServiceTest, FeedbackBecomesTrainingData) {
   engine::DatasetOptions format;
   EXPECT_EQ(taken[0].tokens,
             engine::MakeExample(*f.tokenizer_, "What is two plus two?", "Four.", format).tokens);
-  EXPECT_EQ(taken[1].tokens,
-            engine::MakeExample(*f.tokenizer_, "What is two plus two?", "It is four.", format).tokens);
+  EXPECT_EQ(
+      taken[1].tokens,
+      engine::MakeExample(*f.tokenizer_, "What is two plus two?", "It is four.", format).tokens);
 
   req.set_prompt("");
   grpc::Status s = submit(req, &resp);
@@ -525,7 +529,8 @@ std::vector<std::string> ListedServices(const std::string& response) {
   UnknownFieldSet top;
   if (!top.ParseFromString(response)) return names;
   for (int i = 0; i < top.field_count(); ++i) {
-    if (top.field(i).number() != 6 || top.field(i).type() != UnknownField::TYPE_LENGTH_DELIMITED) continue;
+    if (top.field(i).number() != 6 || top.field(i).type() != UnknownField::TYPE_LENGTH_DELIMITED)
+      continue;
     UnknownFieldSet list;
     if (!list.ParseFromString(top.field(i).length_delimited())) continue;
     for (int j = 0; j < list.field_count(); ++j) {
@@ -546,7 +551,8 @@ TEST(InferenceServiceTest, ReflectionListsTheService) {
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
   void* tag = nullptr;
   bool ok = false;
   auto step = [&](intptr_t expected) {
@@ -570,7 +576,8 @@ TEST(InferenceServiceTest, ReflectionListsTheService) {
   std::vector<grpc::Slice> slices;
   ASSERT_TRUE(in.Dump(&slices).ok());
   std::string bytes;
-  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  for (const grpc::Slice& s : slices)
+    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   grpc::Status status;
   call->Finish(&status, reinterpret_cast<void*>(5));
   step(5);
