@@ -3,11 +3,12 @@
 #ifndef COLLM_SERVING_GRPC_SERVER_H_
 #define COLLM_SERVING_GRPC_SERVER_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 
@@ -23,8 +24,8 @@ class GrpcServer {
  public:
   // Starts listening with `services` (borrowed; must outlive the server). Health starts as
   // NOT_SERVING. Unavailable naming the address when it cannot bind.
-  static absl::StatusOr<std::unique_ptr<GrpcServer>> Start(const GrpcServerOptions& options,
-                                                           const std::vector<grpc::Service*>& services);
+  static absl::StatusOr<std::unique_ptr<GrpcServer>> Start(
+      const GrpcServerOptions& options, const std::vector<grpc::Service*>& services);
   ~GrpcServer();
   int port() const { return port_; }
   // Overall and per-service health.
@@ -34,10 +35,11 @@ class GrpcServer {
 
  private:
   GrpcServer() = default;
-  std::unique_ptr<grpc::Server> server_;
-  std::vector<std::string> service_names_;
+  std::mutex mu_;
+  std::unique_ptr<grpc::Server> server_;    // Guarded by mu_; null after Shutdown.
+  std::vector<std::string> service_names_;  // Fixed after Start.
   int port_ = 0;
-  bool shut_down_ = false;
+  bool shut_down_ = false;  // Guarded by mu_.
 };
 
 }  // namespace collm::serving
