@@ -334,6 +334,13 @@ bool Engine::MaybeTrain() {
     COLLM_LOG_ERROR("training micro-step failed: {}", stats.status().ToString());
     return true;
   }
+  if (stats->has_value() && !training_.checkpoint_dir.empty() &&
+      training_.checkpoint_every_steps > 0 &&
+      (*stats)->step % training_.checkpoint_every_steps == 0) {
+    if (auto s = CheckpointTrainingLocked(training_.checkpoint_dir); !s.ok()) {
+      COLLM_LOG_ERROR("periodic checkpoint failed: {}", s.ToString());
+    }
+  }
   std::optional<PublishStats> publish;
   if (stats->has_value() && training_.publisher != nullptr &&
       training_.publisher->Due((*stats)->step)) {
@@ -385,6 +392,10 @@ absl::Status Engine::CheckpointTraining(const std::string& dir) {
       return absl::FailedPreconditionError("checkpoint while the engine thread runs");
     }
   }
+  return CheckpointTrainingLocked(dir);
+}
+
+absl::Status Engine::CheckpointTrainingLocked(const std::string& dir) {
   std::map<std::string, std::string> extra;
   if (sampler_ != nullptr) extra = sampler_->State();
   training_.trainer->DiscardPartialStep();  // Checkpoints sit on optimizer-step boundaries.

@@ -64,6 +64,8 @@ struct TrainingSetup {
   std::shared_ptr<InteractionBuffer> feedback;   // May be null.
   std::unique_ptr<ShadowPublisher> publisher;    // May be null: never publish.
   uint64_t seed = 0;
+  std::string checkpoint_dir;          // Periodic shadow checkpoints go here ("" = none) ...
+  int64_t checkpoint_every_steps = 0;  // ... every N optimizer steps (0 = never periodic).
 };
 
 struct EngineRequest {
@@ -160,6 +162,7 @@ class Engine {
   // daemon resumes training where it stopped. Only while the engine thread is not running (before
   // Start or after Shutdown). FailedPrecondition without training.
   absl::Status CheckpointTraining(const std::string& dir);
+  absl::Status CheckpointTrainingLocked(const std::string& dir);  // Engine thread or stopped.
   // Restores the data cursor saved by CheckpointTraining (the trainer itself is resumed with
   // PeftTrainer::Resume before EnableTraining).
   absl::Status RestoreTrainingCursor(const std::map<std::string, std::string>& state);

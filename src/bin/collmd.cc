@@ -1,0 +1,199 @@
+// collmd: one per device. Loads the base model once, serves inference over gRPC with continuous
+// batching, trains the shadow adapter in the same engine loop, exposes Prometheus metrics, and
+// drains + checkpoints on SIGTERM/SIGINT.
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include "CLI/CLI.hpp"
+#include "collm/common/logging.h"
+#include "collm/config/daemon_config.h"
+#include "collm/engine/dataset.h"
+#include "collm/engine/engine.h"
+#include "collm/engine/peft_trainer.h"
+#include "collm/engine/shadow_publisher.h"
+#include "collm/lora/adapter_registry.h"
+#include "collm/lora/peft_io.h"
+#include "collm/lora/shadow_adapter.h"
+#include "collm/runtime/llama_model.h"
+#include "collm/runtime/tokenizer.h"
+#include "collm/serving/grpc_server.h"
+#include "collm/serving/inference_service.h"
+#include "collm/serving/metrics_http_server.h"
+#include "collm/telemetry/metrics.h"
+
+namespace {
+
+using collm::config::DaemonConfig;
+
+int Fail(const absl::Status& s, int code = 1) {
+  COLLM_LOG_ERROR("{}", std::string(s.message()));
+  std::cerr << "collmd: " << s.message() << "\n";
+  return code;
+}
+
+// Builds the trainer (resuming from the checkpoint when one exists), its data and publisher.
+absl::StatusOr<collm::engine::TrainingSetup> MakeTraining(
+    const DaemonConfig& cfg, std::shared_ptr<const collm::runtime::LlamaModel> model,
+    const collm::runtime::Tokenizer& tokenizer, collm::lora::AdapterRegistry& registry,
+    std::map<std::string, std::string>* cursor) {
+  const auto& t = cfg.training;
+  collm::engine::TrainingSetup setup;
+  setup.seed = t.trainer.seed;
+  setup.checkpoint_dir = t.checkpoint_dir;
+  setup.checkpoint_every_steps = t.checkpoint_every_steps;
+  std::vector<collm::engine::TrainingExample> held_out;
+  for (const std::string& path : t.data) {
+    collm::engine::LoadReport report;
+    auto ds = collm::engine::Dataset::Load(path, tokenizer, t.dataset, &report);
+    if (!ds.ok()) return ds.status();
+    COLLM_LOG_INFO("training data {}: {} examples, {} bad lines skipped, {} truncated", path,
+                   report.loaded, report.skipped, report.truncated);
+    for (const auto& e : report.errors) COLLM_LOG_WARN("  {}", e);
+    setup.dataset.insert(setup.dataset.end(), ds->train().begin(), ds->train().end());
+    held_out.insert(held_out.end(), ds->held_out().begin(), ds->held_out().end());
+  }
+  if (held_out.size() > 64) held_out.resize(64);  // Bounded evaluation cost per publish.
+  const bool resume = !t.checkpoint_dir.empty() &&
+                      std::filesystem::exists(t.checkpoint_dir + "/optimizer.safetensors");
+  if (resume) {
+    auto trainer = collm::engine::PeftTrainer::Resume(model, t.checkpoint_dir, t.trainer, cursor);
+    if (!trainer.ok()) return trainer.status();
+    setup.trainer = std::move(*trainer);
+    COLLM_LOG_INFO("resumed the shadow adapter from {} at step {}", t.checkpoint_dir,
+                   setup.trainer->shadow().step());
+  } else {
+    auto initial = t.init_adapter.empty()
+                       ? collm::lora::LoraAdapter::Create(model->config(), t.lora, t.trainer.seed)
+                       : collm::lora::ReadPeftAdapter(t.init_adapter, model->config());
+    if (!initial.ok()) return initial.status();
+    auto shadow = collm::lora::ShadowAdapter::Create(*initial, t.trainer.adamw);
+    if (!shadow.ok()) return shadow.status();
+    auto trainer = collm::engine::PeftTrainer::Create(model, std::move(*shadow), t.trainer);
+    if (!trainer.ok()) return trainer.status();
+    setup.trainer = std::move(*trainer);
+  }
+  // The shadow's current state is what serves under the training adapter's name at start.
+  if (!registry.Get(t.adapter_name).ok()) {
+    auto s = registry.Publish(t.adapter_name, setup.trainer->shadow().Snapshot(),
+                              resume ? "checkpoint " + t.checkpoint_dir : "initial shadow");
+    if (!s.ok()) return s.status();
+  }
+  if (t.feedback_capacity > 0) {
+    setup.feedback = std::make_shared<collm::engine::InteractionBuffer>(t.feedback_capacity);
+  }
+  setup.publisher = std::make_unique<collm::engine::ShadowPublisher>(
+      model, registry, t.adapter_name, t.publish, std::move(held_out));
+  return setup;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"collmd: serve an LLM and improve it at the same time"};
+  std::string config_path;
+  std::string ports_file;
+  app.add_option("--config,-c", config_path, "YAML config (see configs/collmd.yaml)")->required();
+  app.add_option("--ports-file", ports_file,
+                 "Write 'grpc=PORT metrics=PORT' here once serving (for port 0)");
+  CLI11_PARSE(app, argc, argv);
+
+  // Block the shutdown signals before any thread starts, so only sigwait below receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto cfg = DaemonConfig::FromFile(config_path);
+  if (!cfg.ok()) {
+    std::cerr << "collmd: " << cfg.status().message() << "\n";
+    return 2;
+  }
+  if (auto s = collm::InitLogging(cfg->logging); !s.ok()) return Fail(s, 2);
+
+  collm::telemetry::MetricsRegistry metrics;
+  std::unique_ptr<collm::serving::MetricsHttpServer> metrics_server;
+  if (cfg->metrics.enabled) {
+    auto m = collm::serving::MetricsHttpServer::Start(cfg->metrics.address, metrics);
+    if (!m.ok()) return Fail(m.status());
+    metrics_server = std::move(*m);
+  }
+
+  COLLM_LOG_INFO("loading {}", cfg->model_dir);
+  auto model = collm::runtime::LlamaModel::Load(cfg->model_dir, cfg->runtime);
+  if (!model.ok()) return Fail(model.status());
+  auto tokenizer = collm::runtime::Tokenizer::Load(cfg->model_dir + "/tokenizer.model");
+  if (!tokenizer.ok()) return Fail(tokenizer.status());
+  collm::lora::AdapterRegistry registry((*model)->config(), (*model)->runtime());
+  for (const auto& [name, dir] : cfg->adapters) {
+    auto s = registry.LoadPeft(name, dir);
+    if (!s.ok()) return Fail(s.status());
+    COLLM_LOG_INFO("adapter {} v{} from {}", name, (*s)->version, dir);
+  }
+
+  std::shared_ptr<collm::engine::InteractionBuffer> feedback;
+  std::optional<collm::engine::TrainingSetup> training;
+  std::map<std::string, std::string> cursor;
+  if (cfg->training.enabled) {
+    auto setup = MakeTraining(*cfg, *model, **tokenizer, registry, &cursor);
+    if (!setup.ok()) return Fail(setup.status());
+    feedback = setup->feedback;
+    training = std::move(*setup);
+  }
+  auto engine = collm::engine::Engine::Create(*model, tokenizer->get(), &registry, cfg->engine);
+  if (!engine.ok()) return Fail(engine.status());
+  if (training) {
+    if (auto s = (*engine)->EnableTraining(std::move(*training)); !s.ok()) return Fail(s);
+    if (!cursor.empty()) {
+      if (auto s = (*engine)->RestoreTrainingCursor(cursor); !s.ok()) return Fail(s);
+    }
+  }
+  (*engine)->SetMetrics(&metrics);
+  (*engine)->Start();
+
+  collm::serving::ServiceContext ctx;
+  ctx.engine = engine->get();
+  ctx.tokenizer = tokenizer->get();
+  ctx.registry = &registry;
+  ctx.feedback = feedback;
+  ctx.feedback_format = cfg->training.dataset;
+  ctx.default_sampling = cfg->default_sampling;
+  collm::serving::InferenceServiceImpl service(ctx);
+  collm::serving::GrpcServerOptions server_options;
+  server_options.address = cfg->server.address;
+  server_options.max_message_bytes = cfg->server.max_message_bytes;
+  auto server = collm::serving::GrpcServer::Start(server_options, {&service});
+  if (!server.ok()) return Fail(server.status());
+  (*server)->SetServing(true);
+  const int metrics_port = metrics_server ? metrics_server->port() : 0;
+  COLLM_LOG_INFO("serving on port {} (metrics port {}), training {}", (*server)->port(),
+                 metrics_port, cfg->training.enabled ? "on" : "off");
+  if (!ports_file.empty()) {
+    const std::string tmp = ports_file + ".tmp";
+    std::ofstream(tmp) << "grpc=" << (*server)->port() << " metrics=" << metrics_port << "\n";
+    std::filesystem::rename(tmp, ports_file);
+  }
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  COLLM_LOG_INFO("signal {}: draining for up to {} s", sig, cfg->shutdown_grace_seconds);
+  (*server)->SetServing(false);
+  // The engine refuses new requests and finishes (or, after the grace, cancels) in-flight ones,
+  // which completes their RPCs; then the server stops.
+  (*engine)->Shutdown(cfg->shutdown_grace_seconds);
+  (*server)->Shutdown(1.0);
+  int code = 0;
+  if (cfg->training.enabled && !cfg->training.checkpoint_dir.empty()) {
+    if (auto s = (*engine)->CheckpointTraining(cfg->training.checkpoint_dir); !s.ok()) {
+      code = Fail(s);
+    } else {
+      COLLM_LOG_INFO("checkpointed the shadow adapter to {}", cfg->training.checkpoint_dir);
+    }
+  }
+  if (metrics_server) metrics_server->Stop();
+  COLLM_LOG_INFO("stopped");
+  return code;
+}
