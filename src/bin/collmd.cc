@@ -143,6 +143,10 @@ int main(int argc, char** argv) {
     feedback = setup->feedback;
     training = std::move(*setup);
   }
+  // With training on, requests that name no adapter get the continuously improving one.
+  if (cfg->training.enabled && cfg->engine.default_adapter.empty()) {
+    cfg->engine.default_adapter = cfg->training.adapter_name;
+  }
   auto engine = collm::engine::Engine::Create(*model, tokenizer->get(), &registry, cfg->engine);
   if (!engine.ok()) return Fail(engine.status());
   if (training) {

@@ -1,0 +1,240 @@
+// collmd as operators run it: a real process with a YAML config on loopback ports, real gRPC
+// clients (C++ and Python), a real HTTP scrape, SIGTERM drain and restart-resume.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "collm/runtime/generator.h"
+#include "collm/runtime/llama_model.h"
+#include "collm/v1/inference.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "testing/subprocess.h"
+#include "testing/test_env.h"
+#include "testing/tiny_model.h"
+
+extern char** environ;
+
+namespace collm {
+namespace {
+
+using collm::testing::BinaryPath;
+using collm::testing::MakeTempDir;
+using collm::testing::ReadFileOrDie;
+using collm::testing::WriteFileOrDie;
+
+class Daemon {
+ public:
+  Daemon(const std::string& config, const std::string& dir) : dir_(dir) {
+    ports_file_ = dir + "/ports";
+    std::filesystem::remove(ports_file_);
+    const std::string bin = BinaryPath("src/collmd");
+    log_ = dir + "/collmd.log";
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    EXPECT_EQ(posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    for (int i = 0; i < 600 && !std::filesystem::exists(ports_file_); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    const std::string ports = ReadFileOrDie(ports_file_);
+    sscanf(ports.c_str(), "grpc=%d metrics=%d", &grpc_port_, &metrics_port_);
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  // Sends SIGTERM and returns the exit code.
+  int Terminate() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(grpc_port_); }
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_port_; }
+  std::string log() const { return ReadFileOrDie(log_); }
+
+ private:
+  std::string dir_, ports_file_, log_;
+  pid_t pid_ = -1;
+  int grpc_port_ = 0, metrics_port_ = 0;
+};
+
+std::string WriteConfig(const std::string& dir) {
+  std::string data;
+  for (int i = 0; i < 40; ++i) {
+    data += "{\"prompt\": \"Tell me rule " + std::to_string(i) + "\", \"completion\": \"the cat sat on the mat\"}\n";
+  }
+  WriteFileOrDie(dir + "/train.jsonl", data);
+  const std::string yaml = "model: " + collm::testing::TinyModelDir() + R"(
+server:
+  address: 127.0.0.1:0
+metrics:
+  address: 127.0.0.1:0
+engine:
+  training_share: 0.5
+training:
+  enabled: true
+  data: [train.jsonl]
+  trainer:
+    lr: 0.01
+    micro_batch_size: 4
+  lora:
+    rank: 4
+  publish:
+    every_steps: 5
+  checkpoint_dir: shadow
+logging:
+  level: info
+shutdown_grace_seconds: 20
+)";
+  WriteFileOrDie(dir + "/collmd.yaml", yaml);
+  return dir + "/collmd.yaml";
+}
+
+struct Streamed {
+  grpc::Status status;
+  std::string text;
+  v1::GenerateResponse last;
+  int messages = 0;
+};
+
+Streamed Generate(const std::string& address, const std::string& prompt, int max_tokens) {
+  auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::GenerateRequest req;
+  req.set_prompt(prompt);
+  req.mutable_sampling()->set_temperature(0);
+  req.mutable_sampling()->set_max_tokens(max_tokens);
+  req.mutable_sampling()->set_ignore_eos(true);
+  auto reader = stub->Generate(&ctx, req);
+  Streamed out;
+  v1::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+    out.text += msg.text();
+    out.last = msg;
+    ++out.messages;
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
+  const std::string dir = MakeTempDir("collmd");
+  const std::string config = WriteConfig(dir);
+  int64_t steps_before = 0;
+  {
+    Daemon d(config, dir);
+    ASSERT_GT(d.grpc_port(), 0) << d.log();
+    Streamed first = Generate(d.address(), "Once upon a time", 12);
+    ASSERT_TRUE(first.status.ok()) << first.status.error_message() << "\n" << d.log();
+    EXPECT_EQ(first.last.usage().completion_tokens(), 12);
+    EXPECT_EQ(first.last.adapter(), "live");
+
+    // Training makes progress while serving.
+    auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
+    v1::GetStatsResponse stats;
+    for (int i = 0; i < 200; ++i) {
+      grpc::ClientContext ctx;
+      ASSERT_TRUE(stub->GetStats(&ctx, v1::GetStatsRequest(), &stats).ok());
+      if (stats.train_optimizer_steps() >= 10 && stats.published_versions() >= 2) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_GE(stats.train_optimizer_steps(), 10);
+    EXPECT_GE(stats.published_versions(), 2);
+
+    // The Prometheus endpoint, over real HTTP.
+    httplib::Client http("127.0.0.1", d.metrics_port());
+    auto res = http.Get("/metrics");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200);
+    for (const char* m : {"collm_ttft_seconds_bucket", "collm_tpot_seconds_count", "collm_queue_depth",
+                          "collm_train_steps_total", "collm_kv_cache_blocks_used",
+                          "collm_live_adapter_version", "collm_slo_attainment"}) {
+      EXPECT_NE(res->body.find(m), std::string::npos) << m;
+    }
+
+    // SIGTERM while a long request streams: it is drained (completes), then the daemon exits 0
+    // and checkpoints the shadow adapter.
+    Streamed during;
+    std::thread client([&] { during = Generate(d.address(), "A long story", 120); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const int code = d.Terminate();
+    client.join();
+    EXPECT_EQ(code, 0) << d.log();
+    EXPECT_TRUE(during.status.ok()) << during.status.error_message();
+    EXPECT_EQ(during.last.usage().completion_tokens(), 120);
+    EXPECT_TRUE(std::filesystem::exists(dir + "/shadow/optimizer.safetensors")) << d.log();
+    steps_before = stats.train_optimizer_steps();
+  }
+  {
+    Daemon d(config, dir);
+    ASSERT_GT(d.grpc_port(), 0) << d.log();
+    EXPECT_NE(d.log().find("resumed the shadow adapter"), std::string::npos) << d.log();
+    auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    v1::GetStatsResponse stats;
+    ASSERT_TRUE(stub->GetStats(&ctx, v1::GetStatsRequest(), &stats).ok());
+    EXPECT_EQ(d.Terminate(), 0);
+  }
+  // The resumed shadow continued from the checkpointed step (never back at 0).
+  std::map<std::string, std::string> meta;
+  auto file = runtime::SafetensorsFile::Open(dir + "/shadow/optimizer.safetensors").value();
+  EXPECT_GE(std::stoll(file->metadata().at("collm.step")), steps_before);
+}
+
+TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
+  const std::string dir = MakeTempDir("collmd-py");
+  const std::string stubs = dir + "/stubs";
+  std::filesystem::create_directories(stubs);
+  auto gen = collm::testing::RunCommand(
+      "protoc --proto_path=" + std::string(COLLM_SOURCE_DIR) + "/proto --python_out=" + stubs +
+      " --grpc_out=" + stubs + " --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin collm/v1/inference.proto");
+  ASSERT_EQ(gen.exit_code, 0) << gen.err;
+  Daemon d(WriteConfig(dir), dir);
+  ASSERT_GT(d.grpc_port(), 0) << d.log();
+  auto py = collm::testing::RunCommand("/usr/bin/python3 " + std::string(COLLM_SOURCE_DIR) +
+                                       "/tests/reference/python_client.py " + stubs + " " +
+                                       d.address() + " 'Once upon a time' 9");
+  ASSERT_EQ(py.exit_code, 0) << py.err;
+  auto j = nlohmann::json::parse(py.out);
+  EXPECT_EQ(j["completion_tokens"], 9);
+  EXPECT_EQ(j["finish_reason"], "FINISH_REASON_LENGTH");
+  // Same text as the C++ client gets for the same request.
+  Streamed cpp = Generate(d.address(), "Once upon a time", 9);
+  EXPECT_EQ(j["text"].get<std::string>(), cpp.text);
+  EXPECT_EQ(d.Terminate(), 0);
+}
+
+TEST(CollmdTest, BadConfigIsAnErrorNamingTheKey) {
+  const std::string dir = MakeTempDir("collmd-bad");
+  WriteFileOrDie(dir + "/bad.yaml", "model: /nonexistent\nengine:\n  max_runing: 3\n");
+  auto r = collm::testing::RunCommand(BinaryPath("src/collmd") + " --config " + dir + "/bad.yaml");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("engine.max_runing"), std::string::npos) << r.err;
+  WriteFileOrDie(dir + "/nomodel.yaml", "model: /nonexistent/model\nserver:\n  address: 127.0.0.1:0\nmetrics:\n  enabled: false\n");
+  auto m = collm::testing::RunCommand(BinaryPath("src/collmd") + " --config " + dir + "/nomodel.yaml");
+  EXPECT_NE(m.exit_code, 0);
+  EXPECT_NE(m.err.find("/nonexistent/model"), std::string::npos) << m.err;
+}
+
+}  // namespace
+}  // namespace collm
