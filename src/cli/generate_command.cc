@@ -8,6 +8,9 @@
 #include "collm/cli/commands.h"
 #include "collm/common/clock.h"
 #include "collm/lora/peft_io.h"
+#include "collm/v1/inference.grpc.pb.h"
+
+#include <grpcpp/grpcpp.h>
 #include "collm/runtime/generator.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/runtime/random_model.h"
@@ -29,7 +32,54 @@ std::string DefaultTinyModelDir() {
   return base + "/tiny-random";
 }
 
+namespace {
+
+// Streams from a running collmd over gRPC.
+int RunRemoteGenerate(const GenerateArgs& args, std::ostream& out, std::ostream& err) {
+  auto stub = v1::InferenceService::NewStub(
+      grpc::CreateChannel(args.daemon, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(10));
+  v1::GenerateRequest req;
+  req.set_prompt(args.prompt);
+  req.set_add_bos(!args.no_bos);
+  req.set_adapter(args.adapter_name);
+  auto* s = req.mutable_sampling();
+  s->set_temperature(args.temperature);
+  s->set_top_k(args.top_k);
+  s->set_top_p(args.top_p);
+  s->set_min_p(args.min_p);
+  s->set_repetition_penalty(args.repetition_penalty);
+  s->set_seed(args.seed);
+  s->set_max_tokens(args.max_tokens);
+  s->set_ignore_eos(args.ignore_eos);
+  for (const auto& stop : args.stop) s->add_stop(stop);
+  const int64_t t0 = Clock::Real().NowNanos();
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse msg, last;
+  while (reader->Read(&msg)) {
+    out << msg.text() << std::flush;
+    last = msg;
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) {
+    err << "\ncollmctl: " << args.daemon << ": " << status.error_message() << " (gRPC code "
+        << status.error_code() << ")\n";
+    return status.error_code() == grpc::StatusCode::INVALID_ARGUMENT ? 2 : 1;
+  }
+  out << "\n" << std::flush;
+  err << std::fixed << std::setprecision(1) << "collmctl: " << args.daemon << ": "
+      << last.usage().completion_tokens() << " tokens in "
+      << (Clock::Real().NowNanos() - t0) * 1e-6 << " ms; ttft " << last.ttft_seconds() * 1e3
+      << " ms, tpot " << last.tpot_seconds() * 1e3 << " ms; adapter '" << last.adapter()
+      << "' v" << last.adapter_version() << "\n";
+  return 0;
+}
+
+}  // namespace
+
 int RunGenerate(const GenerateArgs& args, std::ostream& out, std::ostream& err) {
+  if (!args.daemon.empty()) return RunRemoteGenerate(args, out, err);
   std::string dir = args.model_dir;
   if (dir.empty()) {
     dir = DefaultTinyModelDir();
@@ -126,6 +176,8 @@ void AddGenerateCommand(CLI::App& app, GenerateArgs& args, int& exit_code) {
   cmd->add_option("--model", args.model_dir,
                   "Hugging Face model directory (default: the built-in tiny random model)");
   cmd->add_option("--adapter", args.adapter_dir, "PEFT LoRA adapter directory, served unmerged");
+  cmd->add_option("--daemon", args.daemon, "host:port of a running collmd to stream from");
+  cmd->add_option("--adapter-name", args.adapter_name, "With --daemon: adapter name to use");
   cmd->add_option("--prompt,-p", args.prompt, "Prompt text")->capture_default_str();
   cmd->add_option("--max-tokens,-n", args.max_tokens, "Tokens to generate at most")
       ->capture_default_str();

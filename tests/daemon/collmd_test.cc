@@ -77,7 +77,7 @@ class Daemon {
   int grpc_port_ = 0, metrics_port_ = 0;
 };
 
-std::string WriteConfig(const std::string& dir) {
+std::string WriteConfig(const std::string& dir, bool training = true) {
   std::string data;
   for (int i = 0; i < 40; ++i) {
     data += "{\"prompt\": \"Tell me rule " + std::to_string(i) + "\", \"completion\": \"the cat sat on the mat\"}\n";
@@ -91,7 +91,7 @@ metrics:
 engine:
   training_share: 0.5
 training:
-  enabled: true
+  enabled: )" + std::string(training ? "true" : "false") + R"(
   data: [train.jsonl]
   trainer:
     lr: 0.01
@@ -209,7 +209,8 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
       "protoc --proto_path=" + std::string(COLLM_SOURCE_DIR) + "/proto --python_out=" + stubs +
       " --grpc_out=" + stubs + " --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin collm/v1/inference.proto");
   ASSERT_EQ(gen.exit_code, 0) << gen.err;
-  Daemon d(WriteConfig(dir), dir);
+  // Training off: every client must see the same (base) model.
+  Daemon d(WriteConfig(dir, false), dir);
   ASSERT_GT(d.grpc_port(), 0) << d.log();
   auto py = collm::testing::RunCommand("/usr/bin/python3 " + std::string(COLLM_SOURCE_DIR) +
                                        "/tests/reference/python_client.py " + stubs + " " +
@@ -221,6 +222,16 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
   // Same text as the C++ client gets for the same request.
   Streamed cpp = Generate(d.address(), "Once upon a time", 9);
   EXPECT_EQ(j["text"].get<std::string>(), cpp.text);
+  // And collmctl generate --daemon streams the same text.
+  auto ctl = collm::testing::RunCommand(BinaryPath("src/collmctl") + " generate --daemon " +
+                                        d.address() + " --prompt 'Once upon a time' -n 9 -t 0 --ignore-eos");
+  ASSERT_EQ(ctl.exit_code, 0) << ctl.err;
+  EXPECT_EQ(ctl.out, cpp.text + "\n");
+  EXPECT_NE(ctl.err.find("adapter ''"), std::string::npos) << ctl.err;
+  auto bad = collm::testing::RunCommand(BinaryPath("src/collmctl") + " generate --daemon " +
+                                        d.address() + " -p x --top-p 3");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("top_p"), std::string::npos) << bad.err;
   EXPECT_EQ(d.Terminate(), 0);
 }
 

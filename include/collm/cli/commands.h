@@ -15,6 +15,8 @@ namespace collm::cli {
 struct GenerateArgs {
   std::string model_dir;  // Empty: the tiny random model (offline default).
   std::string adapter_dir;  // PEFT adapter served unmerged; empty = base model.
+  std::string daemon;       // host:port of a running collmd: stream from it instead of locally.
+  std::string adapter_name; // With --daemon: the daemon's adapter to use ("" = its default).
   std::string prompt = "Once upon a time";
   int max_tokens = 64;
   float temperature = 0.8f;
