@@ -2,7 +2,11 @@
 // clients (C++ and Python), a real HTTP scrape, SIGTERM drain and restart-resume.
 #include <signal.h>
 #include <spawn.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -232,6 +236,70 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
                                         d.address() + " -p x --top-p 3");
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.err.find("top_p"), std::string::npos) << bad.err;
+  EXPECT_EQ(d.Terminate(), 0);
+}
+
+// A port that was free a moment ago (bind to 0, read it back, close).
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  int port = -1;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
+TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
+  if (!std::filesystem::exists("/usr/bin/prometheus")) {
+    FAIL() << "/usr/bin/prometheus is missing: scripts/setup.sh installs Debian's prometheus";
+  }
+  const std::string dir = MakeTempDir("collmd-prom");
+  Daemon d(WriteConfig(dir, false), dir);
+  ASSERT_GT(d.metrics_port(), 0) << d.log();
+  ASSERT_TRUE(Generate(d.address(), "Once upon a time", 5).status.ok());
+  const int prom_port = FreePort();
+  WriteFileOrDie(dir + "/prometheus.yml",
+                 "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: collmd\n"
+                 "    static_configs:\n      - targets: ['127.0.0.1:" + std::to_string(d.metrics_port()) + "']\n");
+  std::vector<std::string> args = {"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
+                                   "--storage.tsdb.path=" + dir + "/tsdb",
+                                   "--web.listen-address=127.0.0.1:" + std::to_string(prom_port)};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  const std::string log = dir + "/prometheus.log";
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, log.c_str(), O_WRONLY | O_CREAT, 0644);
+  pid_t pid = -1;
+  ASSERT_EQ(posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&actions);
+  httplib::Client prom("127.0.0.1", prom_port);
+  prom.set_connection_timeout(1);
+  prom.set_read_timeout(5);
+  double requests = -1;
+  for (int i = 0; i < 300 && requests < 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto res = prom.Get("/api/v1/query?query=collm_requests_total%7Boutcome%3D%22ok%22%7D");
+    if (!res || res->status != 200) continue;
+    auto j = nlohmann::json::parse(res->body, nullptr, false);
+    if (j.is_discarded() || j["data"]["result"].empty()) continue;
+    requests = std::stod(j["data"]["result"][0]["value"][1].get<std::string>());
+  }
+  auto up = prom.Get("/api/v1/query?query=up%7Bjob%3D%22collmd%22%7D");
+  kill(pid, SIGTERM);
+  waitpid(pid, nullptr, 0);
+  EXPECT_GE(requests, 1) << "Prometheus never scraped collm_requests_total:\n" << ReadFileOrDie(log);
+  ASSERT_TRUE(up);
+  EXPECT_NE(up->body.find("\"1\"]"), std::string::npos) << up->body;
   EXPECT_EQ(d.Terminate(), 0);
 }
 
