@@ -274,11 +274,7 @@ TEST(TinyTokenizerTest, HasExactlyTheRequestedVocabSize) {
   const std::string dir = collm::testing::MakeTempDir();
   for (int vocab_size : {300, 320, 512, 1000, 2000}) {
     const std::string path = absl::StrFormat("%s/tok%d.model", dir, vocab_size);
-    const auto start = std::chrono::steady_clock::now();
     ASSERT_TRUE(TrainTinyTokenizer(path, vocab_size).ok()) << vocab_size;
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    EXPECT_LT(seconds, 2.0) << vocab_size;
     auto tokenizer = LoadOrDie(path);
     ASSERT_NE(tokenizer, nullptr);
     EXPECT_EQ(tokenizer->vocab_size(), vocab_size);
