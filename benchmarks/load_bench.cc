@@ -100,7 +100,7 @@ struct Options {
   double duration = 20, rate = 2, speedup = 1, slo_ttft_ms = 0, slo_tpot_ms = 0, slo_multiple = 5;
   double training_share = 0.5;
   int max_prompt = 256, max_output = 64, prompt_len = 64, output_len = 32, threads = 0;
-  int publish_every = 20, calib_requests = 5;
+  int publish_every = 5, calib_requests = 5, max_examples = 400;
   uint64_t seed = 42;
 };
 
@@ -186,6 +186,7 @@ std::string WriteConfig(const Options& o, const Scenario& sc, const std::string&
   if (sc.training) {
     y << "  data: [\"" << o.data << "\"]\n"
       << "  dataset:\n    prompt_field: question\n    completion_field: answer\n"
+      << "    max_examples: " << o.max_examples << "\n"
       << "  publish:\n    every_steps: " << o.publish_every << "\n";
   }
   y << "server:\n  address: 127.0.0.1:0\n"
@@ -454,16 +455,24 @@ int main(int argc, char** argv) {
   app.add_option("--training-share", o.training_share, "engine.training_share when training")
       ->capture_default_str();
   app.add_option("--publish-every", o.publish_every, "training.publish.every_steps")->capture_default_str();
+  app.add_option("--max-examples", o.max_examples,
+                 "training.dataset.max_examples (10% are held out and evaluated at each publish)")
+      ->capture_default_str();
   app.add_option("--threads", o.threads, "runtime.threads for collmd (0 = torch default)")
       ->capture_default_str();
   app.add_option("--workdir", o.workdir, "configs and logs (default: a fresh temp dir)");
   app.add_option("--json", o.json_path, "also write JSON here");
-  app.add_flag("--find-saturation", find_saturation, "not implemented; see README");
+  int saturation_probes = 6;
+  double saturation_attainment = 0.9;
+  app.add_flag("--find-saturation", find_saturation,
+               "Poisson only: search the inference-only rate where SLO attainment falls below "
+               "--saturation-attainment, then run the scenarios at 50% of it (overrides --rate)");
+  app.add_option("--saturation-probes", saturation_probes, "inference-only runs in the search")
+      ->capture_default_str();
+  app.add_option("--saturation-attainment", saturation_attainment, "attainment that counts as sustained")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  if (find_saturation) {
-    Die("--find-saturation is not implemented: run inference-only at increasing --rate and set "
-        "--rate to 50% of the rate where SLO attainment falls below 90% (benchmarks/README.md)");
-  }
+  if (find_saturation && !o.trace.empty()) Die("--find-saturation needs Poisson arrivals (no --trace)");
   if (o.duration <= 0 || o.rate <= 0 || o.speedup <= 0) Die("--duration, --rate, --speedup must be > 0");
   if (o.max_prompt < 2 || o.max_output < 1) Die("--max-prompt >= 2 and --max-output >= 1");
   if (!fs::exists(o.collmd)) Die("no collmd at " + o.collmd + " (--collmd)");
@@ -532,10 +541,45 @@ int main(int argc, char** argv) {
               << ", output " << std::max(2, g) << "): TTFT " << Fmt("%.2f", unloaded_ttft_ms) << " ms, TPOT "
               << Fmt("%.3f", unloaded_tpot_ms) << " ms\n";
   }
+  auto multiple = [](double slo, double unloaded) {
+    return std::isnan(unloaded) ? std::string("given") : Fmt("%.1fx", slo / unloaded) + " unloaded";
+  };
   std::cout << "SLO: TTFT <= " << Fmt("%.2f", o.slo_ttft_ms) << " ms ("
-            << Fmt("%.1fx", o.slo_ttft_ms / unloaded_ttft_ms) << " unloaded), TPOT <= "
-            << Fmt("%.3f", o.slo_tpot_ms) << " ms (" << Fmt("%.1fx", o.slo_tpot_ms / unloaded_tpot_ms)
-            << " unloaded)\n";
+            << multiple(o.slo_ttft_ms, unloaded_ttft_ms) << "), TPOT <= " << Fmt("%.3f", o.slo_tpot_ms)
+            << " ms (" << multiple(o.slo_tpot_ms, unloaded_tpot_ms) << ")\n";
+
+  // Saturation: double the rate while inference-only sustains the attainment, then bisect.
+  json saturation = nullptr;
+  if (find_saturation) {
+    double lo = 0, hi = 0, r = o.rate;
+    json probes = json::array();
+    for (int i = 0; i < saturation_probes; ++i) {
+      Options po = o;
+      po.rate = r;
+      ScenarioResult pr = RunScenario(po, {"saturation-probe-" + std::to_string(i), false, true, true},
+                                      PoissonArrivals(po), vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3);
+      const double att = pr.j["slo_attainment"].is_null() ? 0.0 : pr.j["slo_attainment"].get<double>();
+      std::cout << "saturation probe " << i << ": rate " << Fmt("%.2f", r) << " req/s, attainment "
+                << Fmt("%.1f%%", att * 100) << "\n";
+      probes.push_back({{"rate", r}, {"slo_attainment", att}});
+      if (att >= saturation_attainment) {
+        lo = r;
+        r = hi > 0 ? (lo + hi) / 2 : r * 2;
+      } else {
+        hi = r;
+        r = (lo + hi) / 2;
+      }
+    }
+    if (lo <= 0) Die("inference-only missed the attainment even at " + Fmt("%.3f", hi) + " req/s");
+    o.rate = lo / 2;
+    arrivals = PoissonArrivals(o);
+    std::cout << "saturation: " << Fmt("%.2f", lo) << " req/s sustained (upper bound "
+              << (hi > 0 ? Fmt("%.2f", hi) : std::string("not found")) << "); scenarios run at 50% = "
+              << Fmt("%.2f", o.rate) << " req/s (" << arrivals.size() << " requests)\n";
+    load_desc += "; --find-saturation replaced the rate with " + Fmt("%.2f", o.rate) + " req/s";
+    saturation = {{"sustained_rate", lo}, {"failing_rate", hi > 0 ? json(hi) : json(nullptr)},
+                  {"attainment_threshold", saturation_attainment}, {"probes", probes}, {"rate_used", o.rate}};
+  }
 
   std::vector<ScenarioResult> results;
   for (const std::string& name : [&] {
@@ -570,6 +614,7 @@ int main(int argc, char** argv) {
               {"rate", o.trace.empty() ? json(o.rate) : json(nullptr)},
               {"trace", o.trace},
               {"speedup", o.speedup},
+              {"saturation", saturation},
               {"lengths_clamped", !o.trace.empty()},
               {"max_prompt", o.max_prompt},
               {"max_output", o.max_output},
