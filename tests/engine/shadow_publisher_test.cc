@@ -3,25 +3,14 @@
 #include <random>
 
 #include "gtest/gtest.h"
+#include "testing/pattern_examples.h"
 #include "testing/tiny_model.h"
 
 namespace collm::engine {
 namespace {
 
 std::vector<TrainingExample> Pattern(int n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<TrainingExample> out;
-  for (int i = 0; i < n; ++i) {
-    TrainingExample e;
-    e.tokens = {1, static_cast<int32_t>(3 + rng() % 500), static_cast<int32_t>(3 + rng() % 500)};
-    e.loss_mask = {0, 0, 0};
-    for (int k = 0; k < 6; ++k) {
-      e.tokens.push_back(200 + k * 3);
-      e.loss_mask.push_back(1);
-    }
-    out.push_back(e);
-  }
-  return out;
+  return collm::testing::FixedCompletionExamples(n, seed, 200, 3);
 }
 
 struct Fixture {
