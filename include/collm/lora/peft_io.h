@@ -27,6 +27,17 @@ absl::Status WritePeftAdapter(const std::string& dir, const LoraAdapter& adapter
 absl::StatusOr<LoraAdapter> ReadPeftAdapter(const std::string& dir,
                                            const runtime::ModelConfig& model);
 
+// The same two files in memory, for sending adapters over the network (federation).
+struct PeftBlob {
+  std::string config_json;  // adapter_config.json text.
+  std::string safetensors;  // adapter_model.safetensors bytes (F32).
+};
+absl::StatusOr<PeftBlob> SerializePeftAdapter(const LoraAdapter& adapter);
+// Same checks as ReadPeftAdapter; `what` names the source in errors (e.g. "update from dev-1").
+absl::StatusOr<LoraAdapter> ParsePeftAdapter(const PeftBlob& blob,
+                                            const runtime::ModelConfig& model,
+                                            const std::string& what);
+
 }  // namespace collm::lora
 
 #endif  // COLLM_LORA_PEFT_IO_H_

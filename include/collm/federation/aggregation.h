@@ -1,0 +1,84 @@
+// Server-side aggregation of LoRA client updates into a new global adapter: validation, clipping,
+// the combination rule (FedAvg/FedIT, exact LoRA, trimmed mean, median) and the server optimizer
+// (FedAdam/FedYogi). Pure computation on CPU f32 tensors: no I/O, no clock, no threads, so the
+// round manager, tests and the benchmark all call the same code. See ../shared/DESIGN.md for the
+// formulas.
+#ifndef COLLM_FEDERATION_AGGREGATION_H_
+#define COLLM_FEDERATION_AGGREGATION_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "collm/lora/lora_adapter.h"
+#include "collm/runtime/model_config.h"
+
+namespace collm::federation {
+
+// How client adapters are combined.
+enum class Combine {
+  kFedAvg,       // = kFedIt: A and B averaged apart, weighted by samples (what FedIT does).
+  kExact,        // Weighted mean of the products s·B_i·A_i, re-factored by QR + SVD of the small
+                 // core and truncated to the global rank: no cross-term error; mixed ranks allowed.
+  kTrimmedMean,  // Coordinate-wise, drop trim_ratio of the updates at each end, mean the rest.
+  kMedian,       // Coordinate-wise median.
+};
+enum class ServerOptimizer { kNone, kFedAdam, kFedYogi };
+
+absl::StatusOr<Combine> ParseCombine(const std::string& name);  // fedavg|fedit|exact|trimmed_mean|median
+std::string CombineName(Combine c);
+absl::StatusOr<ServerOptimizer> ParseServerOptimizer(const std::string& name);  // none|fedadam|fedyogi
+std::string ServerOptimizerName(ServerOptimizer o);
+
+struct AggregationOptions {
+  Combine combine = Combine::kFedAvg;
+  ServerOptimizer server_optimizer = ServerOptimizer::kNone;
+  double server_lr = 1e-2;        // FedAdam/FedYogi step size.
+  double beta1 = 0.9, beta2 = 0.99, tau = 1e-3;  // FedAdam/FedYogi (Reddi et al. 2021).
+  double clip_norm = 0;           // Clip each update's delta (update - global) to this L2 norm; 0 = off.
+  double max_update_norm = 0;     // Reject updates whose delta norm exceeds this; 0 = off.
+  double trim_ratio = 0.1;        // kTrimmedMean, in [0, 0.5).
+};
+
+// One device's trained adapter for a round.
+struct ClientUpdate {
+  std::string device_id;
+  int64_t num_samples = 0;   // FedAvg weight; > 0.
+  double train_loss = 0;
+  lora::LoraAdapter adapter;
+};
+
+// Checks an update against the global adapter it was trained from: same targets, layers and
+// tensor shapes (rank may differ only for kExact), finite values, num_samples > 0, delta norm
+// within max_update_norm. InvalidArgument naming the device, layer, module and what is wrong.
+// On success returns the delta's L2 norm (before clipping).
+absl::StatusOr<double> ValidateUpdate(const runtime::ModelConfig& model,
+                                      const lora::LoraAdapter& global, const ClientUpdate& update,
+                                      const AggregationOptions& options);
+
+// Server optimizer moments, persisted by the round manager between rounds.
+struct ServerOptimizerState {
+  int64_t steps = 0;
+  std::map<std::string, at::Tensor> m, v;  // Keyed by PEFT tensor name.
+};
+
+struct AggregationResult {
+  lora::LoraAdapter adapter;      // The new global adapter (global rank and config).
+  std::vector<double> delta_norms;  // Per update, before clipping, in input order.
+  std::vector<bool> clipped;
+};
+
+// Combines validated `updates` (non-empty) trained from `global` into the next global adapter.
+// `state` may be null when options.server_optimizer == kNone.
+absl::StatusOr<AggregationResult> Aggregate(const runtime::ModelConfig& model,
+                                            const lora::LoraAdapter& global,
+                                            const std::vector<ClientUpdate>& updates,
+                                            const AggregationOptions& options,
+                                            ServerOptimizerState* state);
+
+}  // namespace collm::federation
+
+#endif  // COLLM_FEDERATION_AGGREGATION_H_
