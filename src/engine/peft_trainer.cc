@@ -172,15 +172,46 @@ double PeftTrainer::LearningRate(int64_t step) const {
   return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine);
 }
 
+// A phased micro-step's state between phases: the batch, the fused adapter on the autograd graph,
+// and each layer's (detached) input and output so the backward can run one layer at a time.
+struct PeftTrainer::Run {
+  Batch batch;
+  int64_t examples = 0;
+  runtime::LoraWeights weights;
+  runtime::LlamaModel::DenseContext ctx;
+  std::vector<at::Tensor> inputs, outputs;  // Per layer.
+  at::Tensor grad;                          // d loss / d (output of the layer to backprop next).
+  int64_t phase = 0;
+};
+
+PeftTrainer::PeftTrainer() = default;
+PeftTrainer::~PeftTrainer() = default;
+
+int64_t PeftTrainer::num_phases() const { return 2 * model_->config().num_hidden_layers + 1; }
+int64_t PeftTrainer::next_phase() const { return run_ ? run_->phase : 0; }
+int64_t PeftTrainer::micro_step_examples() const { return run_ ? run_->examples : 0; }
+void PeftTrainer::AbortMicroStep() { run_.reset(); }
+
 absl::StatusOr<std::optional<StepStats>> PeftTrainer::MicroStep(
     const std::vector<const TrainingExample*>& examples) {
+  COLLM_RETURN_IF_ERROR(BeginMicroStep(examples));
+  for (;;) {
+    COLLM_ASSIGN_OR_RETURN(PhaseResult r, AdvanceMicroStep());
+    if (r.finished) return r.step;
+  }
+}
+
+absl::Status PeftTrainer::BeginMicroStep(const std::vector<const TrainingExample*>& examples) {
+  if (run_ != nullptr) return absl::FailedPreconditionError("a micro-step is already in flight");
   if (examples.empty()) return absl::InvalidArgumentError("empty micro-batch");
-  Batch b = MakeBatch(examples);
-  if (b.num_targets == 0) return absl::InvalidArgumentError("micro-batch has no target tokens");
+  auto run = std::make_unique<Run>();
+  run->batch = MakeBatch(examples);
+  run->examples = static_cast<int64_t>(examples.size());
+  if (run->batch.num_targets == 0) return absl::InvalidArgumentError("micro-batch has no target tokens");
   const auto& rt = model_->runtime();
   try {
     // Dropout draws from the global generator; seeding it from counters makes runs (and resumed
-    // runs) repeat exactly.
+    // runs) repeat exactly. Nothing else on the engine thread draws from it between phases.
     at::manual_seed(options_.seed * 1000003ull + static_cast<uint64_t>(micro_steps_));
     runtime::LoraFactors factors;
     factors.scale = shadow_->factors().scale;
@@ -195,22 +226,70 @@ absl::StatusOr<std::optional<StepStats>> PeftTrainer::MicroStep(
         }
       }
     }
-    COLLM_ASSIGN_OR_RETURN(runtime::LoraWeights weights, runtime::FuseLora(model_->config(), factors));
-    COLLM_ASSIGN_OR_RETURN(at::Tensor logits, model_->DenseLogits(b.inputs, &weights,
-                                                                  shadow_->config().dropout, true));
-    at::Tensor loss_sum = MaskedLossSum(logits, b);
-    const double mean = loss_sum.item<double>() / static_cast<double>(b.num_targets);
-    if (!std::isfinite(mean)) return absl::InternalError("training loss is not finite");
-    (loss_sum / (static_cast<double>(b.num_targets) * options_.grad_accum_steps)).backward();
-    accum_loss_ += mean;
+    COLLM_ASSIGN_OR_RETURN(run->weights, runtime::FuseLora(model_->config(), factors));
+    COLLM_ASSIGN_OR_RETURN(run->ctx, model_->DenseBegin(run->batch.inputs));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("training step: ", e.what_without_backtrace()));
   }
+  const int64_t layers = model_->config().num_hidden_layers;
+  run->inputs.resize(layers);
+  run->outputs.resize(layers);
+  run_ = std::move(run);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep() {
+  if (run_ == nullptr) return absl::FailedPreconditionError("no micro-step in flight");
+  Run& r = *run_;
+  const int64_t layers = model_->config().num_hidden_layers;
+  PhaseResult result;
+  // Any failure drops the micro-step and the gradients accumulated so far (a half-run backward
+  // may have reached some layers): the next optimizer step starts clean.
+  auto fail = [&](absl::Status s) {
+    DiscardPartialStep();
+    return s;
+  };
+  try {
+    if (r.phase < layers) {  // Forward of layer `l`.
+      const int64_t l = r.phase;
+      // A detached boundary lets the backward stop here and resume later from its gradient.
+      r.inputs[l] = l == 0 ? r.ctx.hidden : r.outputs[l - 1].detach().requires_grad_(true);
+      auto out = model_->DenseLayer(r.ctx, l, r.inputs[l], &r.weights, shadow_->config().dropout, true);
+      if (!out.ok()) return fail(out.status());
+      r.outputs[l] = *std::move(out);
+    } else if (r.phase == layers) {  // Head, loss, and its backward down to the last layer.
+      at::Tensor top = r.outputs[layers - 1].detach().requires_grad_(true);
+      auto logits = model_->DenseHead(top);
+      if (!logits.ok()) return fail(logits.status());
+      at::Tensor loss_sum = MaskedLossSum(*logits, r.batch);
+      const double mean = loss_sum.item<double>() / static_cast<double>(r.batch.num_targets);
+      if (!std::isfinite(mean)) return fail(absl::InternalError("training loss is not finite"));
+      (loss_sum / (static_cast<double>(r.batch.num_targets) * options_.grad_accum_steps)).backward();
+      r.grad = top.grad();
+      accum_loss_ += mean;
+    } else {  // Backward of layer `l`, top to bottom.
+      const int64_t l = 2 * layers - r.phase;
+      if (r.outputs[l].requires_grad()) r.outputs[l].backward(r.grad);
+      if (l > 0) {
+        // Undefined when layer l's output did not depend on its input through the adapter path.
+        r.grad = r.inputs[l].grad().defined() ? r.inputs[l].grad() : at::zeros_like(r.inputs[l]);
+      }
+      r.outputs[l] = at::Tensor();
+      r.inputs[l] = at::Tensor();
+    }
+  } catch (const c10::Error& e) {
+    return fail(absl::InternalError(absl::StrCat("training step: ", e.what_without_backtrace())));
+  }
+  ++r.phase;
+  if (r.phase < num_phases()) return result;
+
+  result.finished = true;
   ++micro_steps_;
   ++accumulated_;
-  accum_tokens_ += b.tokens;
-  accum_targets_ += b.num_targets;
-  if (accumulated_ < options_.grad_accum_steps) return std::optional<StepStats>();
+  accum_tokens_ += r.batch.tokens;
+  accum_targets_ += r.batch.num_targets;
+  run_.reset();
+  if (accumulated_ < options_.grad_accum_steps) return result;
 
   StepStats stats;
   stats.lr = LearningRate(shadow_->step() + 1);
@@ -222,7 +301,8 @@ absl::StatusOr<std::optional<StepStats>> PeftTrainer::MicroStep(
   accumulated_ = 0;
   accum_loss_ = 0;
   accum_tokens_ = accum_targets_ = 0;
-  return std::optional<StepStats>(stats);
+  result.step = stats;
+  return result;
 }
 
 absl::StatusOr<StepStats> PeftTrainer::Step(ExampleSampler& sampler) {
@@ -241,6 +321,7 @@ absl::StatusOr<double> PeftTrainer::Evaluate(const std::vector<TrainingExample>&
 }
 
 void PeftTrainer::DiscardPartialStep() {
+  run_.reset();
   shadow_->ZeroGrad();
   accumulated_ = 0;
   accum_loss_ = 0;

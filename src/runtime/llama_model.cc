@@ -653,6 +653,18 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
 absl::StatusOr<at::Tensor> LlamaModel::DenseLogits(const at::Tensor& tokens,
                                                    const LoraWeights* adapter, double lora_dropout,
                                                    bool training) const {
+  COLLM_ASSIGN_OR_RETURN(DenseContext ctx, DenseBegin(tokens));
+  if (adapter != nullptr && static_cast<int64_t>(adapter->layers.size()) != config_.num_hidden_layers) {
+    return absl::InvalidArgumentError("DenseLogits: adapter layer count differs from the model");
+  }
+  at::Tensor x = ctx.hidden;
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    COLLM_ASSIGN_OR_RETURN(x, DenseLayer(ctx, l, x, adapter, lora_dropout, training));
+  }
+  return DenseHead(x);
+}
+
+absl::StatusOr<LlamaModel::DenseContext> LlamaModel::DenseBegin(const at::Tensor& tokens) const {
   const ModelConfig& c = config_;
   if (tokens.dim() != 2 || tokens.scalar_type() != at::kLong) {
     return absl::InvalidArgumentError("DenseLogits needs a [batch, length] int64 token tensor");
@@ -665,53 +677,78 @@ absl::StatusOr<at::Tensor> LlamaModel::DenseLogits(const at::Tensor& tokens,
   if (tokens.numel() > 0 && (tokens.min().item<int64_t>() < 0 || tokens.max().item<int64_t>() >= c.vocab_size)) {
     return absl::InvalidArgumentError("DenseLogits: token id outside the vocabulary");
   }
-  if (adapter != nullptr && static_cast<int64_t>(adapter->layers.size()) != c.num_hidden_layers) {
-    return absl::InvalidArgumentError("DenseLogits: adapter layer count differs from the model");
-  }
-  const int64_t hd = c.head_dim, H = c.num_attention_heads, KV = c.num_key_value_heads;
-  const int64_t group = H / KV, qs = c.q_size(), kvs = c.kv_size(), ff = c.intermediate_size;
+  const int64_t hd = c.head_dim;
   const auto dev = runtime_.device;
   try {
+    DenseContext ctx;
     at::Tensor ids = tokens.to(dev);
     at::Tensor inv_freq = at::tensor(inv_freq_, at::kFloat).to(dev);
     at::Tensor freqs = at::arange(Lq, at::TensorOptions().dtype(at::kFloat).device(dev)).unsqueeze(1) *
                        inv_freq.unsqueeze(0);
     at::Tensor emb = at::cat({freqs, freqs}, -1);
-    at::Tensor cos = emb.cos().to(runtime_.dtype).view({1, Lq, 1, hd});
-    at::Tensor sin = emb.sin().to(runtime_.dtype).view({1, Lq, 1, hd});
-    at::Tensor mask = at::full({Lq, Lq}, -std::numeric_limits<float>::infinity(),
-                               at::TensorOptions().dtype(at::kFloat).device(dev))
-                          .triu(1);
+    ctx.cos = emb.cos().to(runtime_.dtype).view({1, Lq, 1, hd});
+    ctx.sin = emb.sin().to(runtime_.dtype).view({1, Lq, 1, hd});
+    ctx.mask = at::full({Lq, Lq}, -std::numeric_limits<float>::infinity(),
+                        at::TensorOptions().dtype(at::kFloat).device(dev))
+                   .triu(1);
+    ctx.hidden = embed_.index_select(0, ids.reshape({-1})).view({B, Lq, c.hidden_size});
+    return ctx;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("dense forward failed: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::DenseLayer(const DenseContext& ctx, int64_t layer,
+                                                  const at::Tensor& hidden, const LoraWeights* adapter,
+                                                  double lora_dropout, bool training) const {
+  const ModelConfig& c = config_;
+  if (layer < 0 || layer >= c.num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("DenseLayer: no layer ", layer));
+  }
+  if (adapter != nullptr && static_cast<int64_t>(adapter->layers.size()) != c.num_hidden_layers) {
+    return absl::InvalidArgumentError("DenseLayer: adapter layer count differs from the model");
+  }
+  const int64_t hd = c.head_dim, H = c.num_attention_heads, KV = c.num_key_value_heads;
+  const int64_t group = H / KV, qs = c.q_size(), kvs = c.kv_size(), ff = c.intermediate_size;
+  const int64_t B = hidden.size(0), Lq = hidden.size(1);
+  try {
     auto delta = [&](const at::Tensor& in, const LoraProjection& p) {
       return LoraDelta(in, p, lora_dropout, training);
     };
-    at::Tensor x = embed_.index_select(0, ids.reshape({-1})).view({B, Lq, c.hidden_size});
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& L = layers_[l];
-      const LoraLayer* A = adapter != nullptr ? &adapter->layers[l] : nullptr;
-      at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
-      at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
-      if (A != nullptr && A->qkv.defined()) qkv = qkv + delta(h, A->qkv);
-      at::Tensor q = qkv.narrow(2, 0, qs).view({B, Lq, H, hd});
-      at::Tensor k = qkv.narrow(2, qs, kvs).view({B, Lq, KV, hd});
-      at::Tensor v = qkv.narrow(2, qs + kvs, kvs).view({B, Lq, KV, hd});
-      q = q * cos + RotateHalf(q) * sin;
-      k = (k * cos + RotateHalf(k) * sin).repeat_interleave(group, 2);
-      v = v.repeat_interleave(group, 2);
-      at::Tensor scores =
-          at::einsum("blhd,bshd->bhls", {q, k}).to(at::kFloat) / std::sqrt(double(hd)) + mask;
-      at::Tensor probs = at::softmax(scores, -1).to(runtime_.dtype);
-      at::Tensor attn = at::einsum("bhls,bshd->blhd", {probs, v}).reshape({B, Lq, qs});
-      x = x + at::linear(attn, L.w_o, L.b_o);
-      if (A != nullptr && A->o.defined()) x = x + delta(attn, A->o);
-      h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
-      at::Tensor gu = at::linear(h, L.w_gate_up);
-      if (A != nullptr && A->gate_up.defined()) gu = gu + delta(h, A->gate_up);
-      at::Tensor act = at::silu(gu.narrow(2, 0, ff)) * gu.narrow(2, ff, ff);
-      x = x + at::linear(act, L.w_down);
-      if (A != nullptr && A->down.defined()) x = x + delta(act, A->down);
-    }
-    return at::linear(RmsNormReference(x, final_norm_, c.rms_norm_eps), lm_head_).to(at::kFloat);
+    at::Tensor x = hidden;
+    const Layer& L = layers_[layer];
+    const LoraLayer* A = adapter != nullptr ? &adapter->layers[layer] : nullptr;
+    at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
+    at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
+    if (A != nullptr && A->qkv.defined()) qkv = qkv + delta(h, A->qkv);
+    at::Tensor q = qkv.narrow(2, 0, qs).view({B, Lq, H, hd});
+    at::Tensor k = qkv.narrow(2, qs, kvs).view({B, Lq, KV, hd});
+    at::Tensor v = qkv.narrow(2, qs + kvs, kvs).view({B, Lq, KV, hd});
+    q = q * ctx.cos + RotateHalf(q) * ctx.sin;
+    k = (k * ctx.cos + RotateHalf(k) * ctx.sin).repeat_interleave(group, 2);
+    v = v.repeat_interleave(group, 2);
+    at::Tensor scores =
+        at::einsum("blhd,bshd->bhls", {q, k}).to(at::kFloat) / std::sqrt(double(hd)) + ctx.mask;
+    at::Tensor probs = at::softmax(scores, -1).to(runtime_.dtype);
+    at::Tensor attn = at::einsum("bhls,bshd->blhd", {probs, v}).reshape({B, Lq, qs});
+    x = x + at::linear(attn, L.w_o, L.b_o);
+    if (A != nullptr && A->o.defined()) x = x + delta(attn, A->o);
+    h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
+    at::Tensor gu = at::linear(h, L.w_gate_up);
+    if (A != nullptr && A->gate_up.defined()) gu = gu + delta(h, A->gate_up);
+    at::Tensor act = at::silu(gu.narrow(2, 0, ff)) * gu.narrow(2, ff, ff);
+    x = x + at::linear(act, L.w_down);
+    if (A != nullptr && A->down.defined()) x = x + delta(act, A->down);
+    return x;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("dense forward failed: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<at::Tensor> LlamaModel::DenseHead(const at::Tensor& hidden) const {
+  try {
+    return at::linear(RmsNormReference(hidden, final_norm_, config_.rms_norm_eps), lm_head_)
+        .to(at::kFloat);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("dense forward failed: ", e.what_without_backtrace()));
   }

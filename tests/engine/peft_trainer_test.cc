@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <random>
 
 #include "collm/lora/shadow_adapter.h"
@@ -110,6 +111,110 @@ TEST(PeftTrainerTest, GradientAccumulationEqualsOneLargeBatch) {
   const auto& f1 = a1.factors.layers[1][static_cast<int>(LoraTarget::kDown)];
   const auto& f2 = a2.factors.layers[1][static_cast<int>(LoraTarget::kDown)];
   EXPECT_LT((f1.b - f2.b).abs().max().item<double>(), 1e-5);
+}
+
+// The phased micro-step (one layer per phase, backward through detached layer boundaries) must
+// give the gradients of one whole-graph backward through DenseLogits.
+TEST(PeftTrainerTest, PhasedMicroStepGivesTheWholeGraphGradients) {
+  auto model = Tiny();
+  auto train = PatternExamples(3, 6);
+  TrainerOptions o;
+  o.grad_accum_steps = 2;  // No optimizer step: the gradients stay on the parameters.
+  auto trainer = MakeTrainer(model, o, 0.0, 5);
+  // B = 0 at init would make every A gradient zero: give B values first.
+  for (auto& layer : trainer->shadow().factors().layers) {
+    for (auto& f : layer) {
+      if (f.b.defined()) f.b.data().normal_(0, 0.05);
+    }
+  }
+  // Reference: the whole graph at once, on a copy of the parameters.
+  runtime::LoraFactors ref;
+  ref.scale = trainer->shadow().factors().scale;
+  for (const auto& layer : trainer->shadow().factors().layers) {
+    std::array<runtime::LoraFactors::Factor, runtime::kNumLoraTargets> copy;
+    for (size_t t = 0; t < layer.size(); ++t) {
+      if (!layer[t].a.defined()) continue;
+      copy[t].a = layer[t].a.detach().clone().requires_grad_(true);
+      copy[t].b = layer[t].b.detach().clone().requires_grad_(true);
+    }
+    ref.layers.push_back(copy);
+  }
+  std::vector<const TrainingExample*> batch;
+  int64_t len = 0;
+  for (const auto& e : train) {
+    batch.push_back(&e);
+    len = std::max<int64_t>(len, e.tokens.size());
+  }
+  at::Tensor tokens = at::zeros({3, len}, at::kLong), mask = at::zeros({3, len});
+  for (int i = 0; i < 3; ++i) {
+    for (size_t j = 0; j < train[i].tokens.size(); ++j) {
+      tokens[i][j] = train[i].tokens[j];
+      mask[i][j] = train[i].loss_mask[j] ? 1.0 : 0.0;
+    }
+  }
+  auto weights = runtime::FuseLora(model->config(), ref).value();
+  at::Tensor logits = model->DenseLogits(tokens.narrow(1, 0, len - 1), &weights, 0.0, true).value();
+  at::Tensor ce = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}),
+                                         tokens.narrow(1, 1, len - 1).reshape({-1}), {},
+                                         at::Reduction::None);
+  at::Tensor m = mask.narrow(1, 1, len - 1).reshape({-1});
+  ((ce * m).sum() / (m.sum() * 2)).backward();
+
+  ASSERT_TRUE(trainer->BeginMicroStep(batch).ok());
+  EXPECT_EQ(trainer->num_phases(), 2 * model->config().num_hidden_layers + 1);
+  int phases = 0;
+  for (;;) {
+    EXPECT_EQ(trainer->next_phase(), phases);
+    auto r = trainer->AdvanceMicroStep();
+    ASSERT_TRUE(r.ok()) << r.status();
+    ++phases;
+    if (r->finished) {
+      EXPECT_FALSE(r->step.has_value());  // Still accumulating.
+      break;
+    }
+    EXPECT_TRUE(trainer->micro_step_active());
+  }
+  EXPECT_EQ(phases, trainer->num_phases());
+  EXPECT_FALSE(trainer->micro_step_active());
+  double worst = 0, largest = 0;
+  for (size_t l = 0; l < ref.layers.size(); ++l) {
+    for (size_t t = 0; t < ref.layers[l].size(); ++t) {
+      const auto& got = trainer->shadow().factors().layers[l][t];
+      if (!got.a.defined()) continue;
+      ASSERT_TRUE(got.a.grad().defined()) << "layer " << l << " target " << t;
+      worst = std::max(worst, (got.a.grad() - ref.layers[l][t].a.grad()).abs().max().item<double>());
+      worst = std::max(worst, (got.b.grad() - ref.layers[l][t].b.grad()).abs().max().item<double>());
+      largest = std::max(largest, ref.layers[l][t].a.grad().abs().max().item<double>());
+    }
+  }
+  EXPECT_GT(largest, 1e-6);
+  EXPECT_LT(worst, 1e-5 * std::max(1.0, largest));
+}
+
+TEST(PeftTrainerTest, AbortedMicroStepLeavesNoGradient) {
+  auto model = Tiny();
+  auto train = PatternExamples(2, 7);
+  auto trainer = MakeTrainer(model, TrainerOptions{});
+  std::vector<const TrainingExample*> batch = {&train[0], &train[1]};
+  ASSERT_TRUE(trainer->BeginMicroStep(batch).ok());
+  EXPECT_EQ(trainer->BeginMicroStep(batch).code(), absl::StatusCode::kFailedPrecondition);
+  for (int i = 0; i < model->config().num_hidden_layers + 2; ++i) {
+    ASSERT_TRUE(trainer->AdvanceMicroStep().ok());  // Forward, head, one backward layer.
+  }
+  trainer->DiscardPartialStep();
+  EXPECT_FALSE(trainer->micro_step_active());
+  for (const auto& layer : trainer->shadow().factors().layers) {
+    for (const auto& f : layer) {
+      if (!f.a.defined()) continue;
+      EXPECT_TRUE(!f.a.grad().defined() || f.a.grad().abs().max().item<double>() == 0);
+      EXPECT_TRUE(!f.b.grad().defined() || f.b.grad().abs().max().item<double>() == 0);
+    }
+  }
+  EXPECT_EQ(trainer->AdvanceMicroStep().status().code(), absl::StatusCode::kFailedPrecondition);
+  // A fresh micro-step runs normally afterwards.
+  auto stats = trainer->MicroStep(batch);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_TRUE(stats->has_value());
 }
 
 TEST(PeftTrainerTest, ScheduleWarmupAndCosine) {

@@ -74,11 +74,32 @@ class PeftTrainer {
   static absl::StatusOr<std::unique_ptr<PeftTrainer>> Create(
       std::shared_ptr<const runtime::LlamaModel> model, std::unique_ptr<lora::ShadowAdapter> shadow,
       const TrainerOptions& options);
+  ~PeftTrainer();
 
   // Forward + backward of one micro-batch, accumulating gradients. Once grad_accum_steps
   // micro-batches have accumulated it applies the optimizer step and returns its stats.
   absl::StatusOr<std::optional<StepStats>> MicroStep(
       const std::vector<const TrainingExample*>& batch);
+
+  // The same micro-step, preemptible: BeginMicroStep prepares it, each AdvanceMicroStep runs one
+  // phase — the forward of one decoder layer, the head + loss, or the backward of one layer
+  // (2 * layers + 1 phases) — so the engine can serve inference between phases and a request
+  // never waits for more than one phase. MicroStep == Begin + Advance until finished; the phased
+  // backward (one layer at a time, through detached layer boundaries) computes the same gradients.
+  struct PhaseResult {
+    bool finished = false;            // The micro-step is complete (no phase left).
+    std::optional<StepStats> step;    // Set when finishing it applied an optimizer step.
+  };
+  // FailedPrecondition while another micro-step is in flight; InvalidArgument for an empty batch
+  // or one without targets.
+  absl::Status BeginMicroStep(const std::vector<const TrainingExample*>& batch);
+  absl::StatusOr<PhaseResult> AdvanceMicroStep();
+  bool micro_step_active() const { return run_ != nullptr; }
+  int64_t micro_step_examples() const;     // Examples of the micro-step in flight (0 = none).
+  int64_t next_phase() const;              // Index of the phase AdvanceMicroStep runs next.
+  int64_t num_phases() const;              // Phases per micro-step: 2 * layers + 1.
+  // Drops the micro-step in flight (its gradients never reach the parameters).
+  void AbortMicroStep();
   // A whole optimizer step: grad_accum_steps micro-batches drawn from `sampler`.
   absl::StatusOr<StepStats> Step(ExampleSampler& sampler);
   // Mean token loss of the current shadow adapter.
@@ -90,8 +111,8 @@ class PeftTrainer {
   const TrainerOptions& options() const { return options_; }
   int64_t micro_steps() const { return micro_steps_; }
 
-  // Drops gradients accumulated since the last optimizer step (e.g. at shutdown, so a checkpoint
-  // can be taken at a step boundary).
+  // Drops gradients accumulated since the last optimizer step and any micro-step in flight (e.g. at
+  // shutdown, so a checkpoint can be taken at a step boundary).
   void DiscardPartialStep();
   // Checkpoint = shadow adapter + optimizer state + `extra` (e.g. sampler cursor) + counters.
   absl::Status SaveCheckpoint(const std::string& dir,
@@ -101,7 +122,8 @@ class PeftTrainer {
       const TrainerOptions& options, std::map<std::string, std::string>* extra);
 
  private:
-  PeftTrainer() = default;
+  PeftTrainer();
+  struct Run;
 
   std::shared_ptr<const runtime::LlamaModel> model_;
   std::unique_ptr<lora::ShadowAdapter> shadow_;
@@ -110,6 +132,7 @@ class PeftTrainer {
   int64_t accumulated_ = 0;   // Micro-batches since the last optimizer step.
   double accum_loss_ = 0;
   int64_t accum_tokens_ = 0, accum_targets_ = 0;
+  std::unique_ptr<Run> run_;  // The phased micro-step in flight, if any.
 };
 
 }  // namespace collm::engine

@@ -90,6 +90,20 @@ class LlamaModel {
   absl::StatusOr<at::Tensor> DenseLogits(const at::Tensor& tokens, const LoraWeights* adapter,
                                          double lora_dropout = 0.0, bool training = false) const;
 
+  // DenseLogits in stages, so a caller (the co-execution scheduler) can run other work between
+  // layers and backpropagate one layer at a time: DenseBegin validates and embeds, DenseLayer runs
+  // decoder layer `layer` on the hidden state [batch, length, hidden], DenseHead gives the f32
+  // logits. DenseLogits == DenseHead(DenseLayer(...DenseBegin...)).
+  struct DenseContext {
+    at::Tensor cos, sin, mask;  // RoPE tables and the causal mask for this length.
+    at::Tensor hidden;          // Embeddings after DenseBegin.
+  };
+  absl::StatusOr<DenseContext> DenseBegin(const at::Tensor& tokens) const;
+  absl::StatusOr<at::Tensor> DenseLayer(const DenseContext& ctx, int64_t layer,
+                                        const at::Tensor& hidden, const LoraWeights* adapter,
+                                        double lora_dropout, bool training) const;
+  absl::StatusOr<at::Tensor> DenseHead(const at::Tensor& hidden) const;
+
   // The base weight of one projection, [out, in] (a view into the fused storage). For merging
   // adapters in tests and tools.
   at::Tensor BaseWeight(int64_t layer, LoraTarget target) const;
