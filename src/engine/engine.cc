@@ -221,6 +221,9 @@ void Engine::Shutdown(double grace_seconds) {
     while (Step()) {
     }
   }
+  // A held-out evaluation still running decides now, so the final stats (and the live version a
+  // restarted daemon finds) include it.
+  if (training_.publisher != nullptr && training_.publisher->pending()) PollPublisher(true);
 }
 
 EngineStats Engine::Stats() const {
@@ -230,10 +233,9 @@ EngineStats Engine::Stats() const {
 
 bool Engine::StepForTest() { return Step(); }
 
-void Engine::SetCostEstimatesForTest(double infer_step_seconds, double train_step_seconds) {
+void Engine::SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_example) {
   infer_cost_ = infer_step_seconds;
-  train_cost_ = train_step_seconds;
-  train_cost_per_example_ = train_step_seconds / std::max<int64_t>(1, last_train_batch_);
+  std::fill(phase_cost_.begin(), phase_cost_.end(), phase_seconds_per_example);
 }
 
 absl::Status Engine::EnableTraining(TrainingSetup setup) {
@@ -245,7 +247,7 @@ absl::Status Engine::EnableTraining(TrainingSetup setup) {
   if (!training_.dataset.empty()) {
     sampler_ = std::make_unique<ExampleSampler>(&training_.dataset, training_.seed);
   }
-  last_train_batch_ = training_.trainer->options().micro_batch_size;
+  phase_cost_.assign(static_cast<size_t>(training_.trainer->num_phases()), 0.0);
   return absl::OkStatus();
 }
 
@@ -284,35 +286,84 @@ double Engine::SloSlack(int64_t now) const {
   return slack;
 }
 
-bool Engine::MaybeTrain() {
-  if (training_.trainer == nullptr || options_.training_share <= 0) return false;
-  bool idle;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    idle = queue_.empty() && running_.empty();
-    if (stop_) return false;  // Shutting down: serve what is left, no new training.
+double Engine::IdleBudget() const {
+  // A request arriving now waits for the phase in flight, then for its first (prefill) step.
+  double ttft_ms = options_.default_slo.ttft_ms > 0 ? options_.default_slo.ttft_ms
+                                                   : std::numeric_limits<double>::infinity();
+  for (const auto& [name, slo] : options_.slo_classes) {
+    if (slo.ttft_ms > 0) ttft_ms = std::min(ttft_ms, slo.ttft_ms);
   }
+  return ttft_ms * 1e-3 - infer_cost_;
+}
+
+double Engine::PhaseCost(int64_t phase) const {
+  const double c = phase_cost_[static_cast<size_t>(phase)];
+  if (c > 0) return c;
+  // Not measured yet: the costliest phase measured so far (0 = nothing measured).
+  return *std::max_element(phase_cost_.begin(), phase_cost_.end());
+}
+
+bool Engine::MaybeTrain() {
+  last_train_seconds_ = 0;
+  if (training_.trainer == nullptr || options_.training_share <= 0) return false;
   PeftTrainer& trainer = *training_.trainer;
-  int64_t n = trainer.options().micro_batch_size;
-  if (!idle) {
-    const double total = busy_infer_ + busy_train_;
-    if (total > 0 && busy_train_ / total >= options_.training_share) return false;
-    const double slack = options_.slo_guard ? SloSlack(clock_->NowNanos())
-                                            : std::numeric_limits<double>::infinity();
-    if (std::isfinite(slack)) {
-      // Until a micro-step has been measured (when idle) its cost is unknown: don't risk it.
-      const int64_t fit =
-          train_cost_per_example_ <= 0
-              ? 0
-              : static_cast<int64_t>(std::floor(slack / (options_.guard_safety * train_cost_per_example_)));
-      if (fit < 1) {
+  PollPublisher();
+  const double inf = std::numeric_limits<double>::infinity();
+  bool ran = false;
+  for (;;) {
+    bool idle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      idle = queue_.empty() && running_.empty();
+      if (stop_) break;  // Shutting down: serve what is left, no new training.
+    }
+    if (!idle) {
+      const double total = busy_infer_ + busy_train_;
+      if (total > 0 && busy_train_ / total >= options_.training_share) break;
+    }
+    // The time the next phase may take: when serving, the slack of the tightest request; when
+    // idle, what a request arriving right now could absorb (it waits for at most one phase).
+    double budget = inf;
+    if (options_.slo_guard) budget = idle ? IdleBudget() : SloSlack(clock_->NowNanos());
+    const double worst_phase = *std::max_element(phase_cost_.begin(), phase_cost_.end());
+    if (!trainer.micro_step_active()) {
+      // Size the micro-step so that its costliest phase fits the budget.
+      int64_t n = trainer.options().micro_batch_size;
+      if (std::isfinite(budget)) {
+        if (worst_phase <= 0) {
+          n = idle ? 1 : 0;  // Cost unknown: measure it with one example, and only when idle.
+        } else {
+          n = std::min<int64_t>(
+              n, static_cast<int64_t>(std::floor(budget / (options_.guard_safety * worst_phase))));
+        }
+      }
+      if (n < 1) {
         std::lock_guard<std::mutex> lock(mu_);
         ++stats_.train_guard_blocked;
-        return false;
+        break;
       }
-      n = std::min(n, fit);  // The micro-step shrinks to the slack.
+      if (!BeginMicroStep(n)) break;
+    } else if (std::isfinite(budget)) {
+      const double next =
+          PhaseCost(trainer.next_phase()) * static_cast<double>(trainer.micro_step_examples());
+      if (budget < options_.guard_safety * next) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.train_guard_blocked;
+        break;
+      }
     }
+    const bool finished = RunTrainingPhase();
+    ran = true;
+    // While serving, one phase between inference steps; without the guard a whole micro-step
+    // (the naive interleaving it is measured against); when idle, phases until a request arrives
+    // or the micro-step is done.
+    if (finished) break;
+    if (!idle && options_.slo_guard) break;
   }
+  return ran;
+}
+
+bool Engine::BeginMicroStep(int64_t n) {
   std::vector<TrainingExample> fresh;
   if (training_.feedback != nullptr) fresh = training_.feedback->Take(static_cast<size_t>(n));
   std::vector<const TrainingExample*> batch;
@@ -321,54 +372,81 @@ bool Engine::MaybeTrain() {
     for (const auto* e : sampler_->Next(n - static_cast<int64_t>(batch.size()))) batch.push_back(e);
   }
   if (batch.empty()) return false;
+  // The trainer copies what it needs (MakeBatch), so feedback examples may go out of scope.
+  if (auto s = training_.trainer->BeginMicroStep(batch); !s.ok()) {
+    COLLM_LOG_ERROR("training micro-step failed to start: {}", s.ToString());
+    return false;
+  }
+  micro_step_seconds_ = 0;
+  return true;
+}
+
+bool Engine::RunTrainingPhase() {
+  PeftTrainer& trainer = *training_.trainer;
+  const int64_t phase = trainer.next_phase();
+  const int64_t n = trainer.micro_step_examples();
   const int64_t start = clock_->NowNanos();
-  auto stats = trainer.MicroStep(batch);
+  auto result = trainer.AdvanceMicroStep();
   const double seconds = (clock_->NowNanos() - start) * 1e-9;
-  last_train_seconds_ = seconds;
-  last_train_batch_ = static_cast<int64_t>(batch.size());
-  const double per_example = seconds / static_cast<double>(batch.size());
-  train_cost_per_example_ = train_cost_per_example_ == 0 ? per_example
-                                                         : 0.8 * train_cost_per_example_ + 0.2 * per_example;
-  train_cost_ = train_cost_ == 0 ? seconds : 0.8 * train_cost_ + 0.2 * seconds;
-  if (!stats.ok()) {
-    COLLM_LOG_ERROR("training micro-step failed: {}", stats.status().ToString());
+  last_train_seconds_ += seconds;
+  micro_step_seconds_ += seconds;
+  double& cost = phase_cost_[static_cast<size_t>(phase)];
+  const double per_example = seconds / static_cast<double>(std::max<int64_t>(1, n));
+  cost = cost == 0 ? per_example : 0.8 * cost + 0.2 * per_example;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.train_phases;
+  }
+  if (!result.ok()) {
+    COLLM_LOG_ERROR("training micro-step failed: {}", result.status().ToString());
     return true;
   }
-  if (stats->has_value() && !training_.checkpoint_dir.empty() &&
-      training_.checkpoint_every_steps > 0 &&
-      (*stats)->step % training_.checkpoint_every_steps == 0) {
+  if (!result->finished) return false;
+  train_cost_ = train_cost_ == 0 ? micro_step_seconds_ : 0.8 * train_cost_ + 0.2 * micro_step_seconds_;
+  const std::optional<StepStats>& step = result->step;
+  if (step.has_value() && !training_.checkpoint_dir.empty() && training_.checkpoint_every_steps > 0 &&
+      step->step % training_.checkpoint_every_steps == 0) {
     if (auto s = CheckpointTrainingLocked(training_.checkpoint_dir); !s.ok()) {
       COLLM_LOG_ERROR("periodic checkpoint failed: {}", s.ToString());
     }
   }
-  std::optional<PublishStats> publish;
-  if (stats->has_value() && training_.publisher != nullptr &&
-      training_.publisher->Due((*stats)->step)) {
-    auto published = training_.publisher->Consider(trainer);
-    if (!published.ok()) COLLM_LOG_ERROR("publish failed: {}", published.status().ToString());
-    publish = training_.publisher->stats();
+  if (step.has_value() && training_.publisher != nullptr && training_.publisher->Due(step->step)) {
+    // The held-out evaluation runs beside the engine; PollPublisher publishes when it is done.
+    if (!training_.publisher->BeginConsider(trainer)) {
+      COLLM_LOG_DEBUG("publish at step {} skipped: the previous evaluation is still running",
+                      step->step);
+    }
   }
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.train_micro_steps;
-  stats_.train_examples += static_cast<int64_t>(batch.size());
+  stats_.train_examples += n;
   stats_.train_step_seconds = train_cost_;
-  if (stats->has_value()) {
+  if (step.has_value()) {
     ++stats_.train_optimizer_steps;
-    stats_.train_loss = (*stats)->loss;
+    stats_.train_loss = step->loss;
   }
-  if (publish) stats_.publish = *publish;
   if (metrics_) {
     metrics_->train_micro_steps->Increment();
-    if (stats->has_value()) {
+    if (step.has_value()) {
       metrics_->train_optimizer_steps->Increment();
-      metrics_->train_loss->Set((*stats)->loss);
-    }
-    if (publish) {
-      metrics_->held_out_loss->Set(publish->live_loss);
-      metrics_->adapter_version->Set(static_cast<double>(publish->live_version));
+      metrics_->train_loss->Set(step->loss);
     }
   }
   return true;
+}
+
+void Engine::PollPublisher(bool wait) {
+  if (training_.publisher == nullptr) return;
+  auto done = training_.publisher->Poll(wait);
+  if (!done.has_value()) return;
+  if (!done->ok()) COLLM_LOG_ERROR("publish failed: {}", done->status().ToString());
+  const PublishStats publish = training_.publisher->stats();
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.publish = publish;
+  if (metrics_) {
+    metrics_->held_out_loss->Set(publish.live_loss);
+    metrics_->adapter_version->Set(static_cast<double>(publish.live_version));
+  }
 }
 
 void Engine::RecordStepMetrics(int64_t batch_tokens) {

@@ -1,6 +1,8 @@
 #include "collm/engine/shadow_publisher.h"
 
+#include <chrono>
 #include <cstdio>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -21,7 +23,7 @@ bool ShadowPublisher::Due(int64_t optimizer_step) const {
   return options_.every_steps > 0 && optimizer_step > 0 && optimizer_step % options_.every_steps == 0;
 }
 
-absl::StatusOr<double> ShadowPublisher::LiveLoss() {
+absl::StatusOr<double> ShadowPublisher::LiveLoss() const {
   auto live = registry_.Get(name_);
   if (live.ok()) {
     if ((*live)->held_out_loss >= 0) return (*live)->held_out_loss;
@@ -30,19 +32,36 @@ absl::StatusOr<double> ShadowPublisher::LiveLoss() {
   return EvaluateLoss(*model_, nullptr, held_out_);  // Nothing live yet: the base model.
 }
 
-absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer) {
-  ++stats_.attempts;
-  double candidate = -1;
-  const bool can_evaluate = !held_out_.empty();
-  if (can_evaluate) {
-    COLLM_ASSIGN_OR_RETURN(candidate, trainer.Evaluate(held_out_));
-    stats_.last_candidate_loss = candidate;
+absl::StatusOr<ShadowPublisher::Losses> ShadowPublisher::Evaluate(
+    const lora::LoraAdapter& candidate) const {
+  Losses losses;
+  if (options_.quality_gate && held_out_.empty()) {
+    return absl::FailedPreconditionError("publish quality gate needs held-out examples");
+  }
+  if (!held_out_.empty()) {
+    COLLM_ASSIGN_OR_RETURN(runtime::LoraWeights weights,
+                           candidate.ToWeights(model_->config(), model_->runtime()));
+    COLLM_ASSIGN_OR_RETURN(losses.candidate, EvaluateLoss(*model_, &weights, held_out_));
   }
   if (options_.quality_gate) {
-    if (!can_evaluate) {
-      return absl::FailedPreconditionError("publish quality gate needs held-out examples");
-    }
-    COLLM_ASSIGN_OR_RETURN(double live, LiveLoss());
+    COLLM_ASSIGN_OR_RETURN(losses.live, LiveLoss());
+  }
+  return losses;
+}
+
+absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer) {
+  lora::LoraAdapter candidate = trainer.shadow().Snapshot();
+  return Decide(candidate, trainer.shadow().step(), Evaluate(candidate));
+}
+
+absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_adapter, int64_t step,
+                                            const absl::StatusOr<Losses>& losses) {
+  ++stats_.attempts;
+  if (!losses.ok()) return losses.status();
+  const double candidate = losses->candidate;
+  if (candidate >= 0) stats_.last_candidate_loss = candidate;
+  if (options_.quality_gate) {
+    const double live = losses->live;
     stats_.live_loss = live;
     if (candidate > live - options_.min_improvement) {
       ++stats_.rejected;
@@ -53,8 +72,7 @@ absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer) {
     }
   }
   COLLM_ASSIGN_OR_RETURN(auto snapshot,
-                         registry_.Publish(name_, trainer.shadow().Snapshot(),
-                                           absl::StrCat("shadow step ", trainer.shadow().step()),
+                         registry_.Publish(name_, candidate_adapter, absl::StrCat("shadow step ", step),
                                            candidate));
   ++stats_.published;
   stats_.live_version = snapshot->version;
@@ -62,6 +80,37 @@ absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer) {
   stats_.last_decision = absl::StrFormat("published version %d (held-out loss %.4f)",
                                          snapshot->version, candidate);
   return true;
+}
+
+struct ShadowPublisher::Pending {
+  lora::LoraAdapter candidate;
+  int64_t step = 0;
+  std::future<absl::StatusOr<Losses>> losses;
+};
+
+bool ShadowPublisher::BeginConsider(const PeftTrainer& trainer) {
+  if (pending_ != nullptr) return false;
+  auto p = std::make_unique<Pending>();
+  p->candidate = trainer.shadow().Snapshot();  // A deep copy: training goes on meanwhile.
+  p->step = trainer.shadow().step();
+  const lora::LoraAdapter* candidate = &p->candidate;  // Stable: Pending is heap-allocated.
+  p->losses = std::async(std::launch::async, [this, candidate] { return Evaluate(*candidate); });
+  pending_ = std::move(p);
+  return true;
+}
+
+std::optional<absl::StatusOr<bool>> ShadowPublisher::Poll(bool wait) {
+  if (pending_ == nullptr) return std::nullopt;
+  if (wait) pending_->losses.wait();
+  if (pending_->losses.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+    return std::nullopt;
+  }
+  std::unique_ptr<Pending> done = std::move(pending_);
+  return Decide(done->candidate, done->step, done->losses.get());
+}
+
+ShadowPublisher::~ShadowPublisher() {
+  if (pending_ != nullptr) pending_->losses.wait();
 }
 
 }  // namespace collm::engine

@@ -133,39 +133,72 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   o.slo_classes["loose"] = {0, 50};
   auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
   ASSERT_TRUE(engine->EnableTraining(e.Setup(4, 0)).ok());
+  const int64_t phases = 2 * e.model->config().num_hidden_layers + 1;
   EngineRequest r;
   r.prompt = e.tokenizer->Encode("hello there", true);
-  r.params.max_tokens = 50;
+  r.params.max_tokens = 60;
   r.params.ignore_eos = true;
   r.slo_class = "tight";
   auto sink = std::make_shared<Sink>();
   ASSERT_TRUE(engine->Submit(r, sink).ok());
-  // Each step takes 10 ms of (fake) time; a micro-step of 4 examples costs 100 ms (25 ms each).
-  // "tight" asks for a 10 ms TPOT: there is never room for a single example.
+  // Each inference step takes 10 ms of (fake) time and each training phase 25 ms per example.
+  // "tight" asks for a 10 ms TPOT: there is never room for a single example's phase.
   for (int i = 0; i < 5; ++i) {
-    engine->SetCostEstimatesForTest(0.010, 0.100);
+    engine->SetCostEstimatesForTest(0.010, 0.025);
     ASSERT_TRUE(engine->StepForTest());
     clock.AdvanceSeconds(0.010);
   }
   EngineStats st = engine->Stats();
   EXPECT_EQ(st.train_guard_blocked, 5);
-  EXPECT_EQ(st.train_micro_steps, 0);
+  EXPECT_EQ(st.train_phases, 0);
   engine->Cancel(1);
-  ASSERT_TRUE(engine->StepForTest());  // Idle now: a full micro-step of 4 uses the idle time.
+  // Idle now, and no class has a TTFT objective: a whole micro-step of 4 uses the idle time.
+  engine->SetCostEstimatesForTest(0.010, 0.025);
+  ASSERT_TRUE(engine->StepForTest());
   st = engine->Stats();
   EXPECT_EQ(st.train_micro_steps, 1);
   EXPECT_EQ(st.train_examples, 4);
+  EXPECT_EQ(st.train_phases, phases);
 
   // "loose" allows 50 ms per token: after the first token 40 ms of slack remain, enough for one
-  // example but not four, so the micro-step shrinks to one example.
+  // example's phase but not four, so the micro-step shrinks to one example, and it advances by
+  // one phase per inference step (serving never waits for a whole micro-step).
   r.slo_class = "loose";
   auto sink2 = std::make_shared<Sink>();
   ASSERT_TRUE(engine->Submit(r, sink2).ok());
-  engine->SetCostEstimatesForTest(0.010, 0.100);
-  ASSERT_TRUE(engine->StepForTest());
-  st = engine->Stats();
-  EXPECT_EQ(st.train_micro_steps, 2);
+  for (int64_t i = 0; i < phases; ++i) {
+    engine->SetCostEstimatesForTest(0.010, 0.025);
+    ASSERT_TRUE(engine->StepForTest());
+    clock.AdvanceSeconds(0.010);
+    st = engine->Stats();
+    EXPECT_EQ(st.train_phases, phases + i + 1) << "one phase per inference step";
+    EXPECT_EQ(st.train_micro_steps, i + 1 < phases ? 1 : 2);
+  }
   EXPECT_EQ(st.train_examples, 5);
+  EXPECT_EQ(sink2->ids_.size(), static_cast<size_t>(phases)) << "a token every step meanwhile";
+}
+
+TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
+  Env e;
+  FakeClock clock(1'000'000'000);
+  EngineOptions o;
+  o.training_share = 0.5;
+  o.guard_safety = 1.0;
+  o.default_slo = {40, 0};  // A request arriving now may wait 40 - 10 (its prefill) = 30 ms.
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
+  ASSERT_TRUE(engine->EnableTraining(e.Setup(8, 0)).ok());
+  // Cost unknown: the first idle micro-step measures it with a single example.
+  ASSERT_TRUE(engine->StepForTest());
+  EXPECT_EQ(engine->Stats().train_examples, 1);
+  // 10 ms per example and phase: three examples' phases fit the 30 ms an arrival can absorb.
+  engine->SetCostEstimatesForTest(0.010, 0.010);
+  ASSERT_TRUE(engine->StepForTest());
+  EXPECT_EQ(engine->Stats().train_examples, 1 + 3);
+  // A TTFT objective tighter than one example's phase: nothing starts.
+  engine->SetCostEstimatesForTest(0.010, 0.040);
+  EXPECT_FALSE(engine->StepForTest());
+  EXPECT_EQ(engine->Stats().train_examples, 4);
+  EXPECT_GE(engine->Stats().train_guard_blocked, 1);
 }
 
 TEST(CoExecutionTest, MetricsAndCheckpointResume) {

@@ -73,5 +73,34 @@ TEST(ShadowPublisherTest, UngatedPublishesEveryNSteps) {
   EXPECT_EQ(f.registry.Get("live").value()->source, "shadow step 0");
 }
 
+// The background variant decides like Consider, on the copy taken when it began: training that
+// goes on meanwhile does not leak into the published version.
+TEST(ShadowPublisherTest, BackgroundEvaluationPublishesTheSnapshotItBeganWith) {
+  Fixture f;
+  auto train = Pattern(32, 1);
+  PublishOptions opts;
+  opts.quality_gate = true;
+  ShadowPublisher pub(f.model, f.registry, "live", opts, Pattern(8, 2));
+  ExampleSampler sampler(&train, 1);
+  for (int i = 0; i < 15; ++i) ASSERT_TRUE(f.trainer->Step(sampler).ok());
+  const lora::LoraAdapter began = f.trainer->shadow().Snapshot();
+  ASSERT_TRUE(pub.BeginConsider(*f.trainer));
+  EXPECT_TRUE(pub.pending());
+  EXPECT_FALSE(pub.BeginConsider(*f.trainer)) << "one evaluation at a time";
+  ASSERT_TRUE(f.trainer->Step(sampler).ok());  // The shadow moves on meanwhile.
+  auto decided = pub.Poll(/*wait=*/true);
+  ASSERT_TRUE(decided.has_value());
+  ASSERT_TRUE(decided->ok()) << decided->status();
+  EXPECT_TRUE(**decided);
+  EXPECT_FALSE(pub.pending());
+  EXPECT_FALSE(pub.Poll().has_value());
+  EXPECT_EQ(pub.stats().published, 1);
+  auto live = f.registry.Get("live").value();
+  EXPECT_EQ(live->source, "shadow step 15");
+  const auto& want = began.factors.layers[0][static_cast<int>(runtime::LoraTarget::kQ)].b;
+  const auto& got = live->adapter.factors.layers[0][static_cast<int>(runtime::LoraTarget::kQ)].b;
+  EXPECT_TRUE(got.equal(want));
+}
+
 }  // namespace
 }  // namespace collm::engine

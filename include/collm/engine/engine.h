@@ -115,10 +115,11 @@ struct EngineStats {
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
   // Training.
+  int64_t train_phases = 0;         // Micro-step phases run (one decoder layer forward/backward).
   int64_t train_micro_steps = 0;
   int64_t train_optimizer_steps = 0;
   int64_t train_examples = 0;
-  int64_t train_guard_blocked = 0;  // Micro-steps skipped because an SLO would be missed.
+  int64_t train_guard_blocked = 0;  // Phases not run because an SLO would be missed.
   double train_loss = 0;            // Loss of the last optimizer step.
   double train_time_share = 0;      // Measured share of busy time spent training (EWMA).
   double train_step_seconds = 0;    // EWMA cost of one micro-step.
@@ -167,8 +168,9 @@ class Engine {
   // PeftTrainer::Resume before EnableTraining).
   absl::Status RestoreTrainingCursor(const std::map<std::string, std::string>& state);
 
-  // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock).
-  void SetCostEstimatesForTest(double infer_step_seconds, double train_step_seconds);
+  // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock): one
+  // inference step, and one training phase per example (every phase alike).
+  void SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_example);
 
  private:
   struct Sequence;
@@ -176,8 +178,15 @@ class Engine {
   void Loop();
   bool Step();
   bool InferenceStep();
-  // Runs a micro-step when the share target and the SLO guard allow; returns whether it did.
+  // Runs training phases (see PeftTrainer::AdvanceMicroStep) while the share target and the SLO
+  // guard allow; returns whether it ran any.
   bool MaybeTrain();
+  bool BeginMicroStep(int64_t examples);  // Draws the examples; false when none or on error.
+  bool RunTrainingPhase();                // Returns whether the micro-step finished.
+  void PollPublisher(bool wait = false);  // Publishes once a background evaluation is done.
+  // Seconds a phase may take while idle: the tightest TTFT objective minus a prefill step.
+  double IdleBudget() const;
+  double PhaseCost(int64_t phase) const;  // Predicted seconds per example.
   // Seconds of delay the tightest SLO among queued and running requests can absorb before the
   // next token (infinity when none has an objective).
   double SloSlack(int64_t now) const;
@@ -207,11 +216,11 @@ class Engine {
   TrainingSetup training_;
   std::unique_ptr<ExampleSampler> sampler_;
   double infer_cost_ = 0;   // EWMA seconds per inference step.
-  double train_cost_ = 0;   // EWMA seconds per training micro-step (0 = not measured yet).
+  double train_cost_ = 0;   // EWMA seconds per whole training micro-step (0 = not measured yet).
+  std::vector<double> phase_cost_;  // EWMA seconds per example of each phase (0 = not measured).
+  double micro_step_seconds_ = 0;   // Spent on the micro-step in flight so far.
   double busy_infer_ = 0;   // EWMA of inference seconds per loop iteration.
   double busy_train_ = 0;   // EWMA of training seconds per loop iteration.
-  double train_cost_per_example_ = 0;
-  int64_t last_train_batch_ = 1;
   double last_infer_seconds_ = 0;
   double last_train_seconds_ = 0;
 

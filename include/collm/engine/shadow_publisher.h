@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,8 +47,28 @@ class ShadowPublisher {
   absl::StatusOr<bool> Consider(const PeftTrainer& trainer);
   const PublishStats& stats() const { return stats_; }
 
+  // The same decision without stalling the engine: BeginConsider copies the shadow and evaluates
+  // the copy on a worker thread (forward passes only; the frozen base model is read-only and the
+  // shadow keeps training), and Poll, on the owning thread, applies the gate and publishes once
+  // the evaluation is done. BeginConsider returns false (and does nothing) while one is pending.
+  bool BeginConsider(const PeftTrainer& trainer);
+  // nullopt while nothing has finished (`wait`: blocks until a pending one has); otherwise what
+  // Consider would have returned.
+  std::optional<absl::StatusOr<bool>> Poll(bool wait = false);
+  bool pending() const { return pending_ != nullptr; }
+  ~ShadowPublisher();  // Waits for a pending evaluation.
+
  private:
-  absl::StatusOr<double> LiveLoss();
+  struct Losses {
+    double candidate = -1;  // -1 = not evaluated (no held-out set).
+    double live = -1;       // -1 = not needed (no gate).
+  };
+  absl::StatusOr<Losses> Evaluate(const lora::LoraAdapter& candidate) const;
+  absl::StatusOr<bool> Decide(const lora::LoraAdapter& candidate, int64_t step,
+                              const absl::StatusOr<Losses>& losses);
+  absl::StatusOr<double> LiveLoss() const;
+  struct Pending;
+  std::unique_ptr<Pending> pending_;
 
   std::shared_ptr<const runtime::LlamaModel> model_;
   lora::AdapterRegistry& registry_;
