@@ -412,7 +412,7 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   COLLM_ASSIGN_OR_RETURN(
       Section s, root.Sub("engine", {"max_step_tokens", "max_running", "max_queued", "kv_cache",
                                      "default_adapter", "slo", "training_share", "slo_guard",
-                                     "guard_safety"}));
+                                     "guard_safety", "guard_idle_risk"}));
   COLLM_RETURN_IF_ERROR(s.Int("max_step_tokens", &out.max_step_tokens));
   COLLM_RETURN_IF_ERROR(s.Int("max_running", &out.max_running));
   COLLM_RETURN_IF_ERROR(s.Int("max_queued", &out.max_queued));
@@ -420,6 +420,7 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   COLLM_RETURN_IF_ERROR(s.Double("training_share", &out.training_share));
   COLLM_RETURN_IF_ERROR(s.Bool("slo_guard", &out.slo_guard));
   COLLM_RETURN_IF_ERROR(s.Double("guard_safety", &out.guard_safety));
+  COLLM_RETURN_IF_ERROR(s.Double("guard_idle_risk", &out.guard_idle_risk));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_step_tokens"), out.max_step_tokens));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_running"), out.max_running));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_queued"), out.max_queued));
@@ -429,6 +430,10 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   }
   if (!(out.guard_safety >= 1)) {
     return Invalid(s.PathOf("guard_safety"), absl::StrCat("must be >= 1, got ", out.guard_safety));
+  }
+  if (!(out.guard_idle_risk >= 0 && out.guard_idle_risk <= 1)) {
+    return Invalid(s.PathOf("guard_idle_risk"),
+                   absl::StrCat("must be in [0, 1], got ", out.guard_idle_risk));
   }
 
   COLLM_ASSIGN_OR_RETURN(Section kv, s.Sub("kv_cache", {"block_size", "num_blocks", "max_bytes"}));

@@ -118,6 +118,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     return absl::NotFoundError(absl::StrCat("engine.default_adapter '", options.default_adapter,
                                             "' is not loaded"));
   }
+  if (!(options.guard_idle_risk >= 0 && options.guard_idle_risk <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.guard_idle_risk must be in [0, 1], got ", options.guard_idle_risk));
+  }
   std::unique_ptr<Engine> e(new Engine());
   e->model_ = std::move(model);
   e->tokenizer_ = tokenizer;
@@ -183,6 +187,11 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
   seq->request = std::move(request);
   seq->sink = std::move(sink);
   seq->submit_nanos = clock_->NowNanos();
+  if (last_submit_nanos_ > 0) {
+    const double gap = (seq->submit_nanos - last_submit_nanos_) * 1e-9;
+    interarrival_ = interarrival_ == 0 ? gap : 0.9 * interarrival_ + 0.1 * gap;
+  }
+  last_submit_nanos_ = seq->submit_nanos;
 
   std::lock_guard<std::mutex> lock(mu_);
   if (!accepting_) return absl::UnavailableError("the engine is shutting down");
@@ -296,6 +305,15 @@ double Engine::IdleBudget() const {
   return ttft_ms * 1e-3 - infer_cost_;
 }
 
+double Engine::ArrivalRate(int64_t now) const {
+  if (last_submit_nanos_ == 0) return 0;
+  // The smoothed gap, or the time since the last arrival when that is already longer (so the
+  // rate decays when traffic stops).
+  const double since = (now - last_submit_nanos_) * 1e-9;
+  const double gap = std::max(interarrival_, since);
+  return gap > 0 ? 1.0 / gap : std::numeric_limits<double>::infinity();
+}
+
 double Engine::PhaseCost(int64_t phase) const {
   const double c = phase_cost_[static_cast<size_t>(phase)];
   if (c > 0) return c;
@@ -326,6 +344,17 @@ bool Engine::MaybeTrain() {
     double budget = inf;
     if (options_.slo_guard) budget = idle ? IdleBudget() : SloSlack(clock_->NowNanos());
     const double worst_phase = *std::max_element(phase_cost_.begin(), phase_cost_.end());
+    // Whether a phase of `seconds` may run now: it fits the budget, or — idle — even one example's
+    // phase is longer than an arrival could wait but arrivals are rare enough that the expected
+    // share of requests it delays stays within guard_idle_risk.
+    auto allowed = [&](double seconds) {
+      if (options_.guard_safety * seconds <= budget) return true;
+      if (!idle || options_.guard_idle_risk <= 0) return false;
+      std::lock_guard<std::mutex> lock(mu_);
+      return ArrivalRate(clock_->NowNanos()) * options_.guard_safety * seconds <=
+             options_.guard_idle_risk;
+    };
+    bool go;
     if (!trainer.micro_step_active()) {
       // Size the micro-step so that its costliest phase fits the budget.
       int64_t n = trainer.options().micro_batch_size;
@@ -335,22 +364,32 @@ bool Engine::MaybeTrain() {
         } else {
           n = std::min<int64_t>(
               n, static_cast<int64_t>(std::floor(budget / (options_.guard_safety * worst_phase))));
+          if (n < 1 && idle && options_.guard_idle_risk > 0) {
+            // As many examples as keep the expected share of delayed arrivals within the risk.
+            double rate;
+            {
+              std::lock_guard<std::mutex> lock(mu_);
+              rate = ArrivalRate(clock_->NowNanos());
+            }
+            const double per_example_risk = rate * options_.guard_safety * worst_phase;
+            n = per_example_risk <= 0
+                    ? trainer.options().micro_batch_size
+                    : std::min<int64_t>(trainer.options().micro_batch_size,
+                                        static_cast<int64_t>(std::floor(options_.guard_idle_risk /
+                                                                        per_example_risk)));
+          }
         }
       }
-      if (n < 1) {
-        std::lock_guard<std::mutex> lock(mu_);
-        ++stats_.train_guard_blocked;
-        break;
-      }
-      if (!BeginMicroStep(n)) break;
-    } else if (std::isfinite(budget)) {
-      const double next =
-          PhaseCost(trainer.next_phase()) * static_cast<double>(trainer.micro_step_examples());
-      if (budget < options_.guard_safety * next) {
-        std::lock_guard<std::mutex> lock(mu_);
-        ++stats_.train_guard_blocked;
-        break;
-      }
+      go = n >= 1 && BeginMicroStep(n);
+      if (n >= 1 && !go) break;  // No data or the trainer refused: nothing to count.
+    } else {
+      go = !std::isfinite(budget) ||
+           allowed(PhaseCost(trainer.next_phase()) * static_cast<double>(trainer.micro_step_examples()));
+    }
+    if (!go) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.train_guard_blocked;
+      break;
     }
     const bool finished = RunTrainingPhase();
     ran = true;

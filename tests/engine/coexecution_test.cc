@@ -194,11 +194,29 @@ TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
   engine->SetCostEstimatesForTest(0.010, 0.010);
   ASSERT_TRUE(engine->StepForTest());
   EXPECT_EQ(engine->Stats().train_examples, 1 + 3);
-  // A TTFT objective tighter than one example's phase: nothing starts.
+  // One example's phase (40 ms) no longer fits, but nothing has arrived yet: the expected share
+  // of delayed arrivals is 0, within guard_idle_risk, so whole micro-batches still train.
+  engine->SetCostEstimatesForTest(0.010, 0.040);
+  ASSERT_TRUE(engine->StepForTest());
+  EXPECT_EQ(engine->Stats().train_examples, 4 + 8);
+  // Requests now arrive every 10 ms: a 40 ms phase would delay most of them. Nothing starts.
+  for (int i = 0; i < 3; ++i) {
+    EngineRequest r;
+    r.prompt = e.tokenizer->Encode("hi", true);
+    r.params.max_tokens = 1;
+    ASSERT_TRUE(engine->Submit(r, std::make_shared<Sink>()).ok());
+    clock.AdvanceSeconds(0.010);
+  }
+  for (int i = 0; i < 3 && engine->Stats().completed < 3; ++i) {
+    engine->SetCostEstimatesForTest(0.010, 0.040);
+    engine->StepForTest();
+  }
+  ASSERT_EQ(engine->Stats().completed, 3);
+  const int64_t blocked = engine->Stats().train_guard_blocked;
   engine->SetCostEstimatesForTest(0.010, 0.040);
   EXPECT_FALSE(engine->StepForTest());
-  EXPECT_EQ(engine->Stats().train_examples, 4);
-  EXPECT_GE(engine->Stats().train_guard_blocked, 1);
+  EXPECT_EQ(engine->Stats().train_examples, 12);
+  EXPECT_EQ(engine->Stats().train_guard_blocked, blocked + 1);
 }
 
 TEST(CoExecutionTest, MetricsAndCheckpointResume) {

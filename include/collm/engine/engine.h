@@ -55,6 +55,11 @@ struct EngineOptions {
   bool slo_guard = true;        // Start a micro-step only if no queued or running request would
                                 // then miss its TTFT/TPOT objective, given measured step costs.
   double guard_safety = 1.2;    // Multiplier on predicted costs in the guard; >= 1.
+  // Training granularity is one phase (a decoder layer's forward or backward) of one example; when
+  // even that exceeds what an arriving request could wait, idle training still runs if the
+  // expected share of arrivals it delays (measured arrival rate x phase time) is at most this.
+  // Without it a daemon whose SLO is tighter than a phase would never train.
+  double guard_idle_risk = 0.02;
 };
 
 // Where training examples come from: feedback from served requests first, then the dataset.
@@ -219,6 +224,9 @@ class Engine {
   double train_cost_ = 0;   // EWMA seconds per whole training micro-step (0 = not measured yet).
   std::vector<double> phase_cost_;  // EWMA seconds per example of each phase (0 = not measured).
   double micro_step_seconds_ = 0;   // Spent on the micro-step in flight so far.
+  double ArrivalRate(int64_t now) const;  // Requests/s, recent; needs mu_.
+  double interarrival_ = 0;               // EWMA seconds between submits; guarded by mu_.
+  int64_t last_submit_nanos_ = 0;         // Guarded by mu_.
   double busy_infer_ = 0;   // EWMA of inference seconds per loop iteration.
   double busy_train_ = 0;   // EWMA of training seconds per loop iteration.
   double last_infer_seconds_ = 0;
