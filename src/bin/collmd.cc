@@ -34,6 +34,18 @@ int Fail(const absl::Status& s, int code = 1) {
   return code;
 }
 
+// Training examples longer than the model's context could never be forwarded: cut them there.
+collm::engine::DatasetOptions FitToContext(collm::engine::DatasetOptions options,
+                                          const collm::runtime::LlamaModel& model) {
+  const int64_t context = model.config().max_position_embeddings;
+  if (options.max_length > context) {
+    COLLM_LOG_INFO("training.dataset.max_length {} exceeds the model's context; using {}",
+                   options.max_length, context);
+    options.max_length = context;
+  }
+  return options;
+}
+
 // Builds the trainer (resuming from the checkpoint when one exists), its data and publisher.
 absl::StatusOr<collm::engine::TrainingSetup> MakeTraining(
     const DaemonConfig& cfg, std::shared_ptr<const collm::runtime::LlamaModel> model,
@@ -45,9 +57,10 @@ absl::StatusOr<collm::engine::TrainingSetup> MakeTraining(
   setup.checkpoint_dir = t.checkpoint_dir;
   setup.checkpoint_every_steps = t.checkpoint_every_steps;
   std::vector<collm::engine::TrainingExample> held_out;
+  const collm::engine::DatasetOptions dataset_options = FitToContext(t.dataset, *model);
   for (const std::string& path : t.data) {
     collm::engine::LoadReport report;
-    auto ds = collm::engine::Dataset::Load(path, tokenizer, t.dataset, &report);
+    auto ds = collm::engine::Dataset::Load(path, tokenizer, dataset_options, &report);
     if (!ds.ok()) return ds.status();
     COLLM_LOG_INFO("training data {}: {} examples, {} bad lines skipped, {} truncated", path,
                    report.loaded, report.skipped, report.truncated);
@@ -163,7 +176,7 @@ int main(int argc, char** argv) {
   ctx.tokenizer = tokenizer->get();
   ctx.registry = &registry;
   ctx.feedback = feedback;
-  ctx.feedback_format = cfg->training.dataset;
+  ctx.feedback_format = FitToContext(cfg->training.dataset, **model);
   ctx.default_sampling = cfg->default_sampling;
   collm::serving::InferenceServiceImpl service(ctx);
   collm::serving::GrpcServerOptions server_options;
