@@ -83,7 +83,7 @@ at::Tensor BestRank(const at::Tensor& m, int64_t r) {
   return at::matmul(u.narrow(1, 0, r) * s.narrow(0, 0, r).unsqueeze(0), vh.narrow(0, 0, r));
 }
 
-AggregationResult Run(const lora::LoraAdapter& global, const std::vector<ClientUpdate>& updates,
+AggregationResult AggregateOk(const lora::LoraAdapter& global, const std::vector<ClientUpdate>& updates,
                       const AggregationOptions& options, ServerOptimizerState* state = nullptr) {
   auto r = Aggregate(Model(), global, updates, options, state);
   EXPECT_TRUE(r.ok()) << r.status();
@@ -111,7 +111,7 @@ TEST(AggregationTest, FedAvgOfIdenticalUpdatesIsThatUpdate) {
   std::vector<ClientUpdate> updates = {Update("a", 3, trained.Clone()), Update("b", 10, trained.Clone()),
                                        Update("c", 1, trained.Clone())};
   for (Combine c : {Combine::kFedAvg, Combine::kMedian, Combine::kTrimmedMean}) {
-    const auto r = Run(global, updates, With(c));
+    const auto r = AggregateOk(global, updates, With(c));
     for (int64_t l = 0; l < 2; ++l) {
       for (LoraTarget t : kTargets) {
         const auto& got = r.adapter.factors.layers[l][static_cast<int>(t)];
@@ -127,7 +127,7 @@ TEST(AggregationTest, FedAvgWeightsBySamplesAndKeepsTheGlobalConfig) {
   auto global = RandomAdapter(8, 1);
   global.config.base_model_name_or_path = "stories";
   const auto x = RandomAdapter(8, 2), y = RandomAdapter(8, 3);
-  const auto r = Run(global, {Update("a", 1, x), Update("b", 3, y)}, With(Combine::kFedAvg));
+  const auto r = AggregateOk(global, {Update("a", 1, x), Update("b", 3, y)}, With(Combine::kFedAvg));
   for (int64_t l = 0; l < 2; ++l) {
     for (LoraTarget t : kTargets) {
       const int ti = static_cast<int>(t);
@@ -155,8 +155,8 @@ TEST(AggregationTest, ExactEqualsTheMeanOfProductsWhereFedItDoesNot) {
   const auto global = RandomAdapter(8, 1);
   const std::vector<ClientUpdate> updates = {Update("a", 1, RandomAdapter(8, 2, 16, 0.1, 4)),
                                              Update("b", 3, RandomAdapter(8, 3, 16, 0.1, 4))};
-  const auto exact = Run(global, updates, With(Combine::kExact));
-  const auto fedit = Run(global, updates, With(Combine::kFedAvg));
+  const auto exact = AggregateOk(global, updates, With(Combine::kExact));
+  const auto fedit = AggregateOk(global, updates, With(Combine::kFedAvg));
   for (int64_t l = 0; l < 2; ++l) {
     for (LoraTarget t : kTargets) {
       const at::Tensor want = MeanProduct(updates, l, t);
@@ -177,7 +177,7 @@ TEST(AggregationTest, ExactTruncationIsTheBestRankRApproximation) {
     for (int i = 0; i < clients; ++i) {
       updates.push_back(Update("d" + std::to_string(i), 1 + i, RandomAdapter(8, 10 + i)));
     }
-    const auto r = Run(global, updates, With(Combine::kExact));
+    const auto r = AggregateOk(global, updates, With(Combine::kExact));
     for (int64_t l = 0; l < 2; ++l) {
       for (LoraTarget t : kTargets) {
         const at::Tensor mean = MeanProduct(updates, l, t);
@@ -187,7 +187,7 @@ TEST(AggregationTest, ExactTruncationIsTheBestRankRApproximation) {
         // Truncation really happened: the best rank-8 product is not the mean itself.
         EXPECT_GT(RelativeError(best, mean), 1e-2);
         // And FedIT is further from the mean than the best rank-8 approximation.
-        const auto fedit = Run(global, updates, With(Combine::kFedAvg));
+        const auto fedit = AggregateOk(global, updates, With(Combine::kFedAvg));
         EXPECT_GT(RelativeError(Product(fedit.adapter, l, t), mean), RelativeError(got, mean));
       }
     }
@@ -199,7 +199,7 @@ TEST(AggregationTest, ExactCombinesMixedRanksAndScales) {
   // Ranks 4 and 8 (total 12 > 8): the best rank-8 approximation of the mean product.
   std::vector<ClientUpdate> updates = {Update("r4", 2, RandomAdapter(4, 2, 8)),
                                        Update("r8", 1, RandomAdapter(8, 3, 16))};
-  auto r = Run(global, updates, With(Combine::kExact));
+  auto r = AggregateOk(global, updates, With(Combine::kExact));
   EXPECT_EQ(r.adapter.config.rank, 8);
   for (int64_t l = 0; l < 2; ++l) {
     for (LoraTarget t : kTargets) {
@@ -212,7 +212,7 @@ TEST(AggregationTest, ExactCombinesMixedRanksAndScales) {
   }
   // Ranks 2 and 4 with different alphas fit in rank 8: exact.
   updates = {Update("r2", 1, RandomAdapter(2, 4, 4)), Update("r4", 1, RandomAdapter(4, 5, 32))};
-  r = Run(global, updates, With(Combine::kExact));
+  r = AggregateOk(global, updates, With(Combine::kExact));
   for (int64_t l = 0; l < 2; ++l) {
     for (LoraTarget t : kTargets) {
       EXPECT_LT(RelativeError(Product(r.adapter, l, t), MeanProduct(updates, l, t)), 1e-4);
@@ -256,13 +256,13 @@ TEST(AggregationTest, MedianAndTrimmedMeanResistOneHugeOutlier) {
   AggregationOptions trimmed = With(Combine::kTrimmedMean);
   trimmed.trim_ratio = 0.2;  // Drops one update at each end of 6.
   for (const AggregationOptions& o : {With(Combine::kMedian), trimmed}) {
-    const auto r = Run(global, updates, o);
+    const auto r = AggregateOk(global, updates, o);
     const auto& got = r.adapter.factors.layers[1][static_cast<int>(LoraTarget::kV)];
     const auto& want = honest.factors.layers[1][static_cast<int>(LoraTarget::kV)];
     EXPECT_LT((got.a - want.a).abs().max().item<float>(), 1e-2) << CombineName(o.combine);
     EXPECT_LT((got.b - want.b).abs().max().item<float>(), 1e-2) << CombineName(o.combine);
   }
-  const auto avg = Run(global, updates, With(Combine::kFedAvg));
+  const auto avg = AggregateOk(global, updates, With(Combine::kFedAvg));
   EXPECT_GT((avg.adapter.factors.layers[1][2].a - honest.factors.layers[1][2].a).abs().max().item<float>(),
             100.f);
 }
@@ -286,7 +286,7 @@ TEST(AggregationTest, ClippingBoundsEachUpdatesDelta) {
   ASSERT_GT(big_norm, 2.0);
   AggregationOptions o = With(Combine::kFedAvg);
   o.clip_norm = 0.5;
-  auto r = Run(global, {Update("big", 1, big)}, o);
+  auto r = AggregateOk(global, {Update("big", 1, big)}, o);
   ASSERT_EQ(r.clipped.size(), 1u);
   EXPECT_TRUE(r.clipped[0]);
   EXPECT_NEAR(r.delta_norms[0], big_norm, 1e-3 * big_norm);
@@ -296,7 +296,7 @@ TEST(AggregationTest, ClippingBoundsEachUpdatesDelta) {
   // the weighted sum of the clipped deltas.
   lora::LoraAdapter small = global.Clone();
   small.factors.layers[0][0].a[0][0] += 0.1f;
-  r = Run(global, {Update("small", 1, small), Update("big", 1, big)}, o);
+  r = AggregateOk(global, {Update("small", 1, small), Update("big", 1, big)}, o);
   EXPECT_FALSE(r.clipped[0]);
   EXPECT_TRUE(r.clipped[1]);
   EXPECT_NEAR(r.delta_norms[0], 0.1, 1e-5);
@@ -311,7 +311,7 @@ TEST(AggregationTest, ClippingBoundsEachUpdatesDelta) {
   }
   o.combine = Combine::kExact;
   o.clip_norm = 0.25;
-  r = Run(fresh, {Update("big", 1, big)}, o);
+  r = AggregateOk(fresh, {Update("big", 1, big)}, o);
   EXPECT_TRUE(r.clipped[0]);
   EXPECT_NEAR(r.delta_norms[0], std::sqrt(product_norm_sq), 1e-3 * std::sqrt(product_norm_sq));
   double got_sq = 0;
@@ -337,7 +337,7 @@ TEST(AggregationTest, FedAdamAndFedYogiKeepStateAcrossRounds) {
     const auto global = RandomAdapter(8, 1);
     const auto trained = RandomAdapter(8, 2);
     ServerOptimizerState state;
-    const auto r1 = Run(global, {Update("a", 1, trained)}, o, &state);
+    const auto r1 = AggregateOk(global, {Update("a", 1, trained)}, o, &state);
     EXPECT_EQ(state.steps, 1);
     EXPECT_EQ(state.m.size(), 2u * 2 * 2);  // layers x targets x {A, B}
     const at::Tensor g1 = global.factors.layers[1][q].a;
@@ -353,7 +353,7 @@ TEST(AggregationTest, FedAdamAndFedYogiKeepStateAcrossRounds) {
               o.server_lr * (1 - o.beta1) / std::sqrt(1 - o.beta2) * 1.01);
 
     // Round 2 from the new global: the moments carry over.
-    const auto r2 = Run(r1.adapter, {Update("a", 1, trained)}, o, &state);
+    const auto r2 = AggregateOk(r1.adapter, {Update("a", 1, trained)}, o, &state);
     EXPECT_EQ(state.steps, 2);
     const at::Tensor d2 = trained.factors.layers[1][q].a - x1;
     const at::Tensor m2 = m1 * o.beta1 + d2 * (1 - o.beta1);
@@ -369,7 +369,7 @@ TEST(AggregationTest, FedAdamAndFedYogiKeepStateAcrossRounds) {
                              x1 + m2 / (at::sqrt(v2) + o.tau) * o.server_lr, 1e-4, 1e-6));
     // A fresh state would have stepped differently: the state is really used.
     ServerOptimizerState fresh;
-    const auto r2_fresh = Run(r1.adapter, {Update("a", 1, trained)}, o, &fresh);
+    const auto r2_fresh = AggregateOk(r1.adapter, {Update("a", 1, trained)}, o, &fresh);
     EXPECT_FALSE(at::allclose(r2_fresh.adapter.factors.layers[1][q].a,
                               r2.adapter.factors.layers[1][q].a, 1e-4, 1e-6));
   }
@@ -393,8 +393,8 @@ std::string Rejection(const ClientUpdate& update, AggregationOptions o = Aggrega
   const auto global = RandomAdapter(8, 1);
   auto v = ValidateUpdate(Model(), global, update, o);
   EXPECT_FALSE(v.ok());
-  // Aggregate refuses the round with the same message.
-  auto a = Aggregate(Model(), global, {Update("ok", 1, RandomAdapter(8, 5)), update}, o, nullptr);
+  // Aggregate refuses the round with the same message, even next to a valid (null) update.
+  auto a = Aggregate(Model(), global, {Update("ok", 1, global.Clone()), update}, o, nullptr);
   EXPECT_FALSE(a.ok());
   if (v.ok() || a.ok()) return "";
   EXPECT_EQ(v.status().message(), a.status().message());
