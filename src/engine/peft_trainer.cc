@@ -77,6 +77,9 @@ absl::Status TrainerOptions::Validate() const {
   }
   if (!(adamw.eps > 0)) return bad("adamw.eps", "must be > 0");
   if (!(adamw.weight_decay >= 0)) return bad("adamw.weight_decay", "must be >= 0");
+  if (!(prox_mu >= 0) || !std::isfinite(prox_mu)) {
+    return bad("prox_mu", absl::StrCat("must be >= 0, got ", prox_mu));
+  }
   return absl::OkStatus();
 }
 
@@ -264,7 +267,26 @@ absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep() {
       at::Tensor loss_sum = MaskedLossSum(*logits, r.batch);
       const double mean = loss_sum.item<double>() / static_cast<double>(r.batch.num_targets);
       if (!std::isfinite(mean)) return fail(absl::InternalError("training loss is not finite"));
-      (loss_sum / (static_cast<double>(r.batch.num_targets) * options_.grad_accum_steps)).backward();
+      at::Tensor objective =
+          loss_sum / (static_cast<double>(r.batch.num_targets) * options_.grad_accum_steps);
+      // FedProx: the proximal term belongs once to each optimizer step, so each micro-batch adds
+      // its share. It depends on the factors directly, not through the layers, so its gradient
+      // lands here in full. Skipped entirely at mu = 0 so plain training stays bit-identical.
+      if (options_.prox_mu > 0 && has_proximal_anchor()) {
+        at::Tensor prox = at::zeros({}, at::kFloat);
+        const auto& factor_layers = shadow_->factors().layers;
+        for (size_t fl = 0; fl < factor_layers.size(); ++fl) {
+          for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
+            const auto& w = factor_layers[fl][t];
+            if (!w.a.defined()) continue;
+            const auto& anchor = anchor_.layers[fl][t];
+            prox = prox + (w.a - anchor.a).square().sum() + (w.b - anchor.b).square().sum();
+          }
+        }
+        objective = objective + prox.to(objective.device()) *
+                                    (options_.prox_mu / 2 / options_.grad_accum_steps);
+      }
+      objective.backward();
       r.grad = top.grad();
       accum_loss_ += mean;
     } else {  // Backward of layer `l`, top to bottom.
@@ -318,6 +340,44 @@ absl::StatusOr<double> PeftTrainer::Evaluate(const std::vector<TrainingExample>&
   COLLM_ASSIGN_OR_RETURN(runtime::LoraWeights weights,
                          shadow_->Snapshot().ToWeights(model_->config(), model_->runtime()));
   return EvaluateLoss(*model_, &weights, examples);
+}
+
+absl::Status PeftTrainer::SetProximalAnchor(const lora::LoraAdapter& global) {
+  const auto& layers = shadow_->factors().layers;
+  if (global.factors.layers.size() != layers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("proximal anchor has ",
+                                                   global.factors.layers.size(),
+                                                   " layers, the shadow adapter ", layers.size()));
+  }
+  runtime::LoraFactors anchor;
+  anchor.scale = global.factors.scale;
+  anchor.layers.resize(layers.size());
+  try {
+    at::NoGradGuard no_grad;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
+        const auto& w = layers[l][t];
+        const auto& g = global.factors.layers[l][t];
+        const std::string where = absl::StrCat(
+            "proximal anchor: layer ", l, " ", runtime::LoraTargetName(static_cast<runtime::LoraTarget>(t)));
+        if (w.a.defined() != g.a.defined() || w.b.defined() != g.b.defined()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, ": adapted in one of the anchor and the shadow adapter only"));
+        }
+        if (!w.a.defined()) continue;
+        if (w.a.sizes() != g.a.sizes() || w.b.sizes() != g.b.sizes()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, ": factor shapes differ from the shadow adapter's"));
+        }
+        anchor.layers[l][t] = {g.a.detach().to(w.a.device(), w.a.scalar_type()).clone(),
+                               g.b.detach().to(w.b.device(), w.b.scalar_type()).clone()};
+      }
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("proximal anchor: ", e.what_without_backtrace()));
+  }
+  anchor_ = std::move(anchor);
+  return absl::OkStatus();
 }
 
 void PeftTrainer::DiscardPartialStep() {

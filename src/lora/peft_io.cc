@@ -129,9 +129,11 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
   return ss.str();
 }
 
-absl::StatusOr<LoraAdapter> ReadTensors(const std::string& path, const LoraConfig& config,
+// Shared by the file and in-memory readers; `file.path()` names the source in errors.
+absl::StatusOr<LoraAdapter> ReadTensors(const runtime::SafetensorsFile& file,
+                                        const LoraConfig& config,
                                         const runtime::ModelConfig& model) {
-  COLLM_ASSIGN_OR_RETURN(auto file, runtime::SafetensorsFile::Open(path));
+  const std::string& path = file.path();
   LoraAdapter adapter;
   adapter.config = config;
   adapter.factors.scale = config.scale();
@@ -139,7 +141,7 @@ absl::StatusOr<LoraAdapter> ReadTensors(const std::string& path, const LoraConfi
   const auto is_target = [&](LoraTarget t) {
     return std::find(config.targets.begin(), config.targets.end(), t) != config.targets.end();
   };
-  for (const std::string& name : file->TensorNames()) {
+  for (const std::string& name : file.TensorNames()) {
     ParsedName p;
     if (!ParsePeftTensorName(name, &p)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -157,7 +159,7 @@ absl::StatusOr<LoraAdapter> ReadTensors(const std::string& path, const LoraConfi
                        runtime::LoraTargetName(p.target), ", which is not in ", kConfigFile,
                        " \"target_modules\""));
     }
-    COLLM_ASSIGN_OR_RETURN(runtime::TensorView view, file->Get(name));
+    COLLM_ASSIGN_OR_RETURN(runtime::TensorView view, file.Get(name));
     if (view.shape.size() != 2) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name,
                                                      "' must be 2-D, got shape ",
@@ -200,6 +202,18 @@ absl::StatusOr<LoraAdapter> ReadTensors(const std::string& path, const LoraConfi
   return adapter;
 }
 
+absl::StatusOr<LoraAdapter> AdapterFromFile(const runtime::SafetensorsFile& file,
+                                            const LoraConfig& config,
+                                            const runtime::ModelConfig& model) {
+  try {
+    COLLM_ASSIGN_OR_RETURN(LoraAdapter adapter, ReadTensors(file, config, model));
+    COLLM_RETURN_IF_ERROR(Annotate(adapter.Validate(model), file.path()));
+    return adapter;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(file.path(), ": ", e.what_without_backtrace()));
+  }
+}
+
 }  // namespace
 
 std::string PeftTensorName(int64_t layer, LoraTarget target, bool a) {
@@ -207,15 +221,14 @@ std::string PeftTensorName(int64_t layer, LoraTarget target, bool a) {
                       runtime::LoraTargetName(target), a ? ".lora_A.weight" : ".lora_B.weight");
 }
 
-absl::Status WritePeftAdapter(const std::string& dir, const LoraAdapter& adapter) {
-  COLLM_RETURN_IF_ERROR(adapter.config.Validate());
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create: ", ec.message()));
+namespace {
 
-  // Owners of the contiguous f32 copies the writer points into.
-  std::vector<at::Tensor> keep;
-  std::vector<runtime::TensorToWrite> tensors;
+// The adapter's factors as F32 tensors to write, in PEFT names; `keep` owns the contiguous CPU
+// copies the entries point into. Shared by the file writer and the in-memory serializer so both
+// produce the same bytes.
+absl::Status CollectTensors(const LoraAdapter& adapter, std::vector<at::Tensor>* keep,
+                            std::vector<runtime::TensorToWrite>* tensors) {
+  COLLM_RETURN_IF_ERROR(adapter.config.Validate());
   try {
     at::NoGradGuard no_grad;
     for (size_t l = 0; l < adapter.factors.layers.size(); ++l) {
@@ -239,22 +252,52 @@ absl::Status WritePeftAdapter(const std::string& dir, const LoraAdapter& adapter
                 absl::StrCat("layer ", l, " ", runtime::LoraTargetName(target), ": lora_",
                              a ? "A" : "B", " is missing or not 2-D"));
           }
-          keep.push_back(src.detach().to(at::kFloat).cpu().contiguous());
-          const at::Tensor& c = keep.back();
-          tensors.push_back({PeftTensorName(static_cast<int64_t>(l), target, a),
-                             runtime::StoredDType::kF32,
-                             {c.size(0), c.size(1)},
-                             c.data_ptr<float>()});
+          keep->push_back(src.detach().to(at::kFloat).cpu().contiguous());
+          const at::Tensor& c = keep->back();
+          tensors->push_back({PeftTensorName(static_cast<int64_t>(l), target, a),
+                              runtime::StoredDType::kF32,
+                              {c.size(0), c.size(1)},
+                              c.data_ptr<float>()});
         }
       }
     }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("adapter to CPU f32: ", e.what_without_backtrace()));
   }
+  return absl::OkStatus();
+}
+
+const std::map<std::string, std::string>& SafetensorsMetadata() {
+  static const auto* const kMetadata = new std::map<std::string, std::string>{{"format", "pt"}};
+  return *kMetadata;
+}
+
+}  // namespace
+
+absl::Status WritePeftAdapter(const std::string& dir, const LoraAdapter& adapter) {
+  COLLM_RETURN_IF_ERROR(adapter.config.Validate());
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create: ", ec.message()));
+
+  std::vector<at::Tensor> keep;
+  std::vector<runtime::TensorToWrite> tensors;
+  COLLM_RETURN_IF_ERROR(CollectTensors(adapter, &keep, &tensors));
   // Tensors first: a directory whose config is present has its weights complete.
   COLLM_RETURN_IF_ERROR(runtime::WriteSafetensors(absl::StrCat(dir, "/", kWeightsFile), tensors,
-                                                  {{"format", "pt"}}));
+                                                  SafetensorsMetadata()));
   return WriteFileAtomically(absl::StrCat(dir, "/", kConfigFile), adapter.config.ToPeftJson());
+}
+
+absl::StatusOr<PeftBlob> SerializePeftAdapter(const LoraAdapter& adapter) {
+  std::vector<at::Tensor> keep;
+  std::vector<runtime::TensorToWrite> tensors;
+  COLLM_RETURN_IF_ERROR(CollectTensors(adapter, &keep, &tensors));
+  PeftBlob blob;
+  COLLM_ASSIGN_OR_RETURN(blob.safetensors,
+                         runtime::SerializeSafetensors(tensors, SafetensorsMetadata(), kWeightsFile));
+  blob.config_json = adapter.config.ToPeftJson();
+  return blob;
 }
 
 absl::StatusOr<LoraAdapter> ReadPeftAdapter(const std::string& dir,
@@ -271,13 +314,18 @@ absl::StatusOr<LoraAdapter> ReadPeftAdapter(const std::string& dir,
         weights_path, ": no such file",
         pickle ? " (adapter_model.bin is a pickle; re-save with safe_serialization=True)" : ""));
   }
-  try {
-    COLLM_ASSIGN_OR_RETURN(LoraAdapter adapter, ReadTensors(weights_path, *config, model));
-    COLLM_RETURN_IF_ERROR(Annotate(adapter.Validate(model), weights_path));
-    return adapter;
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(weights_path, ": ", e.what_without_backtrace()));
-  }
+  COLLM_ASSIGN_OR_RETURN(auto file, runtime::SafetensorsFile::Open(weights_path));
+  return AdapterFromFile(*file, *config, model);
+}
+
+absl::StatusOr<LoraAdapter> ParsePeftAdapter(const PeftBlob& blob,
+                                            const runtime::ModelConfig& model,
+                                            const std::string& what) {
+  auto config = LoraConfig::FromPeftJson(blob.config_json);
+  if (!config.ok()) return Annotate(config.status(), absl::StrCat(what, ": ", kConfigFile));
+  COLLM_ASSIGN_OR_RETURN(auto file, runtime::SafetensorsFile::FromBytes(
+                                        blob.safetensors, absl::StrCat(what, ": ", kWeightsFile)));
+  return AdapterFromFile(*file, *config, model);
 }
 
 }  // namespace collm::lora

@@ -370,8 +370,29 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   // Owned from here on, so every error below unmaps via the destructor.
   file->map_ = map;
   file->map_size_ = static_cast<size_t>(file_size);
-  const uint8_t* base = static_cast<const uint8_t*>(map);
+  COLLM_RETURN_IF_ERROR(file->Parse(static_cast<const uint8_t*>(map), file_size));
+  return file;
+}
 
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
+    std::string bytes, const std::string& what) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = what;
+  // Moved in before parsing: the views point into the member, not into the argument.
+  file->bytes_ = std::move(bytes);
+  const uint64_t size = file->bytes_.size();
+  if (size < 8) {
+    return FileError(absl::StatusCode::kInvalidArgument, what,
+                     absl::StrCat("image is ", size,
+                                  " bytes, too short for the 8-byte header length prefix"));
+  }
+  COLLM_RETURN_IF_ERROR(
+      file->Parse(reinterpret_cast<const uint8_t*>(file->bytes_.data()), size));
+  return file;
+}
+
+absl::Status SafetensorsFile::Parse(const uint8_t* base, uint64_t file_size) {
+  const std::string& path = path_;
   const uint64_t header_len = LoadLe64(base);
   if (header_len > kMaxHeaderBytes) {
     return FileError(absl::StatusCode::kInvalidArgument, path,
@@ -416,7 +437,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
               absl::StatusCode::kInvalidArgument, path,
               absl::StrCat("__metadata__ value for key ", Quote(key), " is not a string"));
         }
-        file->metadata_[key] = value.get<std::string>();
+        metadata_[key] = value.get<std::string>();
       }
       continue;
     }
@@ -481,7 +502,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     view.shape = std::move(shape);
     view.data = data_base + begin;
     view.nbytes = static_cast<size_t>(nbytes);
-    auto [it, inserted] = file->tensors_.emplace(name, std::move(view));
+    auto [it, inserted] = tensors_.emplace(name, std::move(view));
     (void)inserted;  // nlohmann keeps one value per key, so names are already unique.
     ranges.push_back(Range{begin, end, &it->first});
   }
@@ -501,7 +522,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     prev = &r;
   }
-  return file;
+  return absl::OkStatus();
 }
 
 SafetensorsFile::~SafetensorsFile() {
@@ -621,8 +642,13 @@ absl::StatusOr<TensorView> SafetensorsCheckpoint::Get(absl::string_view name) co
 // ---------------------------------------------------------------------------------------------
 // WriteSafetensors
 
-absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// The length prefix and padded JSON header for `tensors`, and each tensor's byte size: the part
+// of the format WriteSafetensors and SerializeSafetensors share.
+absl::Status BuildHeader(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                         const std::map<std::string, std::string>& metadata, std::string* head,
+                         std::vector<uint64_t>* sizes_out) {
   // ordered_json keeps the caller's tensor order in the header, which readers that list tensors
   // in header order (and humans) appreciate.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
@@ -658,17 +684,47 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   std::string header_text = header.dump();
   // Pad so the data section starts 8-byte aligned: mmap readers can then view F32 data in place.
   header_text.append((8 - (8 + header_text.size()) % 8) % 8, ' ');
-  uint8_t prefix[8];
-  uint64_t len = header_text.size();
-  for (int i = 0; i < 8; ++i) prefix[i] = static_cast<uint8_t>(len >> (8 * i));
+  const uint64_t len = header_text.size();
+  head->clear();
+  head->reserve(8 + header_text.size());
+  for (int i = 0; i < 8; ++i) head->push_back(static_cast<char>(len >> (8 * i)));
+  head->append(header_text);
+  *sizes_out = std::move(sizes);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
+                                                 const std::map<std::string, std::string>& metadata,
+                                                 const std::string& what) {
+  std::string out;
+  std::vector<uint64_t> sizes;
+  COLLM_RETURN_IF_ERROR(BuildHeader(what, tensors, metadata, &out, &sizes));
+  uint64_t total = out.size();
+  for (uint64_t n : sizes) total += n;
+  if (total > out.max_size()) {
+    return FileError(absl::StatusCode::kInvalidArgument, what, "image too large for memory");
+  }
+  out.reserve(static_cast<size_t>(total));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    out.append(static_cast<const char*>(tensors[i].data), static_cast<size_t>(sizes[i]));
+  }
+  return out;
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::string head;
+  std::vector<uint64_t> sizes;
+  COLLM_RETURN_IF_ERROR(BuildHeader(path, tensors, metadata, &head, &sizes));
 
   const std::string tmp_path = absl::StrCat(path, ".tmp.", ::getpid());
   int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoError(errno, tmp_path, "open");
   FdCloser closer(fd);
   auto write_everything = [&]() -> absl::Status {
-    COLLM_RETURN_IF_ERROR(WriteAll(fd, prefix, sizeof(prefix), tmp_path));
-    COLLM_RETURN_IF_ERROR(WriteAll(fd, header_text.data(), header_text.size(), tmp_path));
+    COLLM_RETURN_IF_ERROR(WriteAll(fd, head.data(), head.size(), tmp_path));
     for (size_t i = 0; i < tensors.size(); ++i) {
       COLLM_RETURN_IF_ERROR(WriteAll(fd, tensors[i].data, static_cast<size_t>(sizes[i]), tmp_path));
     }

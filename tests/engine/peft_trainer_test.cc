@@ -217,6 +217,72 @@ TEST(PeftTrainerTest, AbortedMicroStepLeavesNoGradient) {
   EXPECT_TRUE(stats->has_value());
 }
 
+// Σ ‖w − w_anchor‖² over every factor.
+double SquaredDistance(const lora::LoraAdapter& x, const lora::LoraAdapter& anchor) {
+  double sq = 0;
+  for (size_t l = 0; l < x.factors.layers.size(); ++l) {
+    for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
+      const auto& f = x.factors.layers[l][t];
+      if (!f.a.defined()) continue;
+      sq += (f.a - anchor.factors.layers[l][t].a).square().sum().item<double>();
+      sq += (f.b - anchor.factors.layers[l][t].b).square().sum().item<double>();
+    }
+  }
+  return sq;
+}
+
+TEST(PeftTrainerTest, FedProxKeepsTrainingNearTheAnchor) {
+  auto model = Tiny();
+  auto train = PatternExamples(32, 6);
+  // Trains 12 steps from the same initial adapter with the same seed; the anchor is that initial
+  // adapter, as the FL client anchors to the round's global.
+  auto run = [&](double mu, bool set_anchor, std::vector<double>* losses) {
+    TrainerOptions o;
+    o.lr = 1e-2;
+    o.seed = 3;
+    o.micro_batch_size = 4;
+    o.grad_accum_steps = 2;
+    o.prox_mu = mu;
+    auto trainer = MakeTrainer(model, o, 0.1);
+    if (set_anchor) {
+      EXPECT_TRUE(trainer->SetProximalAnchor(trainer->shadow().Snapshot()).ok());
+    }
+    ExampleSampler sampler(&train, 3);
+    for (int i = 0; i < 12; ++i) losses->push_back(trainer->Step(sampler).value().loss);
+    return trainer->shadow().Snapshot();
+  };
+  const lora::LoraAdapter initial = MakeTrainer(model, TrainerOptions(), 0.1)->shadow().Snapshot();
+  std::vector<double> plain_losses, zero_losses, prox_losses, unanchored_losses;
+  const auto plain = run(0, false, &plain_losses);
+  const auto zero = run(0, true, &zero_losses);
+  const auto prox = run(1.0, true, &prox_losses);
+  const auto unanchored = run(1.0, false, &unanchored_losses);
+  // mu = 0 (or no anchor) is bit-identical to training without FedProx.
+  EXPECT_EQ(zero_losses, plain_losses);
+  EXPECT_EQ(unanchored_losses, plain_losses);
+  EXPECT_EQ(SquaredDistance(zero, plain), 0.0);
+  EXPECT_EQ(SquaredDistance(unanchored, plain), 0.0);
+  // mu > 0 ends closer to the anchor, and still trains.
+  const double d_plain = SquaredDistance(plain, initial), d_prox = SquaredDistance(prox, initial);
+  EXPECT_GT(d_plain, 0.0);
+  EXPECT_LT(d_prox, 0.8 * d_plain) << "distance^2 to the anchor: plain " << d_plain << ", prox " << d_prox;
+  EXPECT_LT(prox_losses.back(), prox_losses.front());
+
+  // A mismatched anchor and a negative mu are refused, naming what is wrong.
+  TrainerOptions o;
+  auto trainer = MakeTrainer(model, o);
+  lora::LoraConfig other;
+  other.rank = 4;
+  other.targets = {LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV, LoraTarget::kO,
+                   LoraTarget::kGate, LoraTarget::kUp, LoraTarget::kDown};
+  auto wrong = lora::LoraAdapter::Create(model->config(), other, 1).value();
+  const absl::Status s = trainer->SetProximalAnchor(wrong);
+  EXPECT_NE(std::string(s.message()).find("layer 0 q_proj"), std::string::npos) << s;
+  EXPECT_FALSE(trainer->has_proximal_anchor());
+  o.prox_mu = -1;
+  EXPECT_NE(std::string(o.Validate().message()).find("training.prox_mu"), std::string::npos);
+}
+
 TEST(PeftTrainerTest, ScheduleWarmupAndCosine) {
   TrainerOptions o;
   o.lr = 1.0;

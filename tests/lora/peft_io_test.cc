@@ -309,6 +309,105 @@ TEST(PeftIoTest, RejectsTruncatedSafetensors) {
   EXPECT_HAS(m2, "adapter_model.safetensors");
 }
 
+// --- In-memory blobs (what federation sends over the network) -----------------------------------
+
+TEST(PeftBlobTest, SameBytesAsTheFilesAndBitIdenticalRoundTrip) {
+  const runtime::ModelConfig model = runtime::TinyLlamaConfig();
+  const LoraAdapter adapter = RandomAdapter(model, kAllTargets, 4, 8, true, 11);
+  auto blob = SerializePeftAdapter(adapter);
+  ASSERT_TRUE(blob.ok()) << blob.status();
+  const std::string dir = MakeTempDir("collm-peft");
+  ASSERT_TRUE(WritePeftAdapter(dir, adapter).ok());
+  EXPECT_EQ(blob->safetensors, ReadFileOrDie(dir + "/adapter_model.safetensors"));
+  EXPECT_EQ(blob->config_json, ReadFileOrDie(dir + "/adapter_config.json"));
+
+  auto back = ParsePeftAdapter(*blob, model, "update from dev-1");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->config.rank, 4);
+  EXPECT_TRUE(back->config.use_rslora);
+  EXPECT_EQ(back->config.targets, kAllTargets);
+  EXPECT_DOUBLE_EQ(back->factors.scale, adapter.factors.scale);
+  for (int64_t l = 0; l < model.num_hidden_layers; ++l) {
+    for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
+      EXPECT_TRUE(back->factors.layers[l][t].a.equal(adapter.factors.layers[l][t].a));
+      EXPECT_TRUE(back->factors.layers[l][t].b.equal(adapter.factors.layers[l][t].b));
+    }
+  }
+  // Serializing what was parsed gives the same bytes again.
+  EXPECT_EQ(SerializePeftAdapter(*back)->safetensors, blob->safetensors);
+  // And the files read back equal the blob parsed.
+  auto from_files = ReadPeftAdapter(dir, model);
+  ASSERT_TRUE(from_files.ok());
+  EXPECT_TRUE(from_files->factors.layers[1][6].b.equal(back->factors.layers[1][6].b));
+}
+
+// Serializes a valid q/v adapter for the tiny model, lets `corrupt` damage the blob, and returns
+// ParsePeftAdapter's error message.
+template <typename F>
+std::string BlobErrorAfter(F corrupt, const runtime::ModelConfig& model = runtime::TinyLlamaConfig()) {
+  PeftBlob blob =
+      SerializePeftAdapter(RandomAdapter(runtime::TinyLlamaConfig(), {LoraTarget::kQ, LoraTarget::kV}))
+          .value();
+  corrupt(blob);
+  auto parsed = ParsePeftAdapter(blob, model, "update from dev-7");
+  EXPECT_FALSE(parsed.ok());
+  return parsed.ok() ? "" : std::string(parsed.status().message());
+}
+
+TEST(PeftBlobTest, RejectsTruncatedBlobs) {
+  std::string m = BlobErrorAfter([](PeftBlob& b) { b.safetensors.resize(b.safetensors.size() - 5); });
+  EXPECT_HAS(m, "update from dev-7");
+  EXPECT_HAS(m, "adapter_model.safetensors");
+  EXPECT_HAS(m, "truncated");
+  m = BlobErrorAfter([](PeftBlob& b) { b.safetensors.resize(5); });
+  EXPECT_HAS(m, "update from dev-7");
+  EXPECT_HAS(m, "too short");
+  m = BlobErrorAfter([](PeftBlob& b) { b.safetensors.clear(); });
+  EXPECT_HAS(m, "update from dev-7");
+  m = BlobErrorAfter([](PeftBlob& b) { b.config_json.resize(b.config_json.size() / 2); });
+  EXPECT_HAS(m, "update from dev-7");
+  EXPECT_HAS(m, "adapter_config.json");
+}
+
+TEST(PeftBlobTest, RejectsALyingHeader) {
+  // The header claims a larger shape than its data_offsets span.
+  std::string m = BlobErrorAfter([](PeftBlob& b) {
+    const std::string from = "\"shape\":[4,64]";
+    const size_t at = b.safetensors.find(from);
+    ASSERT_NE(at, std::string::npos);
+    b.safetensors.replace(at, from.size(), "\"shape\":[4,65]");
+  });
+  EXPECT_HAS(m, "update from dev-7");
+  EXPECT_HAS(m, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+  EXPECT_HAS(m, "data_offsets");
+  // A header length prefix pointing past the end of the blob.
+  m = BlobErrorAfter([](PeftBlob& b) { b.safetensors[3] = '\x7f'; });
+  EXPECT_HAS(m, "header length");
+}
+
+TEST(PeftBlobTest, RejectsNaNNamingTheTensor) {
+  const runtime::ModelConfig model = runtime::TinyLlamaConfig();
+  LoraAdapter adapter = RandomAdapter(model, {LoraTarget::kQ, LoraTarget::kV});
+  adapter.factors.layers[1][static_cast<int>(LoraTarget::kV)].b[3][2] = NAN;
+  auto blob = SerializePeftAdapter(adapter);
+  ASSERT_TRUE(blob.ok());  // The transport carries what it is given; the reader refuses it.
+  auto parsed = ParsePeftAdapter(*blob, model, "update from dev-3");
+  ASSERT_FALSE(parsed.ok());
+  const std::string m(parsed.status().message());
+  EXPECT_HAS(m, "update from dev-3");
+  EXPECT_HAS(m, "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight");
+  EXPECT_HAS(m, "NaN");
+}
+
+TEST(PeftBlobTest, RejectsWrongShapeForTheBaseModel) {
+  runtime::ModelConfig other = runtime::TinyLlamaConfig();
+  other.hidden_size = 128;  // q_proj is now [64, 128]: the blob's [4, 64] A no longer fits.
+  const std::string m = BlobErrorAfter([](PeftBlob&) {}, other);
+  EXPECT_HAS(m, "update from dev-7");
+  EXPECT_HAS(m, "self_attn.q_proj.lora_A.weight");
+  EXPECT_HAS(m, "expected [4, 128]");
+}
+
 // --- Cross-checks against tests/reference/peft_reference.py -------------------------------------
 
 std::string Python() {

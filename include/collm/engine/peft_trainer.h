@@ -30,6 +30,11 @@ struct TrainerOptions {
   int64_t grad_accum_steps = 1;   // Micro-batches per optimizer step.
   uint64_t seed = 0;              // Data order and dropout.
   lora::AdamWOptions adamw;
+  // FedProx (Li et al. 2020): while a proximal anchor is set (PeftTrainer::SetProximalAnchor), the
+  // loss adds prox_mu / 2 * Σ ‖w − w_anchor‖² over all LoRA factors, keeping local training near
+  // the round's global adapter on non-IID data. >= 0; 0 = off (the step is then bit-identical to
+  // training without it).
+  double prox_mu = 0;
 
   absl::Status Validate() const;  // InvalidArgument naming the field.
 };
@@ -105,6 +110,13 @@ class PeftTrainer {
   // Mean token loss of the current shadow adapter.
   absl::StatusOr<double> Evaluate(const std::vector<TrainingExample>& examples) const;
 
+  // Anchors the FedProx term to `global` (typically the round's global adapter, just loaded into
+  // the shadow): keeps a detached copy of its factors. InvalidArgument when its targets or factor
+  // shapes differ from the shadow's. Takes effect only when options().prox_mu > 0.
+  absl::Status SetProximalAnchor(const lora::LoraAdapter& global);
+  void ClearProximalAnchor() { anchor_.layers.clear(); }
+  bool has_proximal_anchor() const { return !anchor_.layers.empty(); }
+
   double LearningRate(int64_t step) const;  // For optimizer step `step` (1-based).
   lora::ShadowAdapter& shadow() { return *shadow_; }
   const lora::ShadowAdapter& shadow() const { return *shadow_; }
@@ -128,6 +140,7 @@ class PeftTrainer {
   std::shared_ptr<const runtime::LlamaModel> model_;
   std::unique_ptr<lora::ShadowAdapter> shadow_;
   TrainerOptions options_;
+  runtime::LoraFactors anchor_;  // FedProx anchor (CPU f32, no grad); empty layers = none.
   int64_t micro_steps_ = 0;   // Micro-batches run so far (drives dropout seeds).
   int64_t accumulated_ = 0;   // Micro-batches since the last optimizer step.
   double accum_loss_ = 0;

@@ -24,7 +24,9 @@ enum class Combine {
   kExact,        // Weighted mean of the products s·B_i·A_i, re-factored by QR + SVD of the small
                  // core and truncated to the global rank: no cross-term error; mixed ranks allowed.
   kTrimmedMean,  // Coordinate-wise, drop trim_ratio of the updates at each end, mean the rest.
-  kMedian,       // Coordinate-wise median.
+  kMedian,       // Coordinate-wise median (mean of the two middle values for an even count).
+  // kTrimmedMean and kMedian work on A and B apart, as FedIT does (so they share its cross-term
+  // error), and are unweighted: a device cannot buy influence by claiming many samples.
 };
 enum class ServerOptimizer { kNone, kFedAdam, kFedYogi };
 
@@ -38,6 +40,10 @@ struct AggregationOptions {
   ServerOptimizer server_optimizer = ServerOptimizer::kNone;
   double server_lr = 1e-2;        // FedAdam/FedYogi step size.
   double beta1 = 0.9, beta2 = 0.99, tau = 1e-3;  // FedAdam/FedYogi (Reddi et al. 2021).
+  // The delta of an update is measured over all its tensors: the factor difference
+  // (A - A_g, B - B_g) for the factor-wise rules, the product difference s·B·A - s_g·B_g·A_g
+  // (summed over modules, computed from small Gram matrices) for kExact, since that is what
+  // kExact combines and its ranks may differ from the global's.
   double clip_norm = 0;           // Clip each update's delta (update - global) to this L2 norm; 0 = off.
   double max_update_norm = 0;     // Reject updates whose delta norm exceeds this; 0 = off.
   double trim_ratio = 0.1;        // kTrimmedMean, in [0, 0.5).
@@ -71,8 +77,17 @@ struct AggregationResult {
   std::vector<bool> clipped;
 };
 
-// Combines validated `updates` (non-empty) trained from `global` into the next global adapter.
-// `state` may be null when options.server_optimizer == kNone.
+// Combines `updates` (non-empty) trained from `global` into the next global adapter. Every update
+// is validated again (ValidateUpdate); the first invalid one fails the call with its message.
+// Weights are num_samples / total. Clipping scales an update's delta before combining. kExact
+// stacks the clients' factors (total rank R), QR-factors both stacks and takes the SVD of the
+// R x R core (when R >= min(out, in) the dense product is no larger, and is decomposed instead),
+// keeps the top global-rank components and divides by the global scale, so s_g·B·A is the best
+// rank-r approximation of Σ p_k s_k B_k A_k; components with no singular value left get a zero B
+// column and the global's A row. The server optimizer then steps on the combined factors
+// (for kExact: on the re-factored A and B, whose basis may rotate between rounds).
+// `state` may be null when options.server_optimizer == kNone; it changes only on success.
+// Not thread-safe for the same `state`; otherwise pure.
 absl::StatusOr<AggregationResult> Aggregate(const runtime::ModelConfig& model,
                                             const lora::LoraAdapter& global,
                                             const std::vector<ClientUpdate>& updates,

@@ -57,6 +57,10 @@ class SafetensorsFile {
   // well-formed, every entry with a known dtype, non-negative shape, data_offsets in order, inside
   // the data section and of exactly numel * element size bytes. Errors name the file and tensor.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // The same format and the same validation for an image held in memory (e.g. received over the
+  // network). The object keeps `bytes`; `what` stands in for the path in errors and in path().
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes,
+                                                                   const std::string& what);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -72,8 +76,11 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates the header of the image [base, base + size) and indexes its tensors.
+  absl::Status Parse(const uint8_t* base, uint64_t size);
 
   std::string path_;
+  std::string bytes_;  // The image, for FromBytes (Open maps the file instead).
   void* map_ = nullptr;
   size_t map_size_ = 0;
   std::map<std::string, std::string> metadata_;
@@ -114,6 +121,11 @@ struct TensorToWrite {
 // InvalidArgument.
 absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
+// The exact bytes WriteSafetensors would write, in memory. Errors as WriteSafetensors, naming
+// `what` where it names the path.
+absl::StatusOr<std::string> SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
+                                                 const std::map<std::string, std::string>& metadata = {},
+                                                 const std::string& what = "safetensors image");
 
 }  // namespace collm::runtime
 
