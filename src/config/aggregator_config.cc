@@ -74,7 +74,13 @@ class Map {
     return Map(node, path, base);
   }
   std::string PathOf(const std::string& key) const { return Join(path_, key); }
-  YAML::Node Get(const std::string& key) const { return node_.IsMap() ? node_[key] : YAML::Node(); }
+  // yaml-cpp returns an "invalid" node for a missing key that throws on most uses: map it to
+  // an undefined one.
+  YAML::Node Get(const std::string& key) const {
+    if (!node_.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
+    const YAML::Node n = static_cast<const YAML::Node&>(node_)[key];
+    return n.IsDefined() ? n : YAML::Node(YAML::NodeType::Undefined);
+  }
   bool Has(const std::string& key) const { return Get(key).IsDefined() && !Get(key).IsNull(); }
 
   absl::StatusOr<std::string> Scalar(const std::string& key) const {
