@@ -13,6 +13,8 @@ int main(int argc, char** argv) {
   collm::cli::AddGenerateCommand(app, generate_args, exit_code);
   collm::cli::FinetuneArgs finetune_args;
   collm::cli::AddFinetuneCommand(app, finetune_args, exit_code);
+  collm::cli::FedArgs fed_args;
+  collm::cli::AddFedCommand(app, fed_args, exit_code);
   collm::cli::RandomModelArgs random_args;
   collm::cli::AddRandomModelCommand(app, random_args, exit_code);
 

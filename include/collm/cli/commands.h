@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -84,6 +85,34 @@ struct FinetuneArgs {
 // Trains a LoRA adapter locally; progress on `err`, held-out loss before/after on `out`.
 int RunFinetune(const FinetuneArgs& args, std::ostream& out, std::ostream& err);
 void AddFinetuneCommand(CLI::App& app, FinetuneArgs& args, int& exit_code);
+
+// `collmctl fed ...`: operator commands against a running collm-aggregator (FederationAdminService).
+// Verbs: status | devices | rounds | rounds watch | round show N | start | pause | resume |
+// policy set --rounds .. | adapter pull VERSION --out DIR. Human tables by default, --json for
+// scripts (the proto messages as JSON, field names as in federation.proto).
+struct FedArgs {
+  std::string aggregator = "127.0.0.1:7070";  // host:port.
+  std::string token;      // Admin token; "" = $COLLM_ADMIN_TOKEN.
+  std::string tls_ca;     // PEM CA to verify the aggregator; any TLS flag turns TLS on.
+  std::string tls_cert;   // Client certificate (mutual TLS).
+  std::string tls_key;
+  bool json = false;
+  double timeout_s = 10;  // Per unary call.
+  int64_t round = 0;      // round show N
+  int64_t limit = 0;      // rounds --limit
+  int64_t version = 0;    // adapter pull VERSION (0 = newest)
+  std::string out_dir;    // adapter pull --out
+  // policy set: only the flags given are changed.
+  std::optional<int64_t> rounds, local_steps, min_clients, max_clients, quorum;
+  std::optional<double> lr, deadline_s, server_lr, prox_mu, clip_norm, max_update_norm, trim_ratio,
+      training_share;
+  std::optional<std::string> strategy, server_optimizer;
+};
+
+// `verb` is one of the verbs above with spaces ("round show", "rounds watch", ...). Returns the
+// exit code: 0 ok, 1 unreachable or refused (message on `err` naming why), 2 bad arguments.
+int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std::ostream& err);
+void AddFedCommand(CLI::App& app, FedArgs& args, int& exit_code);
 
 // Where the offline default model lives: $COLLM_CACHE_DIR, else $XDG_CACHE_HOME/collm, else
 // ~/.cache/collm, plus "/tiny-random". Written on first use.

@@ -17,6 +17,8 @@ namespace collm::serving {
 struct GrpcServerOptions {
   std::string address = "127.0.0.1:50051";  // Port 0 picks a free port (see port()).
   int64_t max_message_bytes = 64 << 20;
+  // Listening credentials (TLS / mutual TLS); null = plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
 };
 
 // Thread-safe.

@@ -1,0 +1,253 @@
+#include "collm/federation/state_store.h"
+
+#include <fcntl.h>
+#include <google/protobuf/util/json_util.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <torch/torch.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "collm/common/status.h"
+#include "collm/lora/peft_io.h"
+#include "collm/runtime/safetensors.h"
+
+namespace collm::federation {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string ErrnoMessage() { return std::strerror(errno); }
+
+absl::StatusOr<std::string> ToJson(const google::protobuf::Message& message) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  auto s = google::protobuf::util::MessageToJsonString(message, &out, options);
+  if (!s.ok()) return absl::InternalError(std::string(s.message()));
+  return out;
+}
+
+// Reads and parses one JSON state file; DataLoss naming the file when it is unreadable or corrupt.
+absl::Status ReadJson(const std::string& path, google::protobuf::Message* message) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::DataLossError(absl::StrCat(path, ": cannot read: ", ErrnoMessage()));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = true;  // Newer aggregators may add fields.
+  auto s = google::protobuf::util::JsonStringToMessage(ss.str(), message, options);
+  if (!s.ok()) {
+    return absl::DataLossError(absl::StrCat(path, ": corrupt state file (", std::string(s.message()),
+                                            "); restore it from a backup or remove the state dir"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SaveJson(const std::string& path, const google::protobuf::Message& message) {
+  COLLM_ASSIGN_OR_RETURN(std::string text, ToJson(message));
+  return WriteFileDurably(path, text);
+}
+
+void FsyncDir(const std::string& dir) {
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+absl::Status MakeDirs(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create: ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status WriteFileDurably(const std::string& path, const std::string& contents) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", ErrnoMessage()));
+  size_t done = 0;
+  while (done < contents.size()) {
+    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const std::string err = ErrnoMessage();
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", err));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    const std::string err = ErrnoMessage();
+    ::unlink(tmp.c_str());
+    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", err));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string err = ErrnoMessage();
+    ::unlink(tmp.c_str());
+    return absl::InternalError(absl::StrCat(path, ": rename failed: ", err));
+  }
+  // The rename is durable only once the directory entry is.
+  FsyncDir(fs::path(path).parent_path().string());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
+  if (dir.empty()) return absl::InvalidArgumentError("state_dir must not be empty");
+  COLLM_RETURN_IF_ERROR(MakeDirs(dir));
+  COLLM_RETURN_IF_ERROR(MakeDirs(dir + "/rounds"));
+  COLLM_RETURN_IF_ERROR(MakeDirs(dir + "/globals"));
+  return std::unique_ptr<StateStore>(new StateStore(dir));
+}
+
+bool StateStore::Empty() const { return !fs::exists(dir_ + "/status.json"); }
+
+std::string StateStore::GlobalDir(int64_t version) const {
+  return absl::StrCat(dir_, "/globals/v", version);
+}
+
+absl::Status StateStore::SaveStatus(const v1::FederationStatus& status) {
+  v1::FederationStatus copy = status;
+  copy.clear_policy();
+  return SaveJson(dir_ + "/status.json", copy);
+}
+
+absl::Status StateStore::SavePolicy(const v1::FederationPolicy& policy) {
+  return SaveJson(dir_ + "/policy.json", policy);
+}
+
+absl::Status StateStore::SaveDevices(const std::vector<v1::DeviceInfo>& devices) {
+  v1::ListDevicesResponse list;
+  for (const auto& d : devices) *list.add_devices() = d;
+  return SaveJson(dir_ + "/devices.json", list);
+}
+
+absl::Status StateStore::SaveRound(const v1::RoundInfo& round) {
+  const std::string dir = absl::StrCat(dir_, "/rounds/", round.round());
+  COLLM_RETURN_IF_ERROR(MakeDirs(dir));
+  return SaveJson(dir + "/round.json", round);
+}
+
+absl::Status StateStore::SaveUpdate(int64_t round, const std::string& device_id,
+                                    const lora::LoraAdapter& adapter) {
+  return lora::WritePeftAdapter(absl::StrCat(dir_, "/rounds/", round, "/updates/", device_id),
+                                adapter);
+}
+
+absl::Status StateStore::SaveGlobal(int64_t version, const lora::LoraAdapter& adapter) {
+  return lora::WritePeftAdapter(GlobalDir(version), adapter);
+}
+
+absl::Status StateStore::SaveOptimizer(const ServerOptimizerState& state) {
+  std::vector<at::Tensor> keep;  // Contiguous f32 copies alive until written.
+  std::vector<runtime::TensorToWrite> tensors;
+  for (const auto* group : {&state.m, &state.v}) {
+    const char* prefix = group == &state.m ? "m/" : "v/";
+    for (const auto& [name, t] : *group) {
+      keep.push_back(t.detach().to(torch::kFloat32).contiguous());
+      tensors.push_back({absl::StrCat(prefix, name), runtime::StoredDType::kF32,
+                         keep.back().sizes().vec(), keep.back().data_ptr()});
+    }
+  }
+  return runtime::WriteSafetensors(dir_ + "/server_optimizer.safetensors", tensors,
+                                   {{"steps", absl::StrCat(state.steps)}});
+}
+
+absl::StatusOr<lora::LoraAdapter> StateStore::ReadGlobal(int64_t version,
+                                                         const runtime::ModelConfig& model) const {
+  const std::string dir = GlobalDir(version);
+  if (!fs::exists(dir + "/adapter_config.json")) {
+    return absl::NotFoundError(absl::StrCat("global version ", version, " is not stored (", dir,
+                                            " is missing)"));
+  }
+  auto adapter = lora::ReadPeftAdapter(dir, model);
+  if (!adapter.ok()) {
+    return absl::DataLossError(absl::StrCat("global version ", version, ": ",
+                                            adapter.status().message()));
+  }
+  return adapter;
+}
+
+absl::StatusOr<FederationState> StateStore::Load(const runtime::ModelConfig& model) const {
+  FederationState state;
+  COLLM_RETURN_IF_ERROR(ReadJson(dir_ + "/status.json", &state.status));
+  if (fs::exists(dir_ + "/policy.json")) {
+    COLLM_RETURN_IF_ERROR(ReadJson(dir_ + "/policy.json", &state.policy));
+  }
+  if (fs::exists(dir_ + "/devices.json")) {
+    v1::ListDevicesResponse list;
+    COLLM_RETURN_IF_ERROR(ReadJson(dir_ + "/devices.json", &list));
+    state.devices.assign(list.devices().begin(), list.devices().end());
+  }
+  // Round directories are named by number; anything else (including a directory created just
+  // before a crash, without its round.json yet) is not a round.
+  std::map<int64_t, std::string> round_dirs;
+  for (const auto& entry : fs::directory_iterator(dir_ + "/rounds")) {
+    int64_t n = 0;
+    if (!entry.is_directory() || !absl::SimpleAtoi(entry.path().filename().string(), &n)) continue;
+    if (!fs::exists(entry.path() / "round.json")) continue;
+    round_dirs[n] = entry.path().string();
+  }
+  for (const auto& [n, dir] : round_dirs) {
+    v1::RoundInfo round;
+    COLLM_RETURN_IF_ERROR(ReadJson(dir + "/round.json", &round));
+    if (round.round() != n) {
+      return absl::DataLossError(absl::StrCat(dir, "/round.json: says round ", round.round(),
+                                              " but lies in the directory of round ", n));
+    }
+    if (round.state() == "collecting" || round.state() == "aggregating") {
+      auto& updates = state.open_updates[n];
+      for (const auto& u : round.updates()) {
+        const std::string udir = absl::StrCat(dir, "/updates/", u.device_id());
+        auto adapter = lora::ReadPeftAdapter(udir, model);
+        if (!adapter.ok()) {
+          return absl::DataLossError(absl::StrCat(dir, "/round.json lists the update from ",
+                                                  u.device_id(), " but ", udir,
+                                                  " cannot be read: ", adapter.status().message()));
+        }
+        updates.emplace(u.device_id(), std::move(*adapter));
+      }
+    }
+    state.rounds.push_back(std::move(round));
+  }
+  COLLM_ASSIGN_OR_RETURN(state.global, ReadGlobal(state.status.global_version(), model));
+  const std::string opt_path = dir_ + "/server_optimizer.safetensors";
+  if (fs::exists(opt_path)) {
+    auto file = runtime::SafetensorsFile::Open(opt_path);
+    if (!file.ok()) return absl::DataLossError(std::string(file.status().message()));
+    const auto& meta = (*file)->metadata();
+    if (auto it = meta.find("steps"); it != meta.end()) {
+      if (!absl::SimpleAtoi(it->second, &state.optimizer.steps)) {
+        return absl::DataLossError(absl::StrCat(opt_path, ": bad 'steps' metadata '", it->second, "'"));
+      }
+    }
+    for (const std::string& name : (*file)->TensorNames()) {
+      COLLM_ASSIGN_OR_RETURN(runtime::TensorView view, (*file)->Get(name));
+      at::Tensor t = torch::empty(view.shape, torch::kFloat32);
+      runtime::ConvertToFloat32(view, t.data_ptr<float>());
+      if (absl::StartsWith(name, "m/")) {
+        state.optimizer.m[name.substr(2)] = t;
+      } else if (absl::StartsWith(name, "v/")) {
+        state.optimizer.v[name.substr(2)] = t;
+      } else {
+        return absl::DataLossError(absl::StrCat(opt_path, ": unexpected tensor '", name, "'"));
+      }
+    }
+  }
+  return state;
+}
+
+}  // namespace collm::federation

@@ -1,0 +1,504 @@
+// collm-aggregator as operators run it: a real process on a loopback port with a tiny random
+// model's config.json, C++ gRPC clients playing devices, collmctl fed as a process, kill -9 and
+// restart on the same state dir, and TLS / mutual TLS with certificates made by openssl.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "collm/federation/fingerprint.h"
+#include "collm/lora/peft_io.h"
+#include "collm/runtime/model_config.h"
+#include "collm/v1/federation.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "testing/subprocess.h"
+#include "testing/test_env.h"
+#include "testing/tiny_model.h"
+
+extern char** environ;
+
+namespace collm {
+namespace {
+
+using collm::testing::BinaryPath;
+using collm::testing::MakeTempDir;
+using collm::testing::ReadFileOrDie;
+using collm::testing::RunCommand;
+using collm::testing::WriteFileOrDie;
+
+constexpr char kToken[] = "s3cret-token";
+
+class Aggregator {
+ public:
+  Aggregator(const std::string& config, const std::string& dir) {
+    ports_file_ = dir + "/ports";
+    std::filesystem::remove(ports_file_);
+    const std::string bin = BinaryPath("src/collm-aggregator");
+    log_ = dir + "/aggregator.log";
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    EXPECT_EQ(posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    for (int i = 0; i < 600 && !std::filesystem::exists(ports_file_); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    sscanf(ReadFileOrDie(ports_file_).c_str(), "grpc=%d", &port_);
+  }
+  ~Aggregator() { Kill9(); }
+  void Kill9() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  int Terminate() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
+  std::string log() const { return ReadFileOrDie(log_); }
+
+ private:
+  std::string ports_file_, log_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+std::string WriteConfig(const std::string& dir, const std::string& extra, int min_clients = 3,
+                        double deadline_s = 120) {
+  const std::string yaml = "server:\n  address: 127.0.0.1:0\nstate_dir: " + dir + "/state\n" +
+                           "model_config: " + collm::testing::TinyModelDir() + "/config.json\n" +
+                           "lora:\n  rank: 2\n  targets: [q_proj, v_proj]\n" +
+                           "heartbeat_interval_ms: 1000\noffline_after_missed: 30\ntick_ms: 50\n" +
+                           "auto_start: true\nadmin_token: " + kToken + "\n" +
+                           "policy:\n  rounds: 3\n  min_clients: " + std::to_string(min_clients) +
+                           "\n  deadline_s: " + std::to_string(deadline_s) + "\n" + extra;
+  WriteFileOrDie(dir + "/aggregator.yaml", yaml);
+  return dir + "/aggregator.yaml";
+}
+
+runtime::ModelConfig TinyConfig() {
+  return *runtime::ModelConfig::FromFile(collm::testing::TinyModelDir() + "/config.json");
+}
+
+// One device, speaking FederationService the way collmd's FL client does.
+class Device {
+ public:
+  Device(const std::string& id, std::shared_ptr<grpc::Channel> channel)
+      : id_(id), stub_(v1::FederationService::NewStub(std::move(channel))) {}
+
+  grpc::Status Register() {
+    v1::RegisterRequest req;
+    req.set_device_id(id_);
+    req.mutable_capabilities()->set_model_fingerprint(federation::ModelFingerprint(TinyConfig()));
+    req.mutable_capabilities()->set_local_samples(100);
+    v1::RegisterResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status s = stub_->Register(&ctx, req, &resp);
+    session_ = resp.session();
+    return s;
+  }
+  // Heartbeats (re-registering when told to) until a task arrives.
+  v1::RoundTask WaitForTask() {
+    for (int i = 0; i < 400; ++i) {
+      v1::HeartbeatRequest req;
+      req.set_device_id(id_);
+      req.set_session(session_);
+      v1::HeartbeatResponse resp;
+      grpc::ClientContext ctx;
+      EXPECT_TRUE(stub_->Heartbeat(&ctx, req, &resp).ok());
+      if (resp.reregister()) EXPECT_TRUE(Register().ok());
+      if (resp.has_task()) return resp.task();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ADD_FAILURE() << id_ << " got no task";
+    return {};
+  }
+  // Fetches a global version; checks sha256 and size like a device must.
+  lora::LoraAdapter Fetch(int64_t version, int64_t* got_version = nullptr) {
+    v1::FetchGlobalRequest req;
+    req.set_device_id(id_);
+    req.set_session(session_);
+    req.set_version(version);
+    grpc::ClientContext ctx;
+    auto reader = stub_->FetchGlobal(&ctx, req);
+    v1::AdapterChunk chunk;
+    v1::AdapterBlobHeader header;
+    lora::PeftBlob blob;
+    while (reader->Read(&chunk)) {
+      if (chunk.has_header()) header = chunk.header();
+      else blob.safetensors += chunk.data();
+    }
+    grpc::Status s = reader->Finish();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(federation::Sha256Hex(blob.safetensors), header.sha256());
+    if (got_version) *got_version = header.version();
+    blob.config_json = header.config_json();
+    auto adapter = lora::ParsePeftAdapter(blob, TinyConfig(), "global");
+    EXPECT_TRUE(adapter.ok()) << adapter.status();
+    return adapter.ok() ? std::move(*adapter) : lora::LoraAdapter{};
+  }
+  // Uploads in 1 KiB chunks (many chunks for the tiny adapter).
+  grpc::Status Upload(int64_t round, int64_t base_version, const lora::PeftBlob& blob,
+                      int64_t samples, const std::string& sha_override = "") {
+    grpc::ClientContext ctx;
+    v1::UploadResponse resp;
+    auto writer = stub_->UploadUpdate(&ctx, &resp);
+    v1::UpdateChunk first;
+    v1::UpdateHeader* h = first.mutable_header();
+    h->set_device_id(id_);
+    h->set_session(session_);
+    h->set_round(round);
+    h->set_base_version(base_version);
+    h->set_num_samples(samples);
+    h->set_train_loss(2.5);
+    h->mutable_adapter()->set_config_json(blob.config_json);
+    h->mutable_adapter()->set_safetensors_bytes(static_cast<int64_t>(blob.safetensors.size()));
+    h->mutable_adapter()->set_sha256(sha_override.empty() ? federation::Sha256Hex(blob.safetensors)
+                                                          : sha_override);
+    writer->Write(first);
+    for (size_t off = 0; off < blob.safetensors.size(); off += 1024) {
+      v1::UpdateChunk c;
+      c.set_data(blob.safetensors.substr(off, 1024));
+      if (!writer->Write(c)) break;
+    }
+    writer->WritesDone();
+    return writer->Finish();
+  }
+  const std::string& id() const { return id_; }
+
+ private:
+  std::string id_, session_;
+  std::unique_ptr<v1::FederationService::Stub> stub_;
+};
+
+// `global` with every A entry shifted by `shift`: a stand-in for a locally trained adapter.
+lora::PeftBlob Shifted(const lora::LoraAdapter& global, float shift) {
+  lora::LoraAdapter a = global.Clone();
+  for (auto& layer : a.factors.layers) {
+    for (auto& f : layer) {
+      if (f.a.defined()) f.a = f.a + shift;
+    }
+  }
+  return *lora::SerializePeftAdapter(a);
+}
+
+std::unique_ptr<v1::FederationAdminService::Stub> Admin(const std::string& address) {
+  return v1::FederationAdminService::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+}
+
+v1::FederationStatus GetStatus(v1::FederationAdminService::Stub& admin) {
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", std::string("Bearer ") + kToken);
+  v1::FederationStatus s;
+  EXPECT_TRUE(admin.GetStatus(&ctx, v1::GetStatusRequest(), &s).ok());
+  return s;
+}
+
+// Polls (bounded) until the global version reaches `version`.
+v1::FederationStatus WaitForVersion(v1::FederationAdminService::Stub& admin, int64_t version) {
+  v1::FederationStatus s;
+  for (int i = 0; i < 600; ++i) {
+    s = GetStatus(admin);
+    if (s.global_version() >= version) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return s;
+}
+
+std::string Ctl(const Aggregator& agg, const std::string& args) {
+  return BinaryPath("src/collmctl") + " fed -a " + agg.address() + " " + args;
+}
+
+TEST(CollmAggregatorTest, ThreeDevicesRoundRejectionsAndCollmctl) {
+  const std::string dir = MakeTempDir("aggregator");
+  Aggregator agg(WriteConfig(dir, ""), dir);
+  ASSERT_GT(agg.port(), 0) << agg.log();
+  auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
+  std::vector<std::unique_ptr<Device>> devices;
+  for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
+    devices.push_back(std::make_unique<Device>(id, channel));
+    ASSERT_TRUE(devices.back()->Register().ok());
+  }
+  // Another base model is refused at registration.
+  {
+    auto stub = v1::FederationService::NewStub(channel);
+    v1::RegisterRequest req;
+    req.set_device_id("other");
+    req.mutable_capabilities()->set_model_fingerprint("0123");
+    v1::RegisterResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status s = stub->Register(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(s.error_message().find("fingerprint"), std::string::npos);
+  }
+  std::vector<v1::RoundTask> tasks;
+  for (auto& d : devices) tasks.push_back(d->WaitForTask());
+  ASSERT_EQ(tasks[0].round(), 1);
+  const lora::LoraAdapter v1_adapter = devices[0]->Fetch(tasks[0].global_version());
+
+  // Rejections, each with its code and counted.
+  lora::PeftBlob good = Shifted(v1_adapter, 1.0f);
+  grpc::Status s = devices[0]->Upload(1, 1, good, 10, std::string(64, '0'));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("sha256 mismatch"), std::string::npos) << s.error_message();
+  lora::PeftBlob nan = good;
+  const float nan_value = std::nanf("");
+  std::memcpy(&nan.safetensors[nan.safetensors.size() - 4], &nan_value, 4);
+  s = devices[0]->Upload(1, 1, nan, 10);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("NaN"), std::string::npos) << s.error_message();
+  lora::LoraConfig wide;
+  wide.rank = 4;
+  s = devices[0]->Upload(1, 1, *lora::SerializePeftAdapter(*lora::LoraAdapter::Create(TinyConfig(), wide, 3)), 10);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(GetStatus(*Admin(agg.address())).updates_rejected(), 3);
+
+  // Three good updates close the round on quorum.
+  const float shifts[] = {1.0f, 2.0f, 4.0f};
+  const int64_t samples[] = {10, 30, 60};
+  for (int i = 0; i < 3; ++i) {
+    s = devices[i]->Upload(1, 1, Shifted(v1_adapter, shifts[i]), samples[i]);
+    ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << agg.log();
+  }
+  auto admin = Admin(agg.address());
+  v1::FederationStatus st = WaitForVersion(*admin, 2);
+  ASSERT_EQ(st.global_version(), 2) << agg.log();
+  EXPECT_EQ(st.updates_accepted(), 3);
+  int64_t fetched_version = 0;
+  lora::LoraAdapter v2 = devices[1]->Fetch(0, &fetched_version);
+  EXPECT_EQ(fetched_version, 2);
+  // The sample-weighted mean: A moved by (1*10 + 2*30 + 4*60) / 100 = 3.1; B unchanged.
+  for (size_t l = 0; l < v2.factors.layers.size(); ++l) {
+    const auto& f = v2.factors.layers[l][0];
+    EXPECT_TRUE(torch::allclose(f.a, v1_adapter.factors.layers[l][0].a + 3.1f, 1e-4, 1e-5));
+    EXPECT_TRUE(torch::allclose(f.b, v1_adapter.factors.layers[l][0].b));
+  }
+
+  // A late update for the closed round 1.
+  s = devices[0]->Upload(1, 1, good, 10);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("late update"), std::string::npos) << s.error_message();
+
+  // Admin calls without or with a wrong token.
+  {
+    grpc::ClientContext ctx;
+    v1::FederationStatus out;
+    EXPECT_EQ(admin->GetStatus(&ctx, v1::GetStatusRequest(), &out).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext ctx2;
+    ctx2.AddMetadata("authorization", "Bearer nope");
+    EXPECT_EQ(admin->Start(&ctx2, v1::ControlRequest(), &out).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+
+  // collmctl as a process: JSON parses and matches; tables carry the rounds.
+  const std::string env = std::string("COLLM_ADMIN_TOKEN=") + kToken + " ";
+  auto r = RunCommand(env + Ctl(agg, "status --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["global_version"], "2");  // int64 is a JSON string in proto3 JSON.
+  EXPECT_EQ(j["updates_rejected"], "4");
+  EXPECT_EQ(j["late_updates"], "1");
+  r = RunCommand(env + Ctl(agg, "devices --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["devices"].size(), 3u);
+  r = RunCommand(env + Ctl(agg, "rounds"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("done"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("1->2"), std::string::npos) << r.out;
+  r = RunCommand(env + Ctl(agg, "round show 1 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["state"], "done");
+  EXPECT_EQ(j["updates"].size(), 3u);
+  EXPECT_EQ(j["rejected"].size(), 4u);
+  r = RunCommand(env + Ctl(agg, "policy set --local-steps 7 --strategy median"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("local_steps=7"), std::string::npos) << r.out;
+  r = RunCommand(env + Ctl(agg, "policy set --lr -1"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("policy.lr must be > 0"), std::string::npos) << r.err;
+  r = RunCommand(env + Ctl(agg, "adapter pull 2 --out " + dir + "/pulled"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto pulled = lora::ReadPeftAdapter(dir + "/pulled", TinyConfig());
+  ASSERT_TRUE(pulled.ok()) << pulled.status();
+  EXPECT_TRUE(torch::equal(pulled->factors.layers[0][0].a, v2.factors.layers[0][0].a));
+  r = RunCommand(Ctl(agg, "status"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("refused"), std::string::npos) << r.err;
+  r = RunCommand(BinaryPath("src/collmctl") + " fed -a 127.0.0.1:1 status");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("cannot reach the aggregator"), std::string::npos) << r.err;
+  r = RunCommand(env + Ctl(agg, "pause"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  // The live display until interrupted (it ends by itself only when the federation finishes).
+  r = RunCommand(env + "timeout -s INT 2 " + Ctl(agg, "rounds watch --json"));
+  EXPECT_NE(r.out.find("\"state\":\"paused\""), std::string::npos) << r.out;
+  EXPECT_EQ(agg.Terminate(), 0) << agg.log();
+}
+
+TEST(CollmAggregatorTest, SilentDeviceRoundClosesAtTheDeadline) {
+  const std::string dir = MakeTempDir("aggregator-deadline");
+  Aggregator agg(WriteConfig(dir, "", 3, 2.0), dir);
+  ASSERT_GT(agg.port(), 0) << agg.log();
+  auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
+  std::vector<std::unique_ptr<Device>> devices;
+  for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
+    devices.push_back(std::make_unique<Device>(id, channel));
+    ASSERT_TRUE(devices.back()->Register().ok());
+  }
+  // dev-3 goes silent after registering; the two others train and upload.
+  for (int i = 0; i < 2; ++i) {
+    v1::RoundTask task = devices[i]->WaitForTask();
+    lora::LoraAdapter global = devices[i]->Fetch(task.global_version());
+    ASSERT_TRUE(devices[i]->Upload(task.round(), task.global_version(), Shifted(global, 1.0f), 5).ok());
+  }
+  auto admin = Admin(agg.address());
+  v1::FederationStatus st = WaitForVersion(*admin, 2);
+  ASSERT_EQ(st.global_version(), 2) << agg.log();
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", std::string("Bearer ") + kToken);
+  v1::GetRoundRequest req;
+  req.set_round(1);
+  v1::RoundInfo round;
+  ASSERT_TRUE(admin->GetRound(&ctx, req, &round).ok());
+  EXPECT_EQ(round.state(), "done");
+  EXPECT_EQ(round.updates_size(), 2);
+  EXPECT_NE(round.note().find("deadline: 2 of 3"), std::string::npos) << round.note();
+}
+
+TEST(CollmAggregatorTest, Kill9MidRoundThenRestartResumesWithTheAcceptedUpdate) {
+  const std::string dir = MakeTempDir("aggregator-kill");
+  const std::string config = WriteConfig(dir, "");
+  std::vector<std::unique_ptr<Device>> devices;
+  lora::LoraAdapter global;
+  {
+    Aggregator agg(config, dir);
+    ASSERT_GT(agg.port(), 0) << agg.log();
+    auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
+    for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
+      devices.push_back(std::make_unique<Device>(id, channel));
+      ASSERT_TRUE(devices.back()->Register().ok());
+    }
+    v1::RoundTask task = devices[0]->WaitForTask();
+    global = devices[0]->Fetch(task.global_version());
+    ASSERT_TRUE(devices[0]->Upload(1, 1, Shifted(global, 1.0f), 10).ok());
+    agg.Kill9();
+  }
+  Aggregator agg(config, dir);
+  ASSERT_GT(agg.port(), 0) << agg.log();
+  EXPECT_NE(agg.log().find("1 accepted update(s) in the open round"), std::string::npos) << agg.log();
+  auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
+  for (int i = 1; i < 3; ++i) {
+    devices[i] = std::make_unique<Device>(devices[i]->id(), channel);
+    // The old session is unknown to the new process: WaitForTask re-registers when told to.
+    v1::RoundTask task = devices[i]->WaitForTask();
+    EXPECT_EQ(task.round(), 1);
+    ASSERT_TRUE(devices[i]->Upload(1, 1, Shifted(global, 4.0f), 20).ok());
+  }
+  auto admin = Admin(agg.address());
+  v1::FederationStatus st = WaitForVersion(*admin, 2);
+  ASSERT_EQ(st.global_version(), 2) << agg.log();
+  EXPECT_EQ(st.updates_accepted(), 3);
+  lora::LoraAdapter v2 = devices[1]->Fetch(2);
+  // (1*10 + 4*20 + 4*20) / 50 = 3.4: the update accepted before the kill counted.
+  EXPECT_TRUE(torch::allclose(v2.factors.layers[0][0].a, global.factors.layers[0][0].a + 3.4f, 1e-4, 1e-5));
+}
+
+// openssl CLI: a CA, a server cert for 127.0.0.1/localhost, a client cert with CN=dev-tls.
+void MakeCerts(const std::string& d) {
+  const std::string cmd =
+      "cd " + d + " && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem "
+      "-days 2 -subj /CN=test-ca 2>/dev/null && "
+      "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost "
+      "2>/dev/null && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext && "
+      "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
+      "-days 2 -extfile san.ext 2>/dev/null && "
+      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=dev-tls "
+      "2>/dev/null && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial "
+      "-out client.pem -days 2 2>/dev/null";
+  auto r = RunCommand(cmd);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST(CollmAggregatorTest, MutualTlsRefusesPlaintextAndCertlessCallsAndBindsDeviceIdToCn) {
+  const std::string dir = MakeTempDir("aggregator-tls");
+  MakeCerts(dir);
+  const std::string tls = "tls:\n  cert: " + dir + "/server.pem\n  key: " + dir +
+                          "/server.key\n  client_ca: " + dir + "/ca.pem\n  require_client_cert: true\n";
+  Aggregator agg(WriteConfig(dir, tls), dir);
+  ASSERT_GT(agg.port(), 0) << agg.log();
+  const auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(5); };
+
+  // Plaintext to a TLS port: the handshake never completes.
+  {
+    Device plain("dev-tls", grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials()));
+    grpc::Status s = plain.Register();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  }
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = ReadFileOrDie(dir + "/ca.pem");
+  // TLS without a client certificate: refused by the mutual-TLS handshake.
+  {
+    Device certless("dev-tls", grpc::CreateChannel(agg.address(), grpc::SslCredentials(ssl)));
+    grpc::Status s = certless.Register();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  }
+  ssl.pem_cert_chain = ReadFileOrDie(dir + "/client.pem");
+  ssl.pem_private_key = ReadFileOrDie(dir + "/client.key");
+  auto channel = grpc::CreateChannel(agg.address(), grpc::SslCredentials(ssl));
+  Device ok("dev-tls", channel);
+  grpc::Status s = ok.Register();
+  EXPECT_TRUE(s.ok()) << s.error_message() << "\n" << agg.log();
+  Device impostor("dev-1", channel);
+  s = impostor.Register();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(s.error_message().find("CN 'dev-tls'"), std::string::npos) << s.error_message();
+  (void)deadline;
+
+  // collmctl over mutual TLS with the token.
+  auto r = RunCommand(std::string("COLLM_ADMIN_TOKEN=") + kToken + " " + BinaryPath("src/collmctl") +
+                      " fed -a localhost:" + std::to_string(agg.port()) + " --tls-ca " + dir +
+                      "/ca.pem --tls-cert " + dir + "/client.pem --tls-key " + dir +
+                      "/client.key status --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["devices_total"], "1");
+}
+
+TEST(CollmAggregatorTest, BadConfigIsNamed) {
+  const std::string dir = MakeTempDir("aggregator-badcfg");
+  WriteFileOrDie(dir + "/a.yaml", "state_dir: " + dir + "/s\nmodel_config: " +
+                                      collm::testing::TinyModelDir() + "\npolicy:\n  lrr: 1\n");
+  auto r = RunCommand(BinaryPath("src/collm-aggregator") + " --config " + dir + "/a.yaml");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("policy.lrr: unknown key"), std::string::npos) << r.err;
+  WriteFileOrDie(dir + "/b.yaml", "state_dir: " + dir + "/s\nmodel_config: " +
+                                      collm::testing::TinyModelDir() + "\npolicy:\n  lr: -2\n");
+  r = RunCommand(BinaryPath("src/collm-aggregator") + " --config " + dir + "/b.yaml");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("policy.lr must be > 0, got -2"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace collm
