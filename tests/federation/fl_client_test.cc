@@ -1,8 +1,7 @@
 // FlClient against a real gRPC FederationService on 127.0.0.1 port 0, with a real engine (tiny
-// model, training enabled). The service here is a small scripted aggregator: it hands out the
-// tasks and global versions each test sets and records what the device sends, so the tests can
-// check the wire contract (chunking, sha256, sample counts) and the failure paths (corrupt
-// globals, rejections, an aggregator that goes away and comes back, deadlines).
+// model, training enabled). The service is a scripted aggregator (testing/scripted_aggregator.h),
+// so the tests can check the wire contract (chunking, sha256, sample counts) and the failure
+// paths (corrupt globals, rejections, an aggregator that goes away and comes back, deadlines).
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
@@ -21,6 +20,7 @@
 #include "collm/v1/federation.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "testing/pattern_examples.h"
+#include "testing/scripted_aggregator.h"
 #include "testing/test_env.h"
 #include "testing/tiny_model.h"
 
@@ -28,138 +28,11 @@ namespace collm::federation {
 namespace {
 
 namespace v1 = ::collm::v1;
+using collm::testing::ScriptedAggregator;
+using collm::testing::Server;
+using collm::testing::UnixMillis;
+using collm::testing::Upload;
 using std::chrono::milliseconds;
-
-int64_t UnixMillis() {
-  return std::chrono::duration_cast<milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-struct Upload {
-  v1::UpdateHeader header;
-  std::string data;
-  int chunks = 0;
-};
-
-// The scripted aggregator. Thread-safe (gRPC calls it from its threads).
-class ScriptedAggregator final : public v1::FederationService::Service {
- public:
-  std::mutex mu;
-  std::map<int64_t, lora::PeftBlob> globals;  // version -> blob.
-  std::optional<v1::RoundTask> task;
-  std::map<std::string, int64_t> sessions;    // session -> device registrations.
-  std::vector<Upload> uploads;
-  std::vector<v1::DeviceTelemetry> telemetry;
-  std::vector<v1::DeviceCapabilities> registered;
-  std::string reject_reason;                  // Non-empty: refuse uploads with it.
-  bool corrupt_sha = false;
-  int64_t fetch_chunk = 700;
-  int64_t fetches = 0;
-  double training_share = 0;
-
-  int64_t Newest() const { return globals.empty() ? 0 : globals.rbegin()->first; }
-
-  grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* req,
-                        v1::RegisterResponse* resp) override {
-    std::lock_guard<std::mutex> lock(mu);
-    const std::string session = absl::StrCat("s", sessions.size() + 1);
-    sessions[session] = 1;
-    registered.push_back(req->capabilities());
-    resp->set_session(session);
-    resp->set_heartbeat_interval_ms(50);
-    resp->set_global_version(Newest());
-    return grpc::Status::OK;
-  }
-
-  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
-                         v1::HeartbeatResponse* resp) override {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!sessions.count(req->session())) {
-      resp->set_reregister(true);
-      return grpc::Status::OK;
-    }
-    telemetry.push_back(req->telemetry());
-    resp->set_global_version(Newest());
-    resp->set_training_share(training_share);
-    if (task) *resp->mutable_task() = *task;
-    return grpc::Status::OK;
-  }
-
-  grpc::Status UploadUpdate(grpc::ServerContext*, grpc::ServerReader<v1::UpdateChunk>* reader,
-                            v1::UploadResponse* resp) override {
-    Upload u;
-    v1::UpdateChunk chunk;
-    while (reader->Read(&chunk)) {
-      if (chunk.has_header()) {
-        u.header = chunk.header();
-      } else {
-        u.data += chunk.data();
-        ++u.chunks;
-      }
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    const bool sha_ok = Sha256Hex(u.data) == u.header.adapter().sha256();
-    uploads.push_back(u);
-    if (!sha_ok) {
-      resp->set_reason("sha256 mismatch");
-    } else if (!reject_reason.empty()) {
-      resp->set_reason(reject_reason);
-    } else {
-      resp->set_accepted(true);
-      task.reset();  // Uploaded: no open task for this device any more.
-    }
-    return grpc::Status::OK;
-  }
-
-  grpc::Status FetchGlobal(grpc::ServerContext*, const v1::FetchGlobalRequest* req,
-                           grpc::ServerWriter<v1::AdapterChunk>* writer) override {
-    lora::PeftBlob blob;
-    v1::AdapterChunk head;
-    int64_t chunk_size;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      ++fetches;
-      const int64_t v = req->version() == 0 ? Newest() : req->version();
-      if (!globals.count(v)) return grpc::Status(grpc::StatusCode::NOT_FOUND, "no such version");
-      blob = globals[v];
-      head.mutable_header()->set_version(v);
-      head.mutable_header()->set_sha256(corrupt_sha ? std::string(64, '0') : Sha256Hex(blob.safetensors));
-      chunk_size = fetch_chunk;
-    }
-    head.mutable_header()->set_config_json(blob.config_json);
-    head.mutable_header()->set_safetensors_bytes(static_cast<int64_t>(blob.safetensors.size()));
-    writer->Write(head);
-    for (size_t off = 0; off < blob.safetensors.size(); off += chunk_size) {
-      v1::AdapterChunk c;
-      c.set_data(blob.safetensors.substr(off, chunk_size));
-      writer->Write(c);
-    }
-    return grpc::Status::OK;
-  }
-};
-
-class Server {
- public:
-  // port 0 = pick one.
-  Server(ScriptedAggregator* service, int port) {
-    grpc::ServerBuilder b;
-    b.AddListeningPort(absl::StrCat("127.0.0.1:", port), grpc::InsecureServerCredentials(), &port_);
-    b.RegisterService(service);
-    server_ = b.BuildAndStart();
-  }
-  ~Server() { Stop(); }
-  void Stop() {
-    if (server_) server_->Shutdown(std::chrono::system_clock::now() + milliseconds(200));
-    server_.reset();
-  }
-  int port() const { return port_; }
-  bool ok() const { return server_ != nullptr; }
-
- private:
-  int port_ = 0;
-  std::unique_ptr<grpc::Server> server_;
-};
 
 lora::PeftBlob BlobOf(const lora::LoraAdapter& a) {
   const std::string dir = collm::testing::MakeTempDir("collm-fl-blob") + "/a";
@@ -308,7 +181,8 @@ TEST(FlClientTest, JoinsARoundUploadsTheBudgetAndInstallsTheNextGlobal) {
                                               d.model->config());
   EXPECT_GT(MaxAbsDiff(trained, v1_adapter), 0);
   EXPECT_LT(MaxAbsDiff(trained, v1_adapter), 3 * 1e-2 * 1.5) << "at most ~lr per AdamW step";
-  EXPECT_EQ(d.client->Stats().uploads_accepted, 1);
+  // The service records the upload before the device reads the answer.
+  ASSERT_TRUE(WaitFor([&] { return d.client->Stats().uploads_accepted == 1; }));
   EXPECT_EQ(d.client->Stats().rounds_joined, 1);
 
   // The round closes; v2 (here: the update itself) becomes the global and beats what is live.
