@@ -1,6 +1,6 @@
 // collmd: one per device. Loads the base model once, serves inference over gRPC with continuous
-// batching, trains the shadow adapter in the same engine loop, exposes Prometheus metrics, and
-// drains + checkpoints on SIGTERM/SIGINT.
+// batching, trains the shadow adapter in the same engine loop, takes part in federated rounds
+// (federation: section), exposes Prometheus metrics, and drains + checkpoints on SIGTERM/SIGINT.
 #include <signal.h>
 
 #include <filesystem>
@@ -14,6 +14,8 @@
 #include "collm/engine/engine.h"
 #include "collm/engine/peft_trainer.h"
 #include "collm/engine/shadow_publisher.h"
+#include "collm/federation/fingerprint.h"
+#include "collm/federation/fl_client.h"
 #include "collm/lora/adapter_registry.h"
 #include "collm/lora/peft_io.h"
 #include "collm/lora/shadow_adapter.h"
@@ -150,10 +152,12 @@ int main(int argc, char** argv) {
   std::shared_ptr<collm::engine::InteractionBuffer> feedback;
   std::optional<collm::engine::TrainingSetup> training;
   std::map<std::string, std::string> cursor;
+  int64_t local_samples = 0;
   if (cfg->training.enabled) {
     auto setup = MakeTraining(*cfg, *model, **tokenizer, registry, &cursor);
     if (!setup.ok()) return Fail(setup.status());
     feedback = setup->feedback;
+    local_samples = static_cast<int64_t>(setup->dataset.size());
     training = std::move(*setup);
   }
   // With training on, requests that name no adapter get the continuously improving one.
@@ -194,9 +198,46 @@ int main(int argc, char** argv) {
     std::filesystem::rename(tmp, ports_file);
   }
 
+  // Federation starts after serving does: the aggregator is never on serving's critical path.
+  std::unique_ptr<collm::federation::FlClient> fl_client;
+  if (cfg->federation.enabled) {
+    const auto& f = cfg->federation;
+    const collm::runtime::ModelConfig& mc = (*model)->config();
+    collm::federation::FlClientOptions o;
+    o.aggregator = f.aggregator;
+    o.device_id = f.device_id;
+    o.tls = f.tls.enabled;
+    o.tls_ca_file = f.tls.ca;
+    o.tls_cert_file = f.tls.cert;
+    o.tls_key_file = f.tls.key;
+    o.tls_server_name = f.tls.server_name;
+    o.heartbeat_seconds = f.heartbeat_seconds;
+    o.backoff_initial_seconds = f.backoff_initial_seconds;
+    o.backoff_max_seconds = f.backoff_max_seconds;
+    o.rpc_timeout_seconds = f.rpc_timeout_seconds;
+    o.upload_chunk_bytes = f.upload_chunk_bytes;
+    o.install_live = f.install_global == "shadow_and_live";
+    o.task_training_share = f.task_training_share;
+    o.model_name = mc.model_type + " h" + std::to_string(mc.hidden_size) + " L" +
+                   std::to_string(mc.num_hidden_layers) + " v" + std::to_string(mc.vocab_size);
+    // The aggregator computes the same digest of its model's parsed config.json.
+    o.model_fingerprint = collm::federation::ModelFingerprint(mc);
+    o.accelerator = cfg->runtime.device;
+    o.local_samples = local_samples;
+    o.seed = cfg->training.trainer.seed;
+    auto client = collm::federation::FlClient::Create(o, **engine, mc, feedback, &metrics);
+    if (!client.ok()) return Fail(client.status());
+    fl_client = std::move(*client);
+    fl_client->Start();
+    COLLM_LOG_INFO("federation: device {} joining {}{}", f.device_id, f.aggregator,
+                   f.tls.enabled ? (f.tls.cert.empty() ? " (TLS)" : " (mutual TLS)") : "");
+  }
+
   int sig = 0;
   sigwait(&signals, &sig);
   COLLM_LOG_INFO("signal {}: draining for up to {} s", sig, cfg->shutdown_grace_seconds);
+  // No new rounds while draining; a task in flight is cut short and not uploaded.
+  if (fl_client) fl_client->Stop();
   (*server)->SetServing(false);
   // The engine refuses new requests and finishes (or, after the grace, cancels) in-flight ones,
   // which completes their RPCs; then the server stops.

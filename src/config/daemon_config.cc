@@ -640,6 +640,93 @@ absl::Status ParseTraining(const Section& root, TrainingConfig& out) {
   return absl::OkStatus();
 }
 
+absl::Status CheckFileExists(const std::string& path, const std::string& file) {
+  std::error_code ec;
+  if (file.empty() || fs::is_regular_file(file, ec)) return absl::OkStatus();
+  return Invalid(path, absl::StrCat("must name a readable file, got '", file, "'"));
+}
+
+absl::Status ParseFederation(const Section& root, const TrainingConfig& training,
+                             FederationConfig& out) {
+  COLLM_ASSIGN_OR_RETURN(
+      Section s, root.Sub("federation", {"enabled", "aggregator", "device_id", "tls",
+                                         "heartbeat_seconds", "backoff", "rpc_timeout_seconds",
+                                         "upload_chunk_bytes", "install_global",
+                                         "task_training_share"}));
+  COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
+  COLLM_RETURN_IF_ERROR(s.String("aggregator", &out.aggregator));
+  COLLM_RETURN_IF_ERROR(s.String("device_id", &out.device_id));
+  COLLM_ASSIGN_OR_RETURN(Section tls,
+                         s.Sub("tls", {"enabled", "ca", "cert", "key", "server_name"}));
+  COLLM_RETURN_IF_ERROR(tls.Bool("enabled", &out.tls.enabled));
+  COLLM_RETURN_IF_ERROR(tls.Path("ca", &out.tls.ca));
+  COLLM_RETURN_IF_ERROR(tls.Path("cert", &out.tls.cert));
+  COLLM_RETURN_IF_ERROR(tls.Path("key", &out.tls.key));
+  COLLM_RETURN_IF_ERROR(tls.String("server_name", &out.tls.server_name));
+  COLLM_RETURN_IF_ERROR(s.Double("heartbeat_seconds", &out.heartbeat_seconds));
+  COLLM_ASSIGN_OR_RETURN(Section backoff, s.Sub("backoff", {"initial_seconds", "max_seconds"}));
+  COLLM_RETURN_IF_ERROR(backoff.Double("initial_seconds", &out.backoff_initial_seconds));
+  COLLM_RETURN_IF_ERROR(backoff.Double("max_seconds", &out.backoff_max_seconds));
+  COLLM_RETURN_IF_ERROR(s.Double("rpc_timeout_seconds", &out.rpc_timeout_seconds));
+  COLLM_RETURN_IF_ERROR(s.Bytes("upload_chunk_bytes", &out.upload_chunk_bytes));
+  COLLM_RETURN_IF_ERROR(s.String("install_global", &out.install_global));
+  COLLM_RETURN_IF_ERROR(s.Double("task_training_share", &out.task_training_share));
+
+  auto positive = [&](const Section& sec, const std::string& key, double v) {
+    return v > 0 ? absl::OkStatus() : Invalid(sec.PathOf(key), absl::StrCat("must be > 0, got ", v));
+  };
+  COLLM_RETURN_IF_ERROR(positive(s, "heartbeat_seconds", out.heartbeat_seconds));
+  COLLM_RETURN_IF_ERROR(positive(backoff, "initial_seconds", out.backoff_initial_seconds));
+  if (!(out.backoff_max_seconds >= out.backoff_initial_seconds)) {
+    return Invalid(backoff.PathOf("max_seconds"),
+                   absl::StrCat("must be >= ", backoff.PathOf("initial_seconds"), " (",
+                                out.backoff_initial_seconds, "), got ", out.backoff_max_seconds));
+  }
+  COLLM_RETURN_IF_ERROR(positive(s, "rpc_timeout_seconds", out.rpc_timeout_seconds));
+  if (out.upload_chunk_bytes <= 0 || out.upload_chunk_bytes > (int64_t{64} << 20)) {
+    return Invalid(s.PathOf("upload_chunk_bytes"),
+                   absl::StrCat("must be in (0, 64MiB], got ", out.upload_chunk_bytes));
+  }
+  if (out.install_global != "shadow" && out.install_global != "shadow_and_live") {
+    return Invalid(s.PathOf("install_global"),
+                   absl::StrCat("must be shadow or shadow_and_live, got '", out.install_global, "'"));
+  }
+  if (!(out.task_training_share > 0 && out.task_training_share <= 1)) {
+    return Invalid(s.PathOf("task_training_share"),
+                   absl::StrCat("must be in (0, 1], got ", out.task_training_share));
+  }
+  if (out.tls.cert.empty() != out.tls.key.empty()) {
+    const bool no_cert = out.tls.cert.empty();
+    return Invalid(tls.PathOf(no_cert ? "key" : "cert"),
+                   absl::StrCat("is set but ", tls.PathOf(no_cert ? "cert" : "key"),
+                                " is not: mutual TLS needs both"));
+  }
+  if (!out.tls.enabled && (!out.tls.ca.empty() || !out.tls.cert.empty())) {
+    return Invalid(tls.PathOf("enabled"),
+                   "is false but tls.ca/tls.cert are set: set enabled: true to use them");
+  }
+  COLLM_RETURN_IF_ERROR(CheckFileExists(tls.PathOf("ca"), out.tls.ca));
+  COLLM_RETURN_IF_ERROR(CheckFileExists(tls.PathOf("cert"), out.tls.cert));
+  COLLM_RETURN_IF_ERROR(CheckFileExists(tls.PathOf("key"), out.tls.key));
+  if (!out.enabled) return absl::OkStatus();
+  COLLM_RETURN_IF_ERROR(CheckNonEmpty(s.PathOf("aggregator"), out.aggregator));
+  COLLM_RETURN_IF_ERROR(CheckNonEmpty(s.PathOf("device_id"), out.device_id));
+  const bool id_ok =
+      out.device_id.size() <= 64 &&
+      std::all_of(out.device_id.begin(), out.device_id.end(), [](char c) {
+        return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
+      });
+  if (!id_ok) {
+    return Invalid(s.PathOf("device_id"),
+                   absl::StrCat("must be 1-64 characters of [A-Za-z0-9._-], got '", out.device_id, "'"));
+  }
+  if (!training.enabled) {
+    return Invalid(s.PathOf("enabled"),
+                   "is true but training.enabled is false: federation trains the shadow adapter");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseServer(const Section& root, ServerConfig& out) {
   COLLM_ASSIGN_OR_RETURN(Section s, root.Sub("server", {"address", "max_message_bytes"}));
   COLLM_RETURN_IF_ERROR(s.String("address", &out.address));
@@ -678,7 +765,8 @@ absl::StatusOr<DaemonConfig> Parse(const YAML::Node& doc, const std::string& bas
   COLLM_ASSIGN_OR_RETURN(
       Section root, Section::Open(doc, "",
                                   {"model", "runtime", "engine", "sampling", "adapters", "training",
-                                   "server", "metrics", "logging", "shutdown_grace_seconds"},
+                                   "federation", "server", "metrics", "logging",
+                                   "shutdown_grace_seconds"},
                                   base_dir));
   DaemonConfig config;
   if (!root.Has("model"))
@@ -690,6 +778,7 @@ absl::StatusOr<DaemonConfig> Parse(const YAML::Node& doc, const std::string& bas
   COLLM_RETURN_IF_ERROR(ParseSampling(root, config.default_sampling));
   COLLM_RETURN_IF_ERROR(ParseAdapters(root, config.adapters));
   COLLM_RETURN_IF_ERROR(ParseTraining(root, config.training));
+  COLLM_RETURN_IF_ERROR(ParseFederation(root, config.training, config.federation));
   COLLM_RETURN_IF_ERROR(ParseServer(root, config.server));
   COLLM_RETURN_IF_ERROR(ParseMetrics(root, config.metrics));
   COLLM_RETURN_IF_ERROR(ParseLogging(root, config.logging));

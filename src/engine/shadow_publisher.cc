@@ -49,13 +49,15 @@ absl::StatusOr<ShadowPublisher::Losses> ShadowPublisher::Evaluate(
   return losses;
 }
 
-absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer) {
+absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer,
+                                               const std::string& source) {
   lora::LoraAdapter candidate = trainer.shadow().Snapshot();
-  return Decide(candidate, trainer.shadow().step(), Evaluate(candidate));
+  return Decide(candidate, trainer.shadow().step(), Evaluate(candidate), source);
 }
 
 absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_adapter, int64_t step,
-                                            const absl::StatusOr<Losses>& losses) {
+                                            const absl::StatusOr<Losses>& losses,
+                                            const std::string& source) {
   ++stats_.attempts;
   if (!losses.ok()) return losses.status();
   const double candidate = losses->candidate;
@@ -72,7 +74,8 @@ absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_
     }
   }
   COLLM_ASSIGN_OR_RETURN(auto snapshot,
-                         registry_.Publish(name_, candidate_adapter, absl::StrCat("shadow step ", step),
+                         registry_.Publish(name_, candidate_adapter,
+                                           source.empty() ? absl::StrCat("shadow step ", step) : source,
                                            candidate));
   ++stats_.published;
   stats_.live_version = snapshot->version;

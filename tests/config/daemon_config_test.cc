@@ -288,6 +288,21 @@ const std::set<std::string> kDocumentedKeys = {
     "training.checkpoint_dir",
     "training.checkpoint_every_steps",
     "training.feedback_capacity",
+    "federation.enabled",
+    "federation.aggregator",
+    "federation.device_id",
+    "federation.tls.enabled",
+    "federation.tls.ca",
+    "federation.tls.cert",
+    "federation.tls.key",
+    "federation.tls.server_name",
+    "federation.heartbeat_seconds",
+    "federation.backoff.initial_seconds",
+    "federation.backoff.max_seconds",
+    "federation.rpc_timeout_seconds",
+    "federation.upload_chunk_bytes",
+    "federation.install_global",
+    "federation.task_training_share",
     "server.address",
     "server.max_message_bytes",
     "metrics.enabled",
@@ -807,5 +822,106 @@ TEST(DaemonConfigTest, MissingFileIsNotFound) {
   EXPECT_PRED_FORMAT2(Contains, std::string(c.status().message()), path);
 }
 
+
+// --- federation ---------------------------------------------------------------------------------
+
+const std::string kFederatedConfig = kConfigsDir + "/collmd-federated.yaml";
+const char kTrainingOn[] = "model: /m\ntraining:\n  enabled: true\n  data: [d.jsonl]\n";
+
+TEST(DaemonConfigTest, FederationDefaultsAreOffAndDocumented) {
+  absl::StatusOr<DaemonConfig> c = Parse("model: /m\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  const FederationConfig& f = c->federation;
+  EXPECT_FALSE(f.enabled);
+  EXPECT_FALSE(f.tls.enabled);
+  EXPECT_EQ(f.heartbeat_seconds, 5);
+  EXPECT_EQ(f.backoff_initial_seconds, 0.5);
+  EXPECT_EQ(f.backoff_max_seconds, 30);
+  EXPECT_EQ(f.upload_chunk_bytes, 1 << 20);
+  EXPECT_EQ(f.install_global, "shadow_and_live");
+}
+
+TEST(DaemonConfigTest, ParsesTheFederationSection) {
+  const std::string dir = testing::MakeTempDir("collm-fed-config");
+  for (const char* f : {"ca.pem", "dev.pem", "dev.key"}) testing::WriteFileOrDie(dir + "/" + f, "x");
+  absl::StatusOr<DaemonConfig> c = DaemonConfig::FromYaml(std::string(kTrainingOn) + R"(
+federation:
+  enabled: true
+  aggregator: agg.lan:50061
+  device_id: edge-7.a_b
+  tls: {enabled: true, ca: ca.pem, cert: dev.pem, key: dev.key, server_name: aggregator}
+  heartbeat_seconds: 2.5
+  backoff: {initial_seconds: 0.1, max_seconds: 4}
+  rpc_timeout_seconds: 12
+  upload_chunk_bytes: 256KiB
+  install_global: shadow
+  task_training_share: 0.75
+)", dir);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const FederationConfig& f = c->federation;
+  EXPECT_TRUE(f.enabled);
+  EXPECT_EQ(f.aggregator, "agg.lan:50061");
+  EXPECT_EQ(f.device_id, "edge-7.a_b");
+  EXPECT_TRUE(f.tls.enabled);
+  EXPECT_EQ(f.tls.ca, dir + "/ca.pem");
+  EXPECT_EQ(f.tls.cert, dir + "/dev.pem");
+  EXPECT_EQ(f.tls.key, dir + "/dev.key");
+  EXPECT_EQ(f.tls.server_name, "aggregator");
+  EXPECT_EQ(f.heartbeat_seconds, 2.5);
+  EXPECT_EQ(f.backoff_initial_seconds, 0.1);
+  EXPECT_EQ(f.backoff_max_seconds, 4);
+  EXPECT_EQ(f.rpc_timeout_seconds, 12);
+  EXPECT_EQ(f.upload_chunk_bytes, 256 << 10);
+  EXPECT_EQ(f.install_global, "shadow");
+  EXPECT_EQ(f.task_training_share, 0.75);
+}
+
+TEST(DaemonConfigTest, FederationErrorsNameTheKey) {
+  const std::string on = std::string(kTrainingOn) + "federation:\n  enabled: true\n";
+  const std::string ready = on + "  aggregator: a:1\n  device_id: d1\n";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {on + "  device_id: d1\n", "federation.aggregator must not be empty"},
+      {on + "  aggregator: a:1\n", "federation.device_id must not be empty"},
+      {ready.substr(0, ready.size() - 3) + "has space\n",
+       "federation.device_id must be 1-64 characters of [A-Za-z0-9._-], got 'has space'"},
+      {ready + "  heartbeat_seconds: 0\n", "federation.heartbeat_seconds must be > 0, got 0"},
+      {ready + "  backoff: {initial_seconds: 2, max_seconds: 1}\n",
+       "federation.backoff.max_seconds must be >= federation.backoff.initial_seconds (2), got 1"},
+      {ready + "  backoff: {initial_seconds: 0}\n",
+       "federation.backoff.initial_seconds must be > 0, got 0"},
+      {ready + "  upload_chunk_bytes: 0\n", "federation.upload_chunk_bytes must be in (0, 64MiB]"},
+      {ready + "  upload_chunk_bytes: 1GiB\n", "federation.upload_chunk_bytes must be in (0, 64MiB]"},
+      {ready + "  install_global: live\n",
+       "federation.install_global must be shadow or shadow_and_live, got 'live'"},
+      {ready + "  task_training_share: 0\n", "federation.task_training_share must be in (0, 1]"},
+      {ready + "  tls: {enabled: true, cert: /etc/hostname}\n",
+       "federation.tls.cert is set but federation.tls.key is not: mutual TLS needs both"},
+      {ready + "  tls: {ca: /etc/hostname}\n", "federation.tls.enabled is false but"},
+      {ready + "  tls: {enabled: true, ca: /no/such/ca.pem}\n",
+       "federation.tls.ca must name a readable file, got '/no/such/ca.pem'"},
+      {ready + "  backof: {}\n", "federation.backof: unknown key"},
+      {ready + "  tls: {enable: true}\n", "federation.tls.enable: unknown key"},
+      {"model: /m\nfederation: {enabled: true, aggregator: a:1, device_id: d}\n",
+       "federation.enabled is true but training.enabled is false"},
+  };
+  for (const auto& [yaml, expected] : cases) {
+    EXPECT_PRED_FORMAT2(Contains, ErrorOf(yaml), expected) << yaml;
+  }
+}
+
+TEST(DaemonConfigTest, ShippedFederatedConfigJoinsAnAggregator) {
+  ScopedEnv id("COLLM_DEVICE_ID", "edge-3");
+  ScopedEnv agg("COLLM_AGGREGATOR", "10.0.0.5:50061");
+  absl::StatusOr<DaemonConfig> c = DaemonConfig::FromFile(kFederatedConfig);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->federation.enabled);
+  EXPECT_EQ(c->federation.device_id, "edge-3");
+  EXPECT_EQ(c->federation.aggregator, "10.0.0.5:50061");
+  EXPECT_FALSE(c->federation.tls.enabled);
+  EXPECT_TRUE(c->training.enabled);
+  EXPECT_EQ(c->training.publish.every_steps, 0) << "local steps must not go live on their own";
+  EXPECT_TRUE(c->training.publish.quality_gate);
+  EXPECT_EQ(c->engine.training_share, 0);
+}
 }  // namespace
 }  // namespace collm::config

@@ -16,10 +16,13 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "collm/lora/lora_adapter.h"
 #include "collm/runtime/generator.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/v1/inference.grpc.pb.h"
+#include "collm/federation/fingerprint.h"
 #include "gtest/gtest.h"
+#include "testing/scripted_aggregator.h"
 #include "testing/subprocess.h"
 #include "testing/test_env.h"
 #include "testing/tiny_model.h"
@@ -301,6 +304,108 @@ TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
   ASSERT_TRUE(up);
   EXPECT_NE(up->body.find("\"1\"]"), std::string::npos) << up->body;
   EXPECT_EQ(d.Terminate(), 0);
+}
+
+// collmd with a federation: section, against a scripted FederationService on loopback: it joins,
+// trains the round's budget from the global version it fetched, uploads, installs the next global
+// version into its live adapter through the quality gate, and serves throughout.
+TEST(CollmdTest, JoinsAFederatedRoundWhileServing) {
+  const std::string dir = MakeTempDir("collmd-fl");
+  std::string data;
+  for (int i = 0; i < 40; ++i) {
+    data += "{\"prompt\": \"Tell me rule " + std::to_string(i) + "\", \"completion\": \"the cat sat on the mat\"}\n";
+  }
+  WriteFileOrDie(dir + "/train.jsonl", data);
+  auto model = runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
+  lora::LoraConfig lc;
+  lc.rank = 4;
+  const std::string v1_dir = dir + "/v1";
+  ASSERT_TRUE(lora::WritePeftAdapter(v1_dir, lora::LoraAdapter::Create(model->config(), lc, 9).value()).ok());
+
+  collm::testing::ScriptedAggregator agg;
+  agg.globals[1] = {ReadFileOrDie(v1_dir + "/adapter_config.json"),
+                    ReadFileOrDie(v1_dir + "/adapter_model.safetensors")};
+  v1::RoundTask task;
+  task.set_round(1);
+  task.set_global_version(1);
+  task.set_local_steps(4);
+  task.set_lr(0.01);
+  task.set_training_share(1.0);
+  task.set_deadline_unix_ms(collm::testing::UnixMillis() + 600'000);
+  agg.task = task;
+  collm::testing::Server server(&agg, 0);
+  ASSERT_TRUE(server.ok());
+
+  const std::string yaml = "model: " + collm::testing::TinyModelDir() + R"(
+server: {address: 127.0.0.1:0}
+metrics: {address: 127.0.0.1:0}
+engine: {training_share: 0}
+training:
+  enabled: true
+  data: [train.jsonl]
+  dataset: {held_out_fraction: 0.2}
+  trainer: {lr: 0.01, micro_batch_size: 4}
+  lora: {rank: 4}
+  publish: {every_steps: 0, quality_gate: true}
+federation:
+  enabled: true
+  aggregator: 127.0.0.1:)" + std::to_string(server.port()) + R"(
+  device_id: dev-a
+  heartbeat_seconds: 0.1
+  backoff: {initial_seconds: 0.05, max_seconds: 0.5}
+  upload_chunk_bytes: 2KiB
+  install_global: shadow_and_live
+logging: {level: info}
+)";
+  WriteFileOrDie(dir + "/collmd.yaml", yaml);
+  Daemon d(dir + "/collmd.yaml", dir);
+  ASSERT_GT(d.grpc_port(), 0) << d.log();
+
+  // Serving while the round trains.
+  Streamed during = Generate(d.address(), "Once upon a time", 8);
+  ASSERT_TRUE(during.status.ok()) << during.status.error_message() << "\n" << d.log();
+  EXPECT_EQ(during.last.usage().completion_tokens(), 8);
+
+  auto uploaded = [&] {
+    std::lock_guard<std::mutex> lock(agg.mu);
+    return !agg.uploads.empty();
+  };
+  for (int i = 0; i < 1200 && !uploaded(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(uploaded()) << d.log();
+  collm::testing::Upload u;
+  {
+    std::lock_guard<std::mutex> lock(agg.mu);
+    u = agg.uploads[0];
+    EXPECT_EQ(agg.registered.at(0).model_fingerprint(),
+              federation::ModelFingerprint(
+                  runtime::ModelConfig::FromFile(collm::testing::TinyModelDir() + "/config.json").value()));
+    EXPECT_GT(agg.registered.at(0).local_samples(), 0);
+    EXPECT_LT(agg.registered.at(0).local_samples(), 40) << "some of the 40 are held out";
+    agg.globals[2] = {u.header.adapter().config_json(), u.data};  // As if aggregated.
+  }
+  EXPECT_EQ(u.header.device_id(), "dev-a");
+  EXPECT_EQ(u.header.base_version(), 1);
+  EXPECT_EQ(u.header.num_samples(), 4 * 4);
+  EXPECT_GT(u.chunks, 1) << "2 KiB chunks";
+
+  // v2 goes live after the gate; the Prometheus endpoint says so.
+  httplib::Client http("127.0.0.1", d.metrics_port());
+  std::string body;
+  for (int i = 0; i < 1200; ++i) {
+    auto res = http.Get("/metrics");
+    if (res && res->body.find("collm_fl_live_global_version 2") != std::string::npos) {
+      body = res->body;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_FALSE(body.empty()) << d.log();
+  EXPECT_NE(body.find("collm_fl_uploads_total{outcome=\"accepted\"} 1"), std::string::npos) << body;
+  Streamed after = Generate(d.address(), "Once upon a time", 4);
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.last.adapter(), "live");
+  EXPECT_EQ(d.Terminate(), 0) << d.log();
+  EXPECT_NE(d.log().find("global v2 is live"), std::string::npos) << d.log();
 }
 
 TEST(CollmdTest, BadConfigIsAnErrorNamingTheKey) {

@@ -10,6 +10,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -124,12 +126,49 @@ struct EngineStats {
   int64_t train_micro_steps = 0;
   int64_t train_optimizer_steps = 0;
   int64_t train_examples = 0;
+  int64_t train_tokens = 0;         // Tokens forwarded by completed optimizer steps.
   int64_t train_guard_blocked = 0;  // Phases not run because an SLO would be missed.
   double train_loss = 0;            // Loss of the last optimizer step.
   double train_time_share = 0;      // Measured share of busy time spent training (EWMA).
   double train_step_seconds = 0;    // EWMA cost of one micro-step.
   double infer_step_seconds = 0;    // EWMA cost of one inference step.
+  double training_share = 0;        // Current target share (EngineOptions or SetTrainingShare).
+  bool training_task_active = false;  // A RunTrainingTask budget is being trained.
   PublishStats publish;
+};
+
+// Federation hooks (the slow timescale actuates these; see Engine::RunTrainingTask).
+// A training budget: exactly `optimizer_steps` optimizer steps on the shadow adapter, scheduled
+// like all training (serving first, the SLO guard in charge), then a report.
+struct TrainingTask {
+  int64_t optimizer_steps = 0;  // > 0.
+  double lr = 0;                // Peak learning rate from now on; 0 = keep the trainer's.
+  double prox_mu = 0;           // FedProx coefficient (anchor = the shadow at task start); >= 0.
+  double training_share = -1;   // Share while the task runs, [0, 1]; < 0 = keep the current one.
+  double share_after = -1;      // Share once the task is done, [0, 1]; < 0 = keep.
+};
+
+struct TrainingReport {
+  absl::Status status;          // OK; Cancelled when replaced, superseded by an install or shut
+                                // down; Aborted when cut short with no step done; else the error.
+  lora::LoraAdapter adapter;    // Shadow snapshot right after the task's last optimizer step.
+  int64_t optimizer_steps = 0;  // Steps in the snapshot (< the budget only when cut short).
+  int64_t num_samples = 0;      // Examples trained on during the task (FedAvg weight).
+  double mean_train_loss = 0;   // Mean over the task's optimizer steps.
+  double held_out_loss = -1;    // Of the snapshot on the publisher's held-out set; < 0 = none.
+};
+
+struct InstallOptions {
+  bool reset_optimizer = true;  // Fresh AdamW moments (a new global version is a new start).
+  bool publish = false;         // Also publish to the live adapter through the publisher's gate.
+  std::string source;           // Recorded with the published version, e.g. "global v3".
+};
+
+struct InstallResult {
+  absl::Status status;          // Load or publish error; FailedPrecondition without training.
+  bool published = false;       // The quality gate let it go live.
+  std::string decision;         // The gate's reason.
+  double held_out_loss = -1;    // Of the installed adapter; < 0 = not measured.
 };
 
 // Thread-safe: Submit, Cancel, Stats and Shutdown may be called from any thread.
@@ -176,6 +215,24 @@ class Engine {
   // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock): one
   // inference step, and one training phase per example (every phase alike).
   void SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_example);
+
+  // --- Federation hooks. Thread-safe; each is applied on the engine thread at the next step
+  // boundary (the thread that owns the trainer and shadow), so serving never waits on a lock held
+  // by training. Without Start(), StepForTest() applies them. Futures are always fulfilled: at
+  // Shutdown at the latest (Cancelled).
+  // Sets the target training share. InvalidArgument outside [0, 1].
+  absl::Status SetTrainingShare(double share);
+  // Loads `adapter` (same targets and rank as the shadow) into the shadow adapter, dropping a
+  // partial step; a running training task is cancelled (its base changed). With
+  // `options.publish`, then offers it to the ShadowPublisher's quality gate for the live adapter.
+  std::future<InstallResult> InstallAdapter(lora::LoraAdapter adapter, InstallOptions options);
+  // Starts a training budget (replacing a running one, which reports Cancelled). The report
+  // comes after exactly task.optimizer_steps optimizer steps. InvalidArgument for a bad task and
+  // FailedPrecondition without training come through the future as well.
+  std::future<TrainingReport> RunTrainingTask(TrainingTask task);
+  // Ends the running task now (e.g. at the round deadline): it reports the steps done so far
+  // (a partial update), or Aborted when none was done. No-op without a task.
+  void FinishTrainingTaskEarly();
 
  private:
   struct Sequence;
@@ -231,6 +288,19 @@ class Engine {
   double busy_train_ = 0;   // EWMA of training seconds per loop iteration.
   double last_infer_seconds_ = 0;
   double last_train_seconds_ = 0;
+
+  // Federation hooks: commands posted by other threads, run on the engine thread.
+  struct ActiveTask;
+  bool PostCommand(std::function<void()> command);  // False once Shutdown closed the queue.
+  void RunCommands();  // Engine thread.
+  void StartTask(TrainingTask task, std::shared_ptr<std::promise<TrainingReport>> promise);
+  void EndTask(absl::Status status);  // Reports the active task (engine thread).
+  // Called by MaybeTrain after each micro-step (engine thread).
+  void OnTaskProgress(int64_t examples, const absl::Status& status,
+                      const std::optional<StepStats>& step);
+  std::vector<std::function<void()>> commands_;  // Guarded by mu_.
+  bool commands_closed_ = false;                 // Guarded by mu_; set by Shutdown.
+  std::unique_ptr<ActiveTask> task_;             // Engine thread only.
 
   // Metrics (null = none), engine thread only after Start.
   struct Metrics;

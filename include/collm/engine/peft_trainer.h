@@ -121,6 +121,10 @@ class PeftTrainer {
   lora::ShadowAdapter& shadow() { return *shadow_; }
   const lora::ShadowAdapter& shadow() const { return *shadow_; }
   const TrainerOptions& options() const { return options_; }
+  // Changes the peak learning rate from the next optimizer step on (a federated task's lr).
+  // REQUIRES: lr > 0.
+  void set_lr(double lr) { options_.lr = lr; }
+  void set_prox_mu(double mu) { options_.prox_mu = mu; }
   int64_t micro_steps() const { return micro_steps_; }
 
   // Drops gradients accumulated since the last optimizer step and any micro-step in flight (e.g. at

@@ -43,9 +43,11 @@ class ShadowPublisher {
 
   bool Due(int64_t optimizer_step) const;
   // Evaluates the shadow (when gated) and publishes it unless the gate refuses. Returns whether a
-  // new version went live.
-  absl::StatusOr<bool> Consider(const PeftTrainer& trainer);
+  // new version went live. `source` is recorded with the version ("" = "shadow step N").
+  absl::StatusOr<bool> Consider(const PeftTrainer& trainer, const std::string& source = "");
   const PublishStats& stats() const { return stats_; }
+  // The held-out examples the gate evaluates on (may be empty).
+  const std::vector<TrainingExample>& held_out() const { return held_out_; }
 
   // The same decision without stalling the engine: BeginConsider copies the shadow and evaluates
   // the copy on a worker thread (forward passes only; the frozen base model is read-only and the
@@ -64,8 +66,9 @@ class ShadowPublisher {
     double live = -1;       // -1 = not needed (no gate).
   };
   absl::StatusOr<Losses> Evaluate(const lora::LoraAdapter& candidate) const;
+  // `source` is recorded with the version ("" = "shadow step N").
   absl::StatusOr<bool> Decide(const lora::LoraAdapter& candidate, int64_t step,
-                              const absl::StatusOr<Losses>& losses);
+                              const absl::StatusOr<Losses>& losses, const std::string& source = "");
   absl::StatusOr<double> LiveLoss() const;
   struct Pending;
   std::unique_ptr<Pending> pending_;
