@@ -366,6 +366,36 @@ bool Engine::MaybeTrain() {
       return ArrivalRate(clock_->NowNanos()) * options_.guard_safety * seconds <=
              options_.guard_idle_risk;
     };
+    if (training_.publisher != nullptr && training_.publisher->evaluating()) {
+      // A publish's held-out evaluation: forward-only work, scheduled like a training phase.
+      int64_t n = kEvalSliceExamples;
+      if (std::isfinite(budget)) {
+        if (eval_cost_ <= 0) {
+          n = idle ? 1 : 0;
+        } else {
+          n = std::min<int64_t>(n, static_cast<int64_t>(std::floor(
+                                       budget / (options_.guard_safety * eval_cost_))));
+          if (n < 1 && allowed(eval_cost_)) n = 1;
+        }
+      }
+      if (n < 1) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.train_guard_blocked;
+        break;
+      }
+      const int64_t start = clock_->NowNanos();
+      if (auto st = training_.publisher->EvaluateSome(n); !st.ok()) {
+        COLLM_LOG_ERROR("held-out evaluation failed: {}", st.ToString());
+      }
+      const double seconds = (clock_->NowNanos() - start) * 1e-9;
+      last_train_seconds_ += seconds;
+      const double per_example = seconds / static_cast<double>(n);
+      eval_cost_ = eval_cost_ == 0 ? per_example : 0.8 * eval_cost_ + 0.2 * per_example;
+      PollPublisher();
+      ran = true;
+      if (!idle && options_.slo_guard) break;
+      continue;
+    }
     bool go;
     if (!trainer.micro_step_active()) {
       // Size the micro-step so that its costliest phase fits the budget.
@@ -464,7 +494,7 @@ bool Engine::RunTrainingPhase() {
     }
   }
   if (step.has_value() && training_.publisher != nullptr && training_.publisher->Due(step->step)) {
-    // The held-out evaluation runs beside the engine; PollPublisher publishes when it is done.
+    // The held-out evaluation runs in slices from MaybeTrain; PollPublisher publishes when done.
     if (!training_.publisher->BeginConsider(trainer)) {
       COLLM_LOG_DEBUG("publish at step {} skipped: the previous evaluation is still running",
                       step->step);

@@ -127,29 +127,38 @@ absl::Status ExampleSampler::Restore(const std::map<std::string, std::string>& s
   return absl::OkStatus();
 }
 
-absl::StatusOr<double> EvaluateLoss(const runtime::LlamaModel& model,
-                                    const runtime::LoraWeights* adapter,
-                                    const std::vector<TrainingExample>& examples,
-                                    int64_t batch_size) {
+absl::StatusOr<LossSum> EvaluateLossSum(const runtime::LlamaModel& model,
+                                        const runtime::LoraWeights* adapter,
+                                        const std::vector<const TrainingExample*>& examples,
+                                        int64_t batch_size) {
   at::NoGradGuard no_grad;
-  double sum = 0;
-  int64_t targets = 0;
+  LossSum total;
   batch_size = std::max<int64_t>(1, batch_size);
   for (size_t i = 0; i < examples.size(); i += batch_size) {
-    std::vector<const TrainingExample*> chunk;
-    for (size_t j = i; j < std::min(examples.size(), i + batch_size); ++j) chunk.push_back(&examples[j]);
+    std::vector<const TrainingExample*> chunk(
+        examples.begin() + i, examples.begin() + std::min(examples.size(), i + batch_size));
     Batch b = MakeBatch(chunk);
     if (b.num_targets == 0) continue;
     COLLM_ASSIGN_OR_RETURN(at::Tensor logits, model.DenseLogits(b.inputs, adapter));
     try {
-      sum += MaskedLossSum(logits, b).item<double>();
+      total.sum += MaskedLossSum(logits, b).item<double>();
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("evaluation: ", e.what_without_backtrace()));
     }
-    targets += b.num_targets;
+    total.targets += b.num_targets;
   }
-  if (targets == 0) return absl::InvalidArgumentError("no evaluation example has a target token");
-  return sum / static_cast<double>(targets);
+  return total;
+}
+
+absl::StatusOr<double> EvaluateLoss(const runtime::LlamaModel& model,
+                                    const runtime::LoraWeights* adapter,
+                                    const std::vector<TrainingExample>& examples,
+                                    int64_t batch_size) {
+  std::vector<const TrainingExample*> all;
+  for (const auto& e : examples) all.push_back(&e);
+  COLLM_ASSIGN_OR_RETURN(LossSum total, EvaluateLossSum(model, adapter, all, batch_size));
+  if (total.targets == 0) return absl::InvalidArgumentError("no evaluation example has a target token");
+  return total.sum / static_cast<double>(total.targets);
 }
 
 absl::StatusOr<std::unique_ptr<PeftTrainer>> PeftTrainer::Create(

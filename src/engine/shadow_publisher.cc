@@ -2,7 +2,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -88,7 +87,10 @@ absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_
 struct ShadowPublisher::Pending {
   lora::LoraAdapter candidate;
   int64_t step = 0;
-  std::future<absl::StatusOr<Losses>> losses;
+  std::optional<runtime::LoraWeights> weights;  // The candidate in decoder layout.
+  size_t next = 0;                              // Held-out examples evaluated so far.
+  LossSum loss;
+  absl::Status error;
 };
 
 bool ShadowPublisher::BeginConsider(const PeftTrainer& trainer) {
@@ -96,24 +98,66 @@ bool ShadowPublisher::BeginConsider(const PeftTrainer& trainer) {
   auto p = std::make_unique<Pending>();
   p->candidate = trainer.shadow().Snapshot();  // A deep copy: training goes on meanwhile.
   p->step = trainer.shadow().step();
-  const lora::LoraAdapter* candidate = &p->candidate;  // Stable: Pending is heap-allocated.
-  p->losses = std::async(std::launch::async, [this, candidate] { return Evaluate(*candidate); });
+  if (!held_out_.empty()) {
+    auto w = p->candidate.ToWeights(model_->config(), model_->runtime());
+    if (w.ok()) {
+      p->weights = *std::move(w);
+    } else {
+      p->error = w.status();
+    }
+  }
   pending_ = std::move(p);
   return true;
 }
 
-std::optional<absl::StatusOr<bool>> ShadowPublisher::Poll(bool wait) {
-  if (pending_ == nullptr) return std::nullopt;
-  if (wait) pending_->losses.wait();
-  if (pending_->losses.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-    return std::nullopt;
-  }
-  std::unique_ptr<Pending> done = std::move(pending_);
-  return Decide(done->candidate, done->step, done->losses.get());
+bool ShadowPublisher::evaluating() const {
+  return pending_ != nullptr && pending_->error.ok() && pending_->next < held_out_.size();
 }
 
-ShadowPublisher::~ShadowPublisher() {
-  if (pending_ != nullptr) pending_->losses.wait();
+absl::Status ShadowPublisher::EvaluateSome(int64_t examples) {
+  if (!evaluating()) return absl::OkStatus();
+  Pending& p = *pending_;
+  const size_t end = std::min(held_out_.size(), p.next + static_cast<size_t>(std::max<int64_t>(1, examples)));
+  std::vector<const TrainingExample*> slice;
+  for (size_t i = p.next; i < end; ++i) slice.push_back(&held_out_[i]);
+  auto sum = EvaluateLossSum(*model_, &*p.weights, slice);
+  if (!sum.ok()) {
+    p.error = sum.status();
+    return p.error;
+  }
+  p.loss.sum += sum->sum;
+  p.loss.targets += sum->targets;
+  p.next = end;
+  return absl::OkStatus();
 }
+
+std::optional<absl::StatusOr<bool>> ShadowPublisher::Poll(bool wait) {
+  if (pending_ == nullptr) return std::nullopt;
+  if (wait) EvaluateSome(static_cast<int64_t>(held_out_.size())).IgnoreError();
+  if (evaluating()) return std::nullopt;
+  std::unique_ptr<Pending> done = std::move(pending_);
+  absl::StatusOr<Losses> losses = [&]() -> absl::StatusOr<Losses> {
+    COLLM_RETURN_IF_ERROR(done->error);
+    if (options_.quality_gate && held_out_.empty()) {
+      return absl::FailedPreconditionError("publish quality gate needs held-out examples");
+    }
+    Losses l;
+    if (!held_out_.empty()) {
+      if (done->loss.targets == 0) {
+        return absl::InvalidArgumentError("no evaluation example has a target token");
+      }
+      l.candidate = done->loss.sum / static_cast<double>(done->loss.targets);
+    }
+    // The live version's loss is recorded when it was published; only the first gate (against
+    // the base model) evaluates it here.
+    if (options_.quality_gate) {
+      COLLM_ASSIGN_OR_RETURN(l.live, LiveLoss());
+    }
+    return l;
+  }();
+  return Decide(done->candidate, done->step, losses);
+}
+
+ShadowPublisher::~ShadowPublisher() = default;
 
 }  // namespace collm::engine

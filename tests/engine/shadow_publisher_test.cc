@@ -73,9 +73,9 @@ TEST(ShadowPublisherTest, UngatedPublishesEveryNSteps) {
   EXPECT_EQ(f.registry.Get("live").value()->source, "shadow step 0");
 }
 
-// The background variant decides like Consider, on the copy taken when it began: training that
-// goes on meanwhile does not leak into the published version.
-TEST(ShadowPublisherTest, BackgroundEvaluationPublishesTheSnapshotItBeganWith) {
+// The sliced variant decides like Consider, on the copy taken when it began: training that goes
+// on meanwhile does not leak into the published version.
+TEST(ShadowPublisherTest, SlicedEvaluationPublishesTheSnapshotItBeganWith) {
   Fixture f;
   auto train = Pattern(32, 1);
   PublishOptions opts;
@@ -84,17 +84,24 @@ TEST(ShadowPublisherTest, BackgroundEvaluationPublishesTheSnapshotItBeganWith) {
   ExampleSampler sampler(&train, 1);
   for (int i = 0; i < 15; ++i) ASSERT_TRUE(f.trainer->Step(sampler).ok());
   const lora::LoraAdapter began = f.trainer->shadow().Snapshot();
+  const double whole = f.trainer->Evaluate(Pattern(8, 2)).value();
   ASSERT_TRUE(pub.BeginConsider(*f.trainer));
   EXPECT_TRUE(pub.pending());
   EXPECT_FALSE(pub.BeginConsider(*f.trainer)) << "one evaluation at a time";
   ASSERT_TRUE(f.trainer->Step(sampler).ok());  // The shadow moves on meanwhile.
-  auto decided = pub.Poll(/*wait=*/true);
+  ASSERT_TRUE(pub.EvaluateSome(3).ok());
+  EXPECT_TRUE(pub.evaluating());
+  EXPECT_FALSE(pub.Poll().has_value()) << "5 of 8 held-out examples left";
+  ASSERT_TRUE(pub.EvaluateSome(5).ok());
+  EXPECT_FALSE(pub.evaluating());
+  auto decided = pub.Poll();
   ASSERT_TRUE(decided.has_value());
   ASSERT_TRUE(decided->ok()) << decided->status();
   EXPECT_TRUE(**decided);
   EXPECT_FALSE(pub.pending());
   EXPECT_FALSE(pub.Poll().has_value());
   EXPECT_EQ(pub.stats().published, 1);
+  EXPECT_NEAR(pub.stats().last_candidate_loss, whole, 1e-5) << "slices sum to the whole loss";
   auto live = f.registry.Get("live").value();
   EXPECT_EQ(live->source, "shadow step 15");
   const auto& want = began.factors.layers[0][static_cast<int>(runtime::LoraTarget::kQ)].b;

@@ -281,6 +281,8 @@ class Engine {
   double train_cost_ = 0;   // EWMA seconds per whole training micro-step (0 = not measured yet).
   std::vector<double> phase_cost_;  // EWMA seconds per example of each phase (0 = not measured).
   double micro_step_seconds_ = 0;   // Spent on the micro-step in flight so far.
+  double eval_cost_ = 0;            // EWMA seconds per held-out example evaluated for a publish.
+  static constexpr int64_t kEvalSliceExamples = 8;  // Held-out examples per slice at most.
   double ArrivalRate(int64_t now) const;  // Requests/s, recent; needs mu_.
   double interarrival_ = 0;               // EWMA seconds between submits; guarded by mu_.
   int64_t last_submit_nanos_ = 0;         // Guarded by mu_.

@@ -73,6 +73,16 @@ absl::StatusOr<double> EvaluateLoss(const runtime::LlamaModel& model,
                                     const std::vector<TrainingExample>& examples,
                                     int64_t batch_size = 8);
 
+// Summed token loss and target count over `examples` (for evaluating in slices).
+struct LossSum {
+  double sum = 0;
+  int64_t targets = 0;
+};
+absl::StatusOr<LossSum> EvaluateLossSum(const runtime::LlamaModel& model,
+                                        const runtime::LoraWeights* adapter,
+                                        const std::vector<const TrainingExample*>& examples,
+                                        int64_t batch_size = 8);
+
 // Owned by one thread (the engine thread).
 class PeftTrainer {
  public:

@@ -49,12 +49,15 @@ class ShadowPublisher {
   // The held-out examples the gate evaluates on (may be empty).
   const std::vector<TrainingExample>& held_out() const { return held_out_; }
 
-  // The same decision without stalling the engine: BeginConsider copies the shadow and evaluates
-  // the copy on a worker thread (forward passes only; the frozen base model is read-only and the
-  // shadow keeps training), and Poll, on the owning thread, applies the gate and publishes once
-  // the evaluation is done. BeginConsider returns false (and does nothing) while one is pending.
+  // The same decision in slices, so the engine can schedule the held-out evaluation like training
+  // (under the SLO guard) instead of stalling or competing with inference: BeginConsider copies
+  // the shadow (training goes on), EvaluateSome forwards the next `examples` held-out examples,
+  // and Poll applies the gate and publishes once all are done. BeginConsider returns false (and
+  // does nothing) while one is pending.
   bool BeginConsider(const PeftTrainer& trainer);
-  // nullopt while nothing has finished (`wait`: blocks until a pending one has); otherwise what
+  bool evaluating() const;  // Pending with held-out examples left to evaluate.
+  absl::Status EvaluateSome(int64_t examples);
+  // nullopt while nothing is ready (`wait`: evaluates what is left first); otherwise what
   // Consider would have returned.
   std::optional<absl::StatusOr<bool>> Poll(bool wait = false);
   bool pending() const { return pending_ != nullptr; }
