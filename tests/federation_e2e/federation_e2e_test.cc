@@ -103,15 +103,15 @@ void WriteLines(const std::string& path, const std::vector<std::string>& lines, 
   WriteFileOrDie(path, out);
 }
 
-struct Setup {
+struct Shards {
   std::string dir, model_dir, held_out_file;
   std::vector<std::string> shards;  // One per device, disjoint.
 };
 
 // Three disjoint 150-example shards of GSM8K for the devices and a disjoint 64-example held-out
 // file that no device sees, so the global loss measured here is honest.
-Setup MakeShards(const std::string& model_dir, const std::string& data, const std::string& prefix) {
-  Setup s;
+Shards MakeShards(const std::string& model_dir, const std::string& data, const std::string& prefix) {
+  Shards s;
   s.dir = MakeTempDir(prefix);
   s.model_dir = model_dir;
   const std::vector<std::string> lines = ReadLines(data);
@@ -125,7 +125,7 @@ Setup MakeShards(const std::string& model_dir, const std::string& data, const st
   return s;
 }
 
-std::string WriteAggregatorConfig(const Setup& s, const std::string& policy) {
+std::string WriteAggregatorConfig(const Shards& s, const std::string& policy) {
   const std::string yaml = "server:\n  address: 127.0.0.1:0\n"
                            "state_dir: " + s.dir + "/agg-state\n" +
                            "model_config: " + s.model_dir + "/config.json\n" + R"(
@@ -146,7 +146,7 @@ policy:
   return s.dir + "/aggregator.yaml";
 }
 
-std::string WriteDaemonConfig(const Setup& s, int i, int aggregator_port) {
+std::string WriteDaemonConfig(const Shards& s, int i, int aggregator_port) {
   const std::string id = "edge-" + std::to_string(i);
   const std::string yaml = "model: " + s.model_dir + R"(
 server: {address: 127.0.0.1:0}
@@ -260,7 +260,7 @@ std::string Logs(const Process& agg, const std::vector<std::unique_ptr<Process>>
 TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFalls) {
   COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
   COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
-  const Setup s = MakeShards(model_dir, data, "fl-e2e-3rounds");
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-3rounds");
   Process agg("src/collm-aggregator", WriteAggregatorConfig(s, R"(  rounds: 3
   local_steps: 5
   lr: 0.01
@@ -347,7 +347,7 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   d.format.prompt_template = "Question: {prompt}\nAnswer: ";
   d.max_length = 192;
   d.held_out_fraction = 0;
-  auto held_out = engine::Dataset::Load(s.held_out_file, *tok, d);
+  auto held_out = engine::Dataset::Load(s.held_out_file, *tok, d, nullptr);
   ASSERT_TRUE(held_out.ok()) << held_out.status();
   ASSERT_EQ(held_out->train().size(), 64u);
   double loss[2] = {0, 0};
@@ -373,7 +373,7 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
 TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) {
   COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
   COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
-  const Setup s = MakeShards(model_dir, data, "fl-e2e-kill");
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-kill");
   // quorum 0 = all participants, so the round cannot close early once a participant is gone:
   // only the deadline rule (>= max(1, ceil(3 / 2)) = 2 accepted updates) completes it.
   Process agg("src/collm-aggregator", WriteAggregatorConfig(s, R"(  rounds: 1
