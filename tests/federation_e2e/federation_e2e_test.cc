@@ -349,7 +349,8 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   d.held_out_fraction = 0;
   auto held_out = engine::Dataset::Load(s.held_out_file, *tok, d, nullptr);
   ASSERT_TRUE(held_out.ok()) << held_out.status();
-  ASSERT_EQ(held_out->train().size(), 64u);
+  // A few long problems leave no answer token within 192 tokens and are dropped.
+  ASSERT_GE(held_out->train().size(), 40u);
   double loss[2] = {0, 0};
   const int64_t versions[2] = {1, 4};
   for (int k = 0; k < 2; ++k) {
@@ -365,8 +366,8 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
     loss[k] = *l;
   }
   // Three rounds of 3 x 5 steps at lr 1e-2 move stories260K clearly towards GSM8K (it has never
-  // seen math word problems); 0.1 nats is far above run-to-run noise and far below the drop.
-  EXPECT_LT(loss[1], loss[0] - 0.1) << "global held-out loss v1 " << loss[0] << " -> v4 " << loss[1];
+  // seen math word problems: about 6.7 -> 4.1 nats here); 0.5 is far above run-to-run noise.
+  EXPECT_LT(loss[1], loss[0] - 0.5) << "global held-out loss v1 " << loss[0] << " -> v4 " << loss[1];
   std::cout << "global held-out loss v1 " << loss[0] << " -> v4 " << loss[1] << std::endl;
 }
 
