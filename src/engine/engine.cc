@@ -253,9 +253,9 @@ EngineStats Engine::Stats() const {
 
 bool Engine::StepForTest() { return Step(); }
 
-void Engine::SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_example) {
+void Engine::SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_token) {
   infer_cost_ = infer_step_seconds;
-  std::fill(phase_cost_.begin(), phase_cost_.end(), phase_seconds_per_example);
+  std::fill(phase_cost_.begin(), phase_cost_.end(), phase_seconds_per_token);
 }
 
 absl::Status Engine::EnableTraining(TrainingSetup setup) {
@@ -398,35 +398,35 @@ bool Engine::MaybeTrain() {
     }
     bool go;
     if (!trainer.micro_step_active()) {
-      // Size the micro-step so that its costliest phase fits the budget.
-      int64_t n = trainer.options().micro_batch_size;
+      // Size the micro-step (in padded tokens: phase costs grow with them) so that its costliest
+      // phase fits the budget.
+      double tokens = inf;
       if (std::isfinite(budget)) {
         if (worst_phase <= 0) {
-          n = idle ? 1 : 0;  // Cost unknown: measure it with one example, and only when idle.
+          tokens = idle ? -1 : 0;  // Cost unknown: measure it with one example, and only when idle.
         } else {
-          n = std::min<int64_t>(
-              n, static_cast<int64_t>(std::floor(budget / (options_.guard_safety * worst_phase))));
-          if (n < 1 && idle && options_.guard_idle_risk > 0) {
-            // As many examples as keep the expected share of delayed arrivals within the risk.
-            double rate;
-            {
-              std::lock_guard<std::mutex> lock(mu_);
-              rate = ArrivalRate(clock_->NowNanos());
-            }
-            const double per_example_risk = rate * options_.guard_safety * worst_phase;
-            n = per_example_risk <= 0
-                    ? trainer.options().micro_batch_size
-                    : std::min<int64_t>(trainer.options().micro_batch_size,
-                                        static_cast<int64_t>(std::floor(options_.guard_idle_risk /
-                                                                        per_example_risk)));
-          }
+          tokens = budget / (options_.guard_safety * worst_phase);
         }
       }
-      go = n >= 1 && BeginMicroStep(n);
-      if (n >= 1 && !go) break;  // No data or the trainer refused: nothing to count.
+      BeginResult begun = BeginMicroStep(trainer.options().micro_batch_size, tokens);
+      if (begun == BeginResult::kDoesNotFit && idle && options_.guard_idle_risk > 0 &&
+          worst_phase > 0) {
+        // Not even one example fits what an arrival could wait: as many tokens as keep the
+        // expected share of delayed arrivals within the risk.
+        double rate;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          rate = ArrivalRate(clock_->NowNanos());
+        }
+        const double per_token_risk = rate * options_.guard_safety * worst_phase;
+        begun = BeginMicroStep(trainer.options().micro_batch_size,
+                               per_token_risk <= 0 ? inf : options_.guard_idle_risk / per_token_risk);
+      }
+      if (begun == BeginResult::kNoData) break;
+      go = begun == BeginResult::kStarted;
     } else {
       go = !std::isfinite(budget) ||
-           allowed(PhaseCost(trainer.next_phase()) * static_cast<double>(trainer.micro_step_examples()));
+           allowed(PhaseCost(trainer.next_phase()) * static_cast<double>(trainer.micro_step_tokens()));
     }
     if (!go) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -444,36 +444,54 @@ bool Engine::MaybeTrain() {
   return ran;
 }
 
-bool Engine::BeginMicroStep(int64_t n) {
-  std::vector<TrainingExample> fresh;
-  if (training_.feedback != nullptr) fresh = training_.feedback->Take(static_cast<size_t>(n));
-  std::vector<const TrainingExample*> batch;
-  for (const auto& e : fresh) batch.push_back(&e);
-  if (static_cast<int64_t>(batch.size()) < n && sampler_ != nullptr) {
-    for (const auto* e : sampler_->Next(n - static_cast<int64_t>(batch.size()))) batch.push_back(e);
+Engine::BeginResult Engine::BeginMicroStep(int64_t max_examples, double max_tokens) {
+  // Candidates wait in pool_ (copies), so examples that do not fit this time are not skipped.
+  if (static_cast<int64_t>(pool_.size()) < max_examples && training_.feedback != nullptr) {
+    for (auto& e : training_.feedback->Take(static_cast<size_t>(max_examples - pool_.size()))) {
+      pool_.push_back(std::move(e));
+    }
   }
-  if (batch.empty()) return false;
-  // The trainer copies what it needs (MakeBatch), so feedback examples may go out of scope.
-  if (auto s = training_.trainer->BeginMicroStep(batch); !s.ok()) {
-    COLLM_LOG_ERROR("training micro-step failed to start: {}", s.ToString());
-    return false;
+  if (static_cast<int64_t>(pool_.size()) < max_examples && sampler_ != nullptr) {
+    for (const auto* e : sampler_->Next(max_examples - static_cast<int64_t>(pool_.size()))) {
+      pool_.push_back(*e);
+    }
+  }
+  if (pool_.empty()) return BeginResult::kNoData;
+  // The longest prefix whose padded size (examples x longest input) fits; max_tokens < 0 = one.
+  int64_t k = 0, longest = 0;
+  while (k < static_cast<int64_t>(pool_.size()) && k < max_examples) {
+    const int64_t len = std::max<int64_t>(longest, static_cast<int64_t>(pool_[k].tokens.size()) - 1);
+    if (max_tokens < 0 ? k >= 1 : static_cast<double>((k + 1) * len) > max_tokens) break;
+    longest = len;
+    ++k;
+  }
+  if (k == 0) return BeginResult::kDoesNotFit;
+  std::vector<const TrainingExample*> batch;
+  for (int64_t i = 0; i < k; ++i) batch.push_back(&pool_[i]);
+  auto started = training_.trainer->BeginMicroStep(batch);  // Copies what it needs.
+  pool_.erase(pool_.begin(), pool_.begin() + k);
+  if (!started.ok()) {
+    // A bad batch (e.g. no target tokens) is dropped, not retried forever.
+    COLLM_LOG_ERROR("training micro-step failed to start: {}", started.ToString());
+    return BeginResult::kNoData;
   }
   micro_step_seconds_ = 0;
-  return true;
+  return BeginResult::kStarted;
 }
 
 bool Engine::RunTrainingPhase() {
   PeftTrainer& trainer = *training_.trainer;
   const int64_t phase = trainer.next_phase();
   const int64_t n = trainer.micro_step_examples();
+  const int64_t tokens = trainer.micro_step_tokens();
   const int64_t start = clock_->NowNanos();
   auto result = trainer.AdvanceMicroStep();
   const double seconds = (clock_->NowNanos() - start) * 1e-9;
   last_train_seconds_ += seconds;
   micro_step_seconds_ += seconds;
   double& cost = phase_cost_[static_cast<size_t>(phase)];
-  const double per_example = seconds / static_cast<double>(std::max<int64_t>(1, n));
-  cost = cost == 0 ? per_example : 0.8 * cost + 0.2 * per_example;
+  const double per_token = seconds / static_cast<double>(std::max<int64_t>(1, tokens));
+  cost = cost == 0 ? per_token : 0.8 * cost + 0.2 * per_token;
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.train_phases;

@@ -202,6 +202,7 @@ PeftTrainer::~PeftTrainer() = default;
 int64_t PeftTrainer::num_phases() const { return 2 * model_->config().num_hidden_layers + 1; }
 int64_t PeftTrainer::next_phase() const { return run_ ? run_->phase : 0; }
 int64_t PeftTrainer::micro_step_examples() const { return run_ ? run_->examples : 0; }
+int64_t PeftTrainer::micro_step_tokens() const { return run_ ? run_->batch.inputs.numel() : 0; }
 void PeftTrainer::AbortMicroStep() { run_.reset(); }
 
 absl::StatusOr<std::optional<StepStats>> PeftTrainer::MicroStep(

@@ -32,6 +32,9 @@ class Sink : public RequestSink {
   std::future<void> future_ = done_.get_future();
 };
 
+// Costs below are given per example: every pattern example has 8 input tokens.
+constexpr double kPerToken = 1.0 / 8;
+
 std::vector<TrainingExample> Pattern(int n, uint32_t seed) {
   return collm::testing::FixedCompletionExamples(n, seed, 300, 5);
 }
@@ -144,7 +147,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   // Each inference step takes 10 ms of (fake) time and each training phase 25 ms per example.
   // "tight" asks for a 10 ms TPOT: there is never room for a single example's phase.
   for (int i = 0; i < 5; ++i) {
-    engine->SetCostEstimatesForTest(0.010, 0.025);
+    engine->SetCostEstimatesForTest(0.010, kPerToken * 0.025);
     ASSERT_TRUE(engine->StepForTest());
     clock.AdvanceSeconds(0.010);
   }
@@ -153,7 +156,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   EXPECT_EQ(st.train_phases, 0);
   engine->Cancel(1);
   // Idle now, and no class has a TTFT objective: a whole micro-step of 4 uses the idle time.
-  engine->SetCostEstimatesForTest(0.010, 0.025);
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.025);
   ASSERT_TRUE(engine->StepForTest());
   st = engine->Stats();
   EXPECT_EQ(st.train_micro_steps, 1);
@@ -167,7 +170,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   auto sink2 = std::make_shared<Sink>();
   ASSERT_TRUE(engine->Submit(r, sink2).ok());
   for (int64_t i = 0; i < phases; ++i) {
-    engine->SetCostEstimatesForTest(0.010, 0.025);
+    engine->SetCostEstimatesForTest(0.010, kPerToken * 0.025);
     ASSERT_TRUE(engine->StepForTest());
     clock.AdvanceSeconds(0.010);
     st = engine->Stats();
@@ -191,12 +194,12 @@ TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
   ASSERT_TRUE(engine->StepForTest());
   EXPECT_EQ(engine->Stats().train_examples, 1);
   // 10 ms per example and phase: three examples' phases fit the 30 ms an arrival can absorb.
-  engine->SetCostEstimatesForTest(0.010, 0.010);
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.010);
   ASSERT_TRUE(engine->StepForTest());
   EXPECT_EQ(engine->Stats().train_examples, 1 + 3);
   // One example's phase (40 ms) no longer fits, but nothing has arrived yet: the expected share
   // of delayed arrivals is 0, within guard_idle_risk, so whole micro-batches still train.
-  engine->SetCostEstimatesForTest(0.010, 0.040);
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.040);
   ASSERT_TRUE(engine->StepForTest());
   EXPECT_EQ(engine->Stats().train_examples, 4 + 8);
   // Requests now arrive every 10 ms: a 40 ms phase would delay most of them. Nothing starts.
@@ -208,12 +211,12 @@ TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
     clock.AdvanceSeconds(0.010);
   }
   for (int i = 0; i < 3 && engine->Stats().completed < 3; ++i) {
-    engine->SetCostEstimatesForTest(0.010, 0.040);
+    engine->SetCostEstimatesForTest(0.010, kPerToken * 0.040);
     engine->StepForTest();
   }
   ASSERT_EQ(engine->Stats().completed, 3);
   const int64_t blocked = engine->Stats().train_guard_blocked;
-  engine->SetCostEstimatesForTest(0.010, 0.040);
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.040);
   EXPECT_FALSE(engine->StepForTest());
   EXPECT_EQ(engine->Stats().train_examples, 12);
   EXPECT_EQ(engine->Stats().train_guard_blocked, blocked + 1);

@@ -203,7 +203,7 @@ TEST(FederationHooksTest, TaskTrainingStaysUnderTheSloGuard) {
   task.optimizer_steps = 2;
   task.training_share = 1.0;
   auto future = engine->RunTrainingTask(task);
-  // A 10 ms TPOT objective leaves no room for a 25 ms-per-example micro-step: the budget waits.
+  // A 10 ms TPOT objective leaves no room for a 100 ms-per-token phase: the budget waits.
   for (int i = 0; i < 5; ++i) {
     engine->SetCostEstimatesForTest(0.010, 0.100);
     ASSERT_TRUE(engine->StepForTest());

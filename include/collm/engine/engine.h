@@ -213,8 +213,8 @@ class Engine {
   absl::Status RestoreTrainingCursor(const std::map<std::string, std::string>& state);
 
   // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock): one
-  // inference step, and one training phase per example (every phase alike).
-  void SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_example);
+  // inference step, and one training phase per padded input token (every phase alike).
+  void SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_token);
 
   // --- Federation hooks. Thread-safe; each is applied on the engine thread at the next step
   // boundary (the thread that owns the trainer and shadow), so serving never waits on a lock held
@@ -243,12 +243,15 @@ class Engine {
   // Runs training phases (see PeftTrainer::AdvanceMicroStep) while the share target and the SLO
   // guard allow; returns whether it ran any.
   bool MaybeTrain();
-  bool BeginMicroStep(int64_t examples);  // Draws the examples; false when none or on error.
+  enum class BeginResult { kStarted, kDoesNotFit, kNoData };
+  // Starts a micro-step of at most `max_examples` whose padded input tokens fit `max_tokens`
+  // (< 0: exactly one example, whatever its size).
+  BeginResult BeginMicroStep(int64_t max_examples, double max_tokens);
   bool RunTrainingPhase();                // Returns whether the micro-step finished.
   void PollPublisher(bool wait = false);  // Publishes once a background evaluation is done.
   // Seconds a phase may take while idle: the tightest TTFT objective minus a prefill step.
   double IdleBudget() const;
-  double PhaseCost(int64_t phase) const;  // Predicted seconds per example.
+  double PhaseCost(int64_t phase) const;  // Predicted seconds per padded input token.
   // Seconds of delay the tightest SLO among queued and running requests can absorb before the
   // next token (infinity when none has an objective).
   double SloSlack(int64_t now) const;
@@ -279,7 +282,8 @@ class Engine {
   std::unique_ptr<ExampleSampler> sampler_;
   double infer_cost_ = 0;   // EWMA seconds per inference step.
   double train_cost_ = 0;   // EWMA seconds per whole training micro-step (0 = not measured yet).
-  std::vector<double> phase_cost_;  // EWMA seconds per example of each phase (0 = not measured).
+  std::vector<double> phase_cost_;  // EWMA seconds per padded token of each phase (0 = unknown).
+  std::deque<TrainingExample> pool_;  // Drawn examples waiting for a micro-step they fit.
   double micro_step_seconds_ = 0;   // Spent on the micro-step in flight so far.
   double eval_cost_ = 0;            // EWMA seconds per held-out example evaluated for a publish.
   static constexpr int64_t kEvalSliceExamples = 8;  // Held-out examples per slice at most.

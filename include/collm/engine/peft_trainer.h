@@ -111,6 +111,7 @@ class PeftTrainer {
   absl::StatusOr<PhaseResult> AdvanceMicroStep();
   bool micro_step_active() const { return run_ != nullptr; }
   int64_t micro_step_examples() const;     // Examples of the micro-step in flight (0 = none).
+  int64_t micro_step_tokens() const;       // Its padded input tokens (examples x length).
   int64_t next_phase() const;              // Index of the phase AdvanceMicroStep runs next.
   int64_t num_phases() const;              // Phases per micro-step: 2 * layers + 1.
   // Drops the micro-step in flight (its gradients never reach the parameters).
