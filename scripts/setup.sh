@@ -11,7 +11,7 @@ PACKAGES=(
   libtorch-dev libopenblas0-pthread
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
-  libcpp-httplib-dev libssl-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libcpp-httplib-dev libssl-dev openssl libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-sentencepiece python3-grpcio python3-protobuf
   prometheus
 )
