@@ -376,13 +376,14 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
   const Shards s = MakeShards(model_dir, data, "fl-e2e-kill");
   // quorum 0 = all participants, so the round cannot close early once a participant is gone:
-  // only the deadline rule (>= max(1, ceil(3 / 2)) = 2 accepted updates) completes it.
+  // only the deadline rule (>= max(1, ceil(3 / 2)) = 2 accepted updates) completes it. The
+  // deadline is generous: under a loaded CI machine 10 local steps took up to ~15 s.
   Process agg("src/collm-aggregator", WriteAggregatorConfig(s, R"(  rounds: 1
-  local_steps: 10
+  local_steps: 6
   lr: 0.01
   min_clients: 3
   quorum: 0
-  deadline_s: 15
+  deadline_s: 60
   strategy: fedavg
   training_share: 0.5
 )"), s.dir, "aggregator");
@@ -395,7 +396,7 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   }
   Admin admin(agg.address());
 
-  // Kill edge-2 the moment round 1 opens: it has at most just received its task, and 10 local
+  // Kill edge-2 the moment round 1 opens: it has at most just received its task, and 6 local
   // steps plus the adapter fetch lie between that and an upload.
   ASSERT_TRUE(WaitFor([&] { return admin.Round(1).round() == 1; }, 90)) << Logs(agg, daemons);
   daemons[2]->Kill9();
@@ -412,7 +413,7 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   ASSERT_TRUE(WaitFor([&] {
     const std::string st = admin.Round(1).state();
     return st == "done" || st == "failed";
-  }, 90)) << Logs(agg, daemons);
+  }, 150)) << Logs(agg, daemons);
 
   auto r = RunCommand(Ctl(agg, "round show 1 --json"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
