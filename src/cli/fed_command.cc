@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "collm/common/file_io.h"
 #include "collm/cli/commands.h"
 #include "collm/federation/fingerprint.h"
 #include "collm/federation/state_store.h"
@@ -288,8 +289,8 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     }
     std::error_code ec;
     std::filesystem::create_directories(args.out_dir, ec);
-    absl::Status s = federation::WriteFileDurably(args.out_dir + "/adapter_model.safetensors", payload);
-    if (s.ok()) s = federation::WriteFileDurably(args.out_dir + "/adapter_config.json", header.config_json());
+    absl::Status s = WriteFileAtomically(args.out_dir + "/adapter_model.safetensors", payload);
+    if (s.ok()) s = WriteFileAtomically(args.out_dir + "/adapter_config.json", header.config_json());
     if (!s.ok()) {
       err << "collmctl: " << s.message() << "\n";
       return 1;

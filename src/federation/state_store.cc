@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "collm/common/file_io.h"
 #include "collm/common/status.h"
 #include "collm/lora/peft_io.h"
 #include "collm/runtime/safetensors.h"
@@ -54,16 +55,9 @@ absl::Status ReadJson(const std::string& path, google::protobuf::Message* messag
 
 absl::Status SaveJson(const std::string& path, const google::protobuf::Message& message) {
   COLLM_ASSIGN_OR_RETURN(std::string text, ToJson(message));
-  return WriteFileDurably(path, text);
+  return WriteFileAtomically(path, text);
 }
 
-void FsyncDir(const std::string& dir) {
-  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-}
 
 absl::Status MakeDirs(const std::string& dir) {
   std::error_code ec;
@@ -74,36 +68,6 @@ absl::Status MakeDirs(const std::string& dir) {
 
 }  // namespace
 
-absl::Status WriteFileDurably(const std::string& path, const std::string& contents) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", ErrnoMessage()));
-  size_t done = 0;
-  while (done < contents.size()) {
-    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string err = ErrnoMessage();
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", err));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const std::string err = ErrnoMessage();
-    ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string err = ErrnoMessage();
-    ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(path, ": rename failed: ", err));
-  }
-  // The rename is durable only once the directory entry is.
-  FsyncDir(fs::path(path).parent_path().string());
-  return absl::OkStatus();
-}
 
 absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
   if (dir.empty()) return absl::InvalidArgumentError("state_dir must not be empty");

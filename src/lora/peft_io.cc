@@ -18,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "collm/common/file_io.h"
 #include "collm/common/status.h"
 #include "collm/runtime/safetensors.h"
 
@@ -47,43 +48,6 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 }
 
 std::string ErrnoMessage() { return std::strerror(errno); }
-
-// Temporary file in the same directory, fsync, rename, fsync the directory: a reader sees the old
-// file or the new one, never a torn one.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", ErrnoMessage()));
-  size_t done = 0;
-  while (done < contents.size()) {
-    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string err = ErrnoMessage();
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", err));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const std::string err = ErrnoMessage();
-    ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string err = ErrnoMessage();
-    ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(path, ": rename failed: ", err));
-  }
-  const std::string parent = std::filesystem::path(path).parent_path().string();
-  const int dfd = ::open(parent.empty() ? "." : parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return absl::OkStatus();
-}
 
 // A tensor name parsed back into (layer, target, factor).
 struct ParsedName {

@@ -78,9 +78,6 @@ class StateStore {
   std::string dir_;
 };
 
-// Crash-safe whole-file write (temporary file, fsync, rename, fsync the directory).
-absl::Status WriteFileDurably(const std::string& path, const std::string& contents);
-
 }  // namespace collm::federation
 
 #endif  // COLLM_FEDERATION_STATE_STORE_H_

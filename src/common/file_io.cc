@@ -1,0 +1,58 @@
+#include "collm/common/file_io.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+
+namespace collm {
+namespace {
+
+std::string ErrnoMessage() { return std::strerror(errno); }
+
+}  // namespace
+
+void FsyncDirectory(const std::string& dir) {
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", ErrnoMessage()));
+  size_t done = 0;
+  while (done < contents.size()) {
+    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const std::string err = ErrnoMessage();
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", err));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    const std::string err = ErrnoMessage();
+    ::unlink(tmp.c_str());
+    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", err));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string err = ErrnoMessage();
+    ::unlink(tmp.c_str());
+    return absl::InternalError(absl::StrCat(path, ": rename failed: ", err));
+  }
+  // The rename is durable only once the directory entry is.
+  FsyncDirectory(std::filesystem::path(path).parent_path().string());
+  return absl::OkStatus();
+}
+
+}  // namespace collm
