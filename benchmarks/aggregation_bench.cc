@@ -65,7 +65,8 @@ bool ResetPeakRss() {
 
 lora::LoraAdapter RandomAdapter(const runtime::ModelConfig& model, const lora::LoraConfig& config,
                                 uint64_t seed) {
-  lora::LoraAdapter a = OrDie(lora::LoraAdapter::Create(model, config, seed), "LoraAdapter::Create");
+  lora::LoraAdapter a =
+      OrDie(lora::LoraAdapter::Create(model, config, seed), "LoraAdapter::Create");
   for (auto& layer : a.factors.layers) {
     for (auto& f : layer) {
       if (f.b.defined()) f.b = at::randn(f.b.sizes()) * 0.01;
@@ -167,12 +168,13 @@ json RunConfig(const BenchFlags& flags, const std::string& shape, int rank,
       exact_per_update0 = e_per;
     }
     const double update_bytes = static_cast<double>(n) * static_cast<double>(params) * 4.0;
-    rows.push_back({std::to_string(n), Fmt("%.1f", f_ms), Fmt("%.1f", e_ms), Fmt("%.2f", e_ms / f_ms),
-                    Fmt("%.3f", f_per) + " (" + Fmt("%.2f", f_per / fedavg_per_update0) + ")",
-                    Fmt("%.3f", e_per) + " (" + Fmt("%.2f", e_per / exact_per_update0) + ")",
-                    peak[0] >= 0 ? Mb(static_cast<double>(peak[0])) : "n/a",
-                    peak[1] >= 0 ? Mb(static_cast<double>(peak[1])) : "n/a", Mb(update_bytes),
-                    peak[1] >= 0 ? Fmt("%.3f", static_cast<double>(peak[1]) / update_bytes) : "n/a"});
+    rows.push_back(
+        {std::to_string(n), Fmt("%.1f", f_ms), Fmt("%.1f", e_ms), Fmt("%.2f", e_ms / f_ms),
+         Fmt("%.3f", f_per) + " (" + Fmt("%.2f", f_per / fedavg_per_update0) + ")",
+         Fmt("%.3f", e_per) + " (" + Fmt("%.2f", e_per / exact_per_update0) + ")",
+         peak[0] >= 0 ? Mb(static_cast<double>(peak[0])) : "n/a",
+         peak[1] >= 0 ? Mb(static_cast<double>(peak[1])) : "n/a", Mb(update_bytes),
+         peak[1] >= 0 ? Fmt("%.3f", static_cast<double>(peak[1]) / update_bytes) : "n/a"});
     points.push_back({{"updates", n},
                       {"fedavg", t[0].ToJson()},
                       {"exact", t[1].ToJson()},
@@ -203,7 +205,9 @@ json RunConfig(const BenchFlags& flags, const std::string& shape, int rank,
           {"generate_seconds", gen_s},
           {"points", points},
           {"bytes_per_round_per_device",
-           {{"down_bytes", down}, {"up_bytes", up}, {"total_bytes", down + up},
+           {{"down_bytes", down},
+            {"up_bytes", up},
+            {"total_bytes", down + up},
             {"raw_f32_param_bytes", raw}}}};
 }
 
@@ -211,14 +215,16 @@ int Main(int argc, char** argv) {
   BenchFlags flags;
   const char* models_dir = std::getenv("COLLM_MODELS_DIR");
   flags.shapes = models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
-  CLI::App app{"collm_aggregation_bench: FedAvg vs exact LoRA aggregation time and memory, and "
-               "bytes per round, on synthetic updates"};
+  CLI::App app{
+      "collm_aggregation_bench: FedAvg vs exact LoRA aggregation time and memory, and "
+      "bytes per round, on synthetic updates"};
   app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
       ->capture_default_str();
   app.add_option("--configs", flags.configs, "Comma-separated SHAPE:RANK adapter configurations")
       ->capture_default_str();
-  app.add_option("--updates", flags.updates, "Comma-separated update counts; the first is the "
-                                             "per-update baseline")
+  app.add_option("--updates", flags.updates,
+                 "Comma-separated update counts; the first is the "
+                 "per-update baseline")
       ->capture_default_str();
   app.add_option("--targets", flags.targets, "LoRA target modules")->capture_default_str();
   app.add_option("--threads", flags.threads, "Torch intra-op threads (0 = torch's default)")
@@ -250,8 +256,9 @@ int Main(int argc, char** argv) {
 
   std::printf("collm_aggregation_bench: %s, %ld cores online, torch threads %d, iters <= %d\n",
               CpuModel().c_str(), CoresOnline(), at::get_num_threads(), flags.iters);
-  std::printf("times are medians of Aggregate() (validation included); +peak = peak RSS added "
-              "while aggregating\n");
+  std::printf(
+      "times are medians of Aggregate() (validation included); +peak = peak RSS added "
+      "while aggregating\n");
   const auto t0 = Clock::now();
   json results = json::array();
   for (const std::string& c : SplitCsv(flags.configs)) {

@@ -1,12 +1,11 @@
 #include "bench_util.h"
 
+#include <ATen/ATen.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -109,8 +108,11 @@ std::string CpuModel() {
 long CoresOnline() { return sysconf(_SC_NPROCESSORS_ONLN); }
 
 json Stats::ToJson() const {
-  return {{"median_ms", median_ms}, {"min_ms", min_ms}, {"max_ms", max_ms},
-          {"mean_ms", mean_ms},     {"iters", iters}};
+  return {{"median_ms", median_ms},
+          {"min_ms", min_ms},
+          {"max_ms", max_ms},
+          {"mean_ms", mean_ms},
+          {"iters", iters}};
 }
 
 Stats Summarize(std::vector<double> ms) {

@@ -4,6 +4,8 @@
 #ifndef COLLM_BENCHMARKS_BENCH_UTIL_H_
 #define COLLM_BENCHMARKS_BENCH_UTIL_H_
 
+#include <ATen/core/TensorBody.h>
+
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -12,8 +14,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/TensorBody.h>
 
 #include "absl/status/statusor.h"
 #include "collm/runtime/model_config.h"

@@ -6,6 +6,7 @@
 // and TPOT SLOs), SLO attainment, TTFT/TPOT percentiles and training progress from GetStats.
 // No torch: it only talks to the daemon. See benchmarks/README.md.
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -27,8 +28,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "CLI/CLI.hpp"
 #include "collm/v1/inference.grpc.pb.h"
@@ -112,8 +111,10 @@ class Daemon {
     fs::remove(ports_file_);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_addopen(&actions, 1, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
+    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
     std::vector<std::string> args = {o.collmd, "--config", config, "--ports-file", ports_file_};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -132,7 +133,8 @@ class Daemon {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     int grpc_port = 0, metrics_port = 0;
-    if (sscanf(ReadFile(ports_file_).c_str(), "grpc=%d metrics=%d", &grpc_port, &metrics_port) < 1 ||
+    if (sscanf(ReadFile(ports_file_).c_str(), "grpc=%d metrics=%d", &grpc_port, &metrics_port) <
+            1 ||
         grpc_port <= 0) {
       Die("no ports file from collmd; log " + log_ + ":\n" + ReadFile(log_));
     }
@@ -170,8 +172,8 @@ class Daemon {
   std::unique_ptr<v1::InferenceService::Stub> stub_;
 };
 
-std::string WriteConfig(const Options& o, const Scenario& sc, const std::string& dir, double ttft_ms,
-                        double tpot_ms) {
+std::string WriteConfig(const Options& o, const Scenario& sc, const std::string& dir,
+                        double ttft_ms, double tpot_ms) {
   std::ostringstream y;
   y << "model: \"" << o.model << "\"\n"
     << "runtime:\n  threads: " << o.threads << "\n"
@@ -224,7 +226,8 @@ std::vector<int32_t> SyntheticPrompt(int len, int vocab, uint64_t seed) {
 Result RunOne(v1::InferenceService::Stub* stub, const Arrival& a, int vocab, uint64_t seed,
               double deadline_s) {
   v1::GenerateRequest req;
-  for (int32_t id : SyntheticPrompt(a.prompt_len, vocab, seed)) req.mutable_prompt_tokens()->add_ids(id);
+  for (int32_t id : SyntheticPrompt(a.prompt_len, vocab, seed))
+    req.mutable_prompt_tokens()->add_ids(id);
   req.mutable_sampling()->set_temperature(0);
   req.mutable_sampling()->set_max_tokens(a.output_len);
   req.mutable_sampling()->set_ignore_eos(true);
@@ -319,8 +322,9 @@ struct ScenarioResult {
   std::vector<std::string> row;
 };
 
-ScenarioResult RunScenario(const Options& o, const Scenario& sc, const std::vector<Arrival>& arrivals,
-                           int vocab, double slo_ttft_s, double slo_tpot_s) {
+ScenarioResult RunScenario(const Options& o, const Scenario& sc,
+                           const std::vector<Arrival>& arrivals, int vocab, double slo_ttft_s,
+                           double slo_tpot_s) {
   const std::string dir = o.workdir + "/" + sc.name;
   fs::create_directories(dir);
   std::cerr << "[" << sc.name << "] starting collmd (" << dir << ")\n";
@@ -339,8 +343,8 @@ ScenarioResult RunScenario(const Options& o, const Scenario& sc, const std::vect
       });
     }
   }
-  std::this_thread::sleep_until(t0 + std::chrono::duration_cast<Clock::duration>(
-                                         std::chrono::duration<double>(o.duration)));
+  std::this_thread::sleep_until(
+      t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.duration)));
   const auto s1 = d.Stats();  // Training progress over exactly the send window.
   const double window = Secs(t0, Clock::now());
   for (auto& t : threads) t.join();
@@ -431,16 +435,22 @@ int main(int argc, char** argv) {
   Options o;
   o.collmd = "build/src/collmd";
   o.model = EnvOr("COLLM_MODELS_DIR", "/stories260K-hf", "../shared/models/stories260K-hf");
-  o.data = EnvOr("COLLM_DATA_DIR", "/finetune/gsm8k/train.jsonl", "../shared/data/finetune/gsm8k/train.jsonl");
+  o.data = EnvOr("COLLM_DATA_DIR", "/finetune/gsm8k/train.jsonl",
+                 "../shared/data/finetune/gsm8k/train.jsonl");
   o.scenarios = "inference-only,guarded,unguarded,training-only";
   bool find_saturation = false;
-  CLI::App app{"collm_load_bench: open-loop load (Poisson or Azure trace) against collmd per co-serving scenario"};
+  CLI::App app{
+      "collm_load_bench: open-loop load (Poisson or Azure trace) against collmd per co-serving "
+      "scenario"};
   app.add_option("--collmd", o.collmd, "collmd binary")->capture_default_str();
   app.add_option("--model", o.model, "HF model directory")->capture_default_str();
-  app.add_option("--data", o.data, "training JSONL (question/answer fields)")->capture_default_str();
+  app.add_option("--data", o.data, "training JSONL (question/answer fields)")
+      ->capture_default_str();
   app.add_option("--scenarios", o.scenarios, "comma-separated scenarios")->capture_default_str();
-  app.add_option("--duration", o.duration, "seconds of arrivals per scenario")->capture_default_str();
-  app.add_option("--rate", o.rate, "Poisson arrival rate (req/s), without --trace")->capture_default_str();
+  app.add_option("--duration", o.duration, "seconds of arrivals per scenario")
+      ->capture_default_str();
+  app.add_option("--rate", o.rate, "Poisson arrival rate (req/s), without --trace")
+      ->capture_default_str();
   app.add_option("--seed", o.seed, "arrival and prompt seed")->capture_default_str();
   app.add_option("--prompt-len", o.prompt_len, "Poisson: prompt tokens")->capture_default_str();
   app.add_option("--output-len", o.output_len, "Poisson: output tokens")->capture_default_str();
@@ -454,7 +464,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--training-share", o.training_share, "engine.training_share when training")
       ->capture_default_str();
-  app.add_option("--publish-every", o.publish_every, "training.publish.every_steps")->capture_default_str();
+  app.add_option("--publish-every", o.publish_every, "training.publish.every_steps")
+      ->capture_default_str();
   app.add_option("--max-examples", o.max_examples,
                  "training.dataset.max_examples (10% are held out and evaluated at each publish)")
       ->capture_default_str();
@@ -469,11 +480,14 @@ int main(int argc, char** argv) {
                "--saturation-attainment, then run the scenarios at 50% of it (overrides --rate)");
   app.add_option("--saturation-probes", saturation_probes, "inference-only runs in the search")
       ->capture_default_str();
-  app.add_option("--saturation-attainment", saturation_attainment, "attainment that counts as sustained")
+  app.add_option("--saturation-attainment", saturation_attainment,
+                 "attainment that counts as sustained")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  if (find_saturation && !o.trace.empty()) Die("--find-saturation needs Poisson arrivals (no --trace)");
-  if (o.duration <= 0 || o.rate <= 0 || o.speedup <= 0) Die("--duration, --rate, --speedup must be > 0");
+  if (find_saturation && !o.trace.empty())
+    Die("--find-saturation needs Poisson arrivals (no --trace)");
+  if (o.duration <= 0 || o.rate <= 0 || o.speedup <= 0)
+    Die("--duration, --rate, --speedup must be > 0");
   if (o.max_prompt < 2 || o.max_output < 1) Die("--max-prompt >= 2 and --max-output >= 1");
   if (!fs::exists(o.collmd)) Die("no collmd at " + o.collmd + " (--collmd)");
   if (!fs::exists(o.model + "/config.json")) Die("no model at " + o.model + " (--model)");
@@ -499,14 +513,15 @@ int main(int argc, char** argv) {
       o.trace.empty() ? PoissonArrivals(o) : TraceArrivals(o, &clamped_p, &clamped_o);
   std::string load_desc;
   if (o.trace.empty()) {
-    load_desc = "Poisson " + Fmt("%.2f", o.rate) + " req/s, seed " + std::to_string(o.seed) + ", prompt " +
-                std::to_string(std::min(o.prompt_len, o.max_prompt)) + " / output " +
+    load_desc = "Poisson " + Fmt("%.2f", o.rate) + " req/s, seed " + std::to_string(o.seed) +
+                ", prompt " + std::to_string(std::min(o.prompt_len, o.max_prompt)) + " / output " +
                 std::to_string(std::min(o.output_len, o.max_output)) + " tokens";
   } else {
-    load_desc = "trace " + fs::path(o.trace).filename().string() + ", first " + Fmt("%.1f", o.duration * o.speedup) +
-                " s at " + Fmt("%.1fx", o.speedup) + " speedup; lengths CLAMPED to prompt <= " +
-                std::to_string(o.max_prompt) + " (" + std::to_string(clamped_p) + " clamped), output <= " +
-                std::to_string(o.max_output) + " (" + std::to_string(clamped_o) + " clamped)";
+    load_desc = "trace " + fs::path(o.trace).filename().string() + ", first " +
+                Fmt("%.1f", o.duration * o.speedup) + " s at " + Fmt("%.1fx", o.speedup) +
+                " speedup; lengths CLAMPED to prompt <= " + std::to_string(o.max_prompt) + " (" +
+                std::to_string(clamped_p) + " clamped), output <= " + std::to_string(o.max_output) +
+                " (" + std::to_string(clamped_o) + " clamped)";
   }
   std::cout << "collm_load_bench: " << arrivals.size() << " requests over " << o.duration << " s ("
             << load_desc << ")\n";
@@ -537,16 +552,18 @@ int main(int argc, char** argv) {
     unloaded_tpot_ms = Pct(tpot, 50);
     if (o.slo_ttft_ms <= 0) o.slo_ttft_ms = o.slo_multiple * unloaded_ttft_ms;
     if (o.slo_tpot_ms <= 0) o.slo_tpot_ms = o.slo_multiple * unloaded_tpot_ms;
-    std::cout << "unloaded latency (median of " << o.calib_requests << " sequential requests, prompt " << p
-              << ", output " << std::max(2, g) << "): TTFT " << Fmt("%.2f", unloaded_ttft_ms) << " ms, TPOT "
-              << Fmt("%.3f", unloaded_tpot_ms) << " ms\n";
+    std::cout << "unloaded latency (median of " << o.calib_requests
+              << " sequential requests, prompt " << p << ", output " << std::max(2, g) << "): TTFT "
+              << Fmt("%.2f", unloaded_ttft_ms) << " ms, TPOT " << Fmt("%.3f", unloaded_tpot_ms)
+              << " ms\n";
   }
   auto multiple = [](double slo, double unloaded) {
     return std::isnan(unloaded) ? std::string("given") : Fmt("%.1fx", slo / unloaded) + " unloaded";
   };
   std::cout << "SLO: TTFT <= " << Fmt("%.2f", o.slo_ttft_ms) << " ms ("
-            << multiple(o.slo_ttft_ms, unloaded_ttft_ms) << "), TPOT <= " << Fmt("%.3f", o.slo_tpot_ms)
-            << " ms (" << multiple(o.slo_tpot_ms, unloaded_tpot_ms) << ")\n";
+            << multiple(o.slo_ttft_ms, unloaded_ttft_ms)
+            << "), TPOT <= " << Fmt("%.3f", o.slo_tpot_ms) << " ms ("
+            << multiple(o.slo_tpot_ms, unloaded_tpot_ms) << ")\n";
 
   // Saturation: double the rate while inference-only sustains the attainment, then bisect.
   json saturation = nullptr;
@@ -556,9 +573,11 @@ int main(int argc, char** argv) {
     for (int i = 0; i < saturation_probes; ++i) {
       Options po = o;
       po.rate = r;
-      ScenarioResult pr = RunScenario(po, {"saturation-probe-" + std::to_string(i), false, true, true},
-                                      PoissonArrivals(po), vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3);
-      const double att = pr.j["slo_attainment"].is_null() ? 0.0 : pr.j["slo_attainment"].get<double>();
+      ScenarioResult pr =
+          RunScenario(po, {"saturation-probe-" + std::to_string(i), false, true, true},
+                      PoissonArrivals(po), vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3);
+      const double att =
+          pr.j["slo_attainment"].is_null() ? 0.0 : pr.j["slo_attainment"].get<double>();
       std::cout << "saturation probe " << i << ": rate " << Fmt("%.2f", r) << " req/s, attainment "
                 << Fmt("%.1f%%", att * 100) << "\n";
       probes.push_back({{"rate", r}, {"slo_attainment", att}});
@@ -574,37 +593,49 @@ int main(int argc, char** argv) {
     o.rate = lo / 2;
     arrivals = PoissonArrivals(o);
     std::cout << "saturation: " << Fmt("%.2f", lo) << " req/s sustained (upper bound "
-              << (hi > 0 ? Fmt("%.2f", hi) : std::string("not found")) << "); scenarios run at 50% = "
-              << Fmt("%.2f", o.rate) << " req/s (" << arrivals.size() << " requests)\n";
+              << (hi > 0 ? Fmt("%.2f", hi) : std::string("not found"))
+              << "); scenarios run at 50% = " << Fmt("%.2f", o.rate) << " req/s ("
+              << arrivals.size() << " requests)\n";
     load_desc += "; --find-saturation replaced the rate with " + Fmt("%.2f", o.rate) + " req/s";
-    saturation = {{"sustained_rate", lo}, {"failing_rate", hi > 0 ? json(hi) : json(nullptr)},
-                  {"attainment_threshold", saturation_attainment}, {"probes", probes}, {"rate_used", o.rate}};
+    saturation = {{"sustained_rate", lo},
+                  {"failing_rate", hi > 0 ? json(hi) : json(nullptr)},
+                  {"attainment_threshold", saturation_attainment},
+                  {"probes", probes},
+                  {"rate_used", o.rate}};
   }
 
   std::vector<ScenarioResult> results;
   for (const std::string& name : [&] {
          std::vector<std::string> v;
          std::stringstream ss(o.scenarios);
-         for (std::string s; std::getline(ss, s, ',');) if (!s.empty()) v.push_back(s);
+         for (std::string s; std::getline(ss, s, ',');)
+           if (!s.empty()) v.push_back(s);
          return v;
        }()) {
     Scenario sc{name};
-    if (name == "inference-only") sc = {name, false, true, true};
-    else if (name == "guarded") sc = {name, true, true, true};
-    else if (name == "unguarded") sc = {name, true, false, true};
-    else if (name == "training-only") sc = {name, true, true, false};
-    else Die("unknown scenario " + name);
-    results.push_back(RunScenario(o, sc, arrivals, vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3));
+    if (name == "inference-only")
+      sc = {name, false, true, true};
+    else if (name == "guarded")
+      sc = {name, true, true, true};
+    else if (name == "unguarded")
+      sc = {name, true, false, true};
+    else if (name == "training-only")
+      sc = {name, true, true, false};
+    else
+      Die("unknown scenario " + name);
+    results.push_back(
+        RunScenario(o, sc, arrivals, vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3));
   }
 
-  std::vector<std::vector<std::string>> rows = {{"scenario", "sent", "ok", "failed", "goodput/s", "SLO att",
-                                                 "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-                                                 "train steps/s", "held-out loss"}};
+  std::vector<std::vector<std::string>> rows = {{"scenario", "sent", "ok", "failed", "goodput/s",
+                                                 "SLO att", "TTFT p50", "TTFT p99", "TPOT p50",
+                                                 "TPOT p99", "train steps/s", "held-out loss"}};
   for (const auto& r : results) rows.push_back(r.row);
   std::cout << "\n";
   PrintTable(rows);
-  std::cout << "   (latencies in ms; goodput = requests meeting both SLOs / " << o.duration
-            << " s; train steps/s over the send window; loss = GetStats live_held_out_loss at the end)\n";
+  std::cout
+      << "   (latencies in ms; goodput = requests meeting both SLOs / " << o.duration
+      << " s; train steps/s over the send window; loss = GetStats live_held_out_loss at the end)\n";
   if (!o.trace.empty()) std::cout << "   NOTE: trace lengths were clamped (see above).\n";
 
   if (!o.json_path.empty()) {
@@ -622,11 +653,14 @@ int main(int argc, char** argv) {
               {"clamped_outputs", clamped_o},
               {"model", o.model},
               {"training_share", o.training_share},
-              {"slo", {{"ttft_ms", o.slo_ttft_ms},
-                       {"tpot_ms", o.slo_tpot_ms},
-                       {"unloaded_ttft_ms", std::isnan(unloaded_ttft_ms) ? json(nullptr) : json(unloaded_ttft_ms)},
-                       {"unloaded_tpot_ms", std::isnan(unloaded_tpot_ms) ? json(nullptr) : json(unloaded_tpot_ms)},
-                       {"multiple", std::isnan(unloaded_ttft_ms) ? json(nullptr) : json(o.slo_multiple)}}},
+              {"slo",
+               {{"ttft_ms", o.slo_ttft_ms},
+                {"tpot_ms", o.slo_tpot_ms},
+                {"unloaded_ttft_ms",
+                 std::isnan(unloaded_ttft_ms) ? json(nullptr) : json(unloaded_ttft_ms)},
+                {"unloaded_tpot_ms",
+                 std::isnan(unloaded_tpot_ms) ? json(nullptr) : json(unloaded_tpot_ms)},
+                {"multiple", std::isnan(unloaded_ttft_ms) ? json(nullptr) : json(o.slo_multiple)}}},
               {"scenarios", json::array()}};
     for (const auto& r : results) j["scenarios"].push_back(r.j);
     std::ofstream(o.json_path) << j.dump(2) << "\n";

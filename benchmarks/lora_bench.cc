@@ -76,9 +76,9 @@ struct BenchFlags {
   TimingOptions timing() const { return {iters, min_time}; }
 };
 
-const std::vector<LoraTarget> kAllTargets = {LoraTarget::kQ,    LoraTarget::kK,  LoraTarget::kV,
-                                             LoraTarget::kO,    LoraTarget::kGate,
-                                             LoraTarget::kUp,   LoraTarget::kDown};
+const std::vector<LoraTarget> kAllTargets = {LoraTarget::kQ,   LoraTarget::kK,    LoraTarget::kV,
+                                             LoraTarget::kO,   LoraTarget::kGate, LoraTarget::kUp,
+                                             LoraTarget::kDown};
 const std::vector<LoraTarget> kAttentionTargets = {LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV,
                                                    LoraTarget::kO};
 
@@ -120,9 +120,7 @@ class ModelBench {
     for (auto& x : t) x = dist(rng_);
     return t;
   }
-  int64_t Context() const {
-    return std::min(flags_.context, config_.max_position_embeddings - 1);
-  }
+  int64_t Context() const { return std::min(flags_.context, config_.max_position_embeddings - 1); }
   // `batch` sequences with Context() cached positions each (prefilled by the base model).
   DecodeFixture MakeFixture(int64_t batch);
   // One decode step: one new token for each sequence; adapters[i] (null = base) for sequence i,
@@ -211,27 +209,30 @@ json ModelBench::BenchDecodeOverhead() {
     adapters.push_back({{"rank", ranks[i]}, {"parameter_bytes", a.num_parameters() * 4}});
   }
   Section("[1] unmerged LoRA decode, all 7 projections, ctx " + std::to_string(Context()));
-  json out = {{"context", Context()}, {"targets", "all seven"}, {"adapters", adapters},
+  json out = {{"context", Context()},
+              {"targets", "all seven"},
+              {"adapters", adapters},
               {"batches", json::array()}};
   for (const int64_t batch : ParsePositiveCsv(flags_.batches, "--batches")) {
     DecodeFixture f = MakeFixture(batch);
     std::vector<std::function<void()>> fns = {[&] { DecodeStep(f, {}); }};
     for (const LoraWeights& w : weights) {
-      fns.push_back([&f, &w, this] { DecodeStep(f, std::vector<const LoraWeights*>(f.seqs.size(), &w)); });
+      fns.push_back(
+          [&f, &w, this] { DecodeStep(f, std::vector<const LoraWeights*>(f.seqs.size(), &w)); });
     }
-    const std::vector<Stats> s = Measure(fns, [&] { f.Reset(); }, flags_.timing(), 3);
+    const std::vector<Stats> s = Measure(
+        fns, [&] { f.Reset(); }, flags_.timing(), 3);
     const Stats& base = s[0];
     json per_rank = json::array();
     for (size_t i = 0; i < ranks.size(); ++i) {
       const Stats& st = s[i + 1];
       const double ratio = st.median_ms / base.median_ms;
       const bool has_target = ranks[i] == 16 && batch == 16;
-      rows_.push_back({"decode b=" + std::to_string(batch) + " r=" + std::to_string(ranks[i]) +
-                           " ms/step",
-                       Fmt("%.2f ms", st.median_ms) +
-                           Fmt(" (%.1f tok/s)", batch / (st.median_ms / 1e3)),
-                       Fmt("base %.2f ms", base.median_ms), Ratio(ratio),
-                       has_target ? "<= 1.15" : "-", Verdict(has_target, ratio <= 1.15)});
+      rows_.push_back(
+          {"decode b=" + std::to_string(batch) + " r=" + std::to_string(ranks[i]) + " ms/step",
+           Fmt("%.2f ms", st.median_ms) + Fmt(" (%.1f tok/s)", batch / (st.median_ms / 1e3)),
+           Fmt("base %.2f ms", base.median_ms), Ratio(ratio), has_target ? "<= 1.15" : "-",
+           Verdict(has_target, ratio <= 1.15)});
       per_rank.push_back({{"rank", ranks[i]},
                           {"step", st.ToJson()},
                           {"ratio_vs_base", ratio},
@@ -258,11 +259,10 @@ json ModelBench::BenchMixedAdapters() {
     interleaved.push_back(&weights[i % kMixAdapters]);
   }
   DecodeFixture f = MakeFixture(kMixBatch);
-  const std::vector<Stats> s = Measure({[&] { DecodeStep(f, {}); },
-                                        [&] { DecodeStep(f, single); },
-                                        [&] { DecodeStep(f, contiguous); },
-                                        [&] { DecodeStep(f, interleaved); }},
-                                       [&] { f.Reset(); }, flags_.timing(), 3);
+  const std::vector<Stats> s = Measure(
+      {[&] { DecodeStep(f, {}); }, [&] { DecodeStep(f, single); },
+       [&] { DecodeStep(f, contiguous); }, [&] { DecodeStep(f, interleaved); }},
+      [&] { f.Reset(); }, flags_.timing(), 3);
   const double r_single = s[1].median_ms / s[0].median_ms;
   const double r_contig = s[2].median_ms / s[1].median_ms;
   const double r_inter = s[3].median_ms / s[1].median_ms;
@@ -341,8 +341,8 @@ json ModelBench::BenchTraining() {
   engine::TrainerOptions topt;
   topt.micro_batch_size = mb;
   topt.grad_accum_steps = 1;
-  auto trainer = OrDie(engine::PeftTrainer::Create(model_, std::move(shadow), topt),
-                       "PeftTrainer::Create");
+  auto trainer =
+      OrDie(engine::PeftTrainer::Create(model_, std::move(shadow), topt), "PeftTrainer::Create");
   int64_t train_i = 0;
   json losses = json::array();
   auto train_step = [&] {
@@ -363,17 +363,16 @@ json ModelBench::BenchTraining() {
 
   Section("[3] PEFT: micro-batch " + std::to_string(mb) + " x " + std::to_string(len) +
           " tok (2nd half targets), r=" + std::to_string(kTrainRank) + " q,k,v,o, AdamW");
-  rows_.push_back({"PEFT MicroStep tok/s",
-                   Fmt("%.0f tok/s", train_tps) + Fmt(" (%.0f ms/step)", s[1].median_ms),
-                   Fmt("inference prefill %.0f tok/s", prefill_tps) +
-                       Fmt(" (%.0f ms)", s[0].median_ms),
-                   Ratio(train_tps / prefill_tps), "-", ""});
+  rows_.push_back(
+      {"PEFT MicroStep tok/s",
+       Fmt("%.0f tok/s", train_tps) + Fmt(" (%.0f ms/step)", s[1].median_ms),
+       Fmt("inference prefill %.0f tok/s", prefill_tps) + Fmt(" (%.0f ms)", s[0].median_ms),
+       Ratio(train_tps / prefill_tps), "-", ""});
   rows_.push_back({"RSS after " + std::to_string(flags_.train_steps) + " steps (VmRSS)",
                    Mb(rss_train) + " (" + (extra_rss >= 0 ? "+" : "") + Mb(extra_rss) + ")",
-                   "inference-only " + Mb(rss_inference), Ratio(extra_rss / params) + " x wts",
-                   "-", ""});
-  rows_.push_back({"peak RSS training (maxrss)",
-                   Mb(peak_train) + " (+" + Mb(extra_peak) + ")",
+                   "inference-only " + Mb(rss_inference), Ratio(extra_rss / params) + " x wts", "-",
+                   ""});
+  rows_.push_back({"peak RSS training (maxrss)", Mb(peak_train) + " (+" + Mb(extra_peak) + ")",
                    "inference-only " + Mb(peak_inference), Ratio(extra_peak / params) + " x wts",
                    "-", ""});
   return {{"tokens_per_example", len},
@@ -503,21 +502,22 @@ json ModelBench::Run() {
   {
     at::NoGradGuard no_grad;
     std::map<std::string, at::Tensor> tensors = RandomWeights(config_);
-    model_ = OrDie(LlamaModel::FromTensors(config_, std::move(tensors), runtime_, "random:" + name_),
-                   "FromTensors");
+    model_ =
+        OrDie(LlamaModel::FromTensors(config_, std::move(tensors), runtime_, "random:" + name_),
+              "FromTensors");
   }
   const double load_s = Seconds(t0, Clock::now());
   const int64_t params = model_->parameter_bytes();
 
-  std::printf("\n== %s: d=%ld ff=%ld layers=%ld heads=%ld/%ld vocab=%ld ctx=%ld, %s, "
-              "%.1f MB weights (random, built in %.1f s)\n",
-              name_.c_str(), static_cast<long>(config_.hidden_size),
-              static_cast<long>(config_.intermediate_size),
-              static_cast<long>(config_.num_hidden_layers),
-              static_cast<long>(config_.num_attention_heads),
-              static_cast<long>(config_.num_key_value_heads), static_cast<long>(config_.vocab_size),
-              static_cast<long>(config_.max_position_embeddings),
-              runtime::DTypeName(runtime_.dtype).c_str(), params / 1e6, load_s);
+  std::printf(
+      "\n== %s: d=%ld ff=%ld layers=%ld heads=%ld/%ld vocab=%ld ctx=%ld, %s, "
+      "%.1f MB weights (random, built in %.1f s)\n",
+      name_.c_str(), static_cast<long>(config_.hidden_size),
+      static_cast<long>(config_.intermediate_size), static_cast<long>(config_.num_hidden_layers),
+      static_cast<long>(config_.num_attention_heads),
+      static_cast<long>(config_.num_key_value_heads), static_cast<long>(config_.vocab_size),
+      static_cast<long>(config_.max_position_embeddings),
+      runtime::DTypeName(runtime_.dtype).c_str(), params / 1e6, load_s);
   std::printf("   torch intra-op threads %d, inter-op %d; fused CPU kernels %s; BLAS %s\n",
               at::get_num_threads(), at::get_num_interop_threads(),
               model_->uses_fused_cpu_kernels() ? "yes" : "no", LoadedBlas().c_str());
@@ -595,8 +595,9 @@ int Main(int argc, char** argv) {
   const char* models_dir = std::getenv("COLLM_MODELS_DIR");
   flags.shapes = models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
 
-  CLI::App app{"collm_lora_bench: LoRA decode overhead, mixed adapters, PEFT training and "
-               "publish latency on random weights"};
+  CLI::App app{
+      "collm_lora_bench: LoRA decode overhead, mixed adapters, PEFT training and "
+      "publish latency on random weights"};
   app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
       ->capture_default_str();
   app.add_option("--models", flags.models, "Comma-separated shape names")->capture_default_str();
@@ -656,8 +657,9 @@ int Main(int argc, char** argv) {
   std::printf("collm_lora_bench: %s, %ld cores online, iters <= %d, min-time %.1f s%s\n",
               CpuModel().c_str(), CoresOnline(), flags.iters, flags.min_time,
               flags.quick ? " (quick)" : "");
-  std::printf("each model runs in a fresh process; ratios compare against the baseline column, "
-              "measured in the same run\n");
+  std::printf(
+      "each model runs in a fresh process; ratios compare against the baseline column, "
+      "measured in the same run\n");
   const auto t0 = Clock::now();
   json results = json::array();
   bool failed = false;

@@ -8,11 +8,10 @@
 // Each model runs in a fresh child process (this binary re-executed with the hidden
 // `--one-model NAME`) so that its peak RSS is its own.
 
-#include <unistd.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -185,8 +184,9 @@ json ModelBench::BenchDecodeVsGemv() {
   std::vector<SequenceKv> seqs(1);
   Prefill(*cache, seqs, ctx);
   GemvFloor gemv(config_, model_->runtime().dtype);
-  auto stats = Measure({[&] { DecodeStep(*cache, seqs); }, [&] { gemv.Run(); }},
-                       [&] { cache->Truncate(seqs[0], ctx); }, flags_, /*warmup=*/3);
+  auto stats = Measure(
+      {[&] { DecodeStep(*cache, seqs); }, [&] { gemv.Run(); }},
+      [&] { cache->Truncate(seqs[0], ctx); }, flags_, /*warmup=*/3);
   const Stats& step = stats[0];
   const Stats& floor = stats[1];
   const double gbps_step = gemv.bytes() / (step.median_ms * 1e6);
@@ -218,11 +218,12 @@ json ModelBench::BenchBatches(double* b1_tokens_per_s) {
     auto cache = MakeCache(batch * per_seq);
     std::vector<SequenceKv> seqs(batch);
     Prefill(*cache, seqs, ctx);
-    const Stats s = Measure({[&] { DecodeStep(*cache, seqs); }},
-                            [&] {
-                              for (SequenceKv& kv : seqs) cache->Truncate(kv, ctx);
-                            },
-                            flags_)[0];
+    const Stats s = Measure(
+        {[&] { DecodeStep(*cache, seqs); }},
+        [&] {
+          for (SequenceKv& kv : seqs) cache->Truncate(kv, ctx);
+        },
+        flags_)[0];
     const double tps = batch / (s.median_ms / 1e3);
     if (base == 0) base = batch == 1 ? tps : 0;
     const double ratio = base > 0 ? tps / base : 0;
@@ -255,8 +256,8 @@ json ModelBench::BenchPrefill(double b1_tokens_per_s) {
     batch.sequences.push_back({&seqs[0], n, false});
     OrDie(model_->Forward(batch, *cache), "prefill Forward");
   };
-  const Stats s =
-      Measure({prefill}, [&] { cache->Truncate(seqs[0], 0); }, flags_, /*warmup=*/1)[0];
+  const Stats s = Measure(
+      {prefill}, [&] { cache->Truncate(seqs[0], 0); }, flags_, /*warmup=*/1)[0];
   const double tps = n / (s.median_ms / 1e3);
   const double ratio = b1_tokens_per_s > 0 ? tps / b1_tokens_per_s : 0;
   rows_.push_back(
@@ -296,15 +297,15 @@ json ModelBench::Run() {
   const int64_t peak_loaded = MaxRssBytes();
   const int64_t params = model_->parameter_bytes();
 
-  std::printf("\n== %s: d=%ld ff=%ld layers=%ld heads=%ld/%ld vocab=%ld ctx=%ld tied=%d, %s, "
-              "%.1f MB weights (random, built in %.1f s)\n",
-              name_.c_str(), static_cast<long>(config_.hidden_size),
-              static_cast<long>(config_.intermediate_size),
-              static_cast<long>(config_.num_hidden_layers),
-              static_cast<long>(config_.num_attention_heads),
-              static_cast<long>(config_.num_key_value_heads), static_cast<long>(config_.vocab_size),
-              static_cast<long>(config_.max_position_embeddings), config_.tie_word_embeddings,
-              DTypeName(runtime.dtype).c_str(), params / 1e6, load_s);
+  std::printf(
+      "\n== %s: d=%ld ff=%ld layers=%ld heads=%ld/%ld vocab=%ld ctx=%ld tied=%d, %s, "
+      "%.1f MB weights (random, built in %.1f s)\n",
+      name_.c_str(), static_cast<long>(config_.hidden_size),
+      static_cast<long>(config_.intermediate_size), static_cast<long>(config_.num_hidden_layers),
+      static_cast<long>(config_.num_attention_heads),
+      static_cast<long>(config_.num_key_value_heads), static_cast<long>(config_.vocab_size),
+      static_cast<long>(config_.max_position_embeddings), config_.tie_word_embeddings,
+      DTypeName(runtime.dtype).c_str(), params / 1e6, load_s);
   std::printf("   torch intra-op threads %d, inter-op %d; fused CPU kernels %s; BLAS %s\n",
               at::get_num_threads(), at::get_num_interop_threads(),
               model_->uses_fused_cpu_kernels() ? "yes" : "no", LoadedBlas().c_str());
@@ -336,16 +337,15 @@ json ModelBench::Run() {
   rows_.push_back({"peak RSS end (+GEMV copy, KV)", Mb(peak_end),
                    "weights " + Mb(params) + " + " + Mb(rss_before) + " before load",
                    Fmt("%.2f", static_cast<double>(peak_end - rss_before) / params), "-", ""});
-  out["memory"] = {{"rss_before_load_bytes", rss_before},
-                   {"rss_after_load_bytes", rss_loaded},
-                   {"peak_rss_after_load_bytes", peak_loaded},
-                   {"peak_rss_end_bytes", peak_end},
-                   {"ratio_rss_growth_over_params",
-                    static_cast<double>(rss_loaded - rss_before) / params},
-                   {"ratio_peak_load_growth_over_params",
-                    static_cast<double>(peak_loaded - rss_before) / params},
-                   {"ratio_peak_end_growth_over_params",
-                    static_cast<double>(peak_end - rss_before) / params}};
+  out["memory"] = {
+      {"rss_before_load_bytes", rss_before},
+      {"rss_after_load_bytes", rss_loaded},
+      {"peak_rss_after_load_bytes", peak_loaded},
+      {"peak_rss_end_bytes", peak_end},
+      {"ratio_rss_growth_over_params", static_cast<double>(rss_loaded - rss_before) / params},
+      {"ratio_peak_load_growth_over_params",
+       static_cast<double>(peak_loaded - rss_before) / params},
+      {"ratio_peak_end_growth_over_params", static_cast<double>(peak_end - rss_before) / params}};
 
   std::vector<std::vector<std::string>> table = {
       {"metric", "value", "baseline (same run)", "ratio", "target", ""}};
@@ -365,8 +365,9 @@ int Main(int argc, char** argv) {
   CLI::App app{"collm_runtime_bench: LlamaModel decode/prefill/memory scenarios on random weights"};
   app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
       ->capture_default_str();
-  app.add_option("--models", flags.models, "Comma-separated shape names, e.g. "
-                                           "stories15M,stories110M,tinyllama-1.1B")
+  app.add_option("--models", flags.models,
+                 "Comma-separated shape names, e.g. "
+                 "stories15M,stories110M,tinyllama-1.1B")
       ->capture_default_str();
   app.add_option("--dtype", flags.dtype, "Compute dtype: f32, bf16, f16")->capture_default_str();
   app.add_option("--threads", flags.threads, "Torch intra-op threads (0 = torch's default)")
@@ -419,11 +420,13 @@ int Main(int argc, char** argv) {
     return 0;
   }
 
-  std::printf("collm_runtime_bench: %s, %ld cores online, dtype %s, iters <= %d, min-time %.1f s%s\n",
-              CpuModel().c_str(), sysconf(_SC_NPROCESSORS_ONLN), flags.dtype.c_str(), flags.iters,
-              flags.min_time, flags.quick ? " (quick)" : "");
-  std::printf("each model runs in a fresh process; ratios compare against the baseline column, "
-              "measured in the same run\n");
+  std::printf(
+      "collm_runtime_bench: %s, %ld cores online, dtype %s, iters <= %d, min-time %.1f s%s\n",
+      CpuModel().c_str(), sysconf(_SC_NPROCESSORS_ONLN), flags.dtype.c_str(), flags.iters,
+      flags.min_time, flags.quick ? " (quick)" : "");
+  std::printf(
+      "each model runs in a fresh process; ratios compare against the baseline column, "
+      "measured in the same run\n");
   const auto t0 = Clock::now();
   json results = json::array();
   bool failed = false;
@@ -450,22 +453,20 @@ int Main(int argc, char** argv) {
       if (b["batch"] == 1) b1 = get(b["tokens_per_s"]);
       if (b["batch"] == 16) b16 = get(b["tokens_per_s"]);
     }
-    std::printf("   %-16s %14.2f %14.1f %9s %12.1f %12s %9.2f %10.2f\n",
-                r["model"].get<std::string>().c_str(),
-                get(r["decode_vs_gemv"]["ratio_step_over_gemv"]), b1,
-                b1 > 0 && b16 > 0 ? Fmt("%.2fx", b16 / b1).c_str() : "-",
-                get(r["prefill"]["tokens_per_s"]),
-                get(r["prefill"]["ratio_vs_decode_batch1"]) > 0
-                    ? Fmt("%.1fx", get(r["prefill"]["ratio_vs_decode_batch1"])).c_str()
-                    : "-",
-                get(r["memory"]["ratio_rss_growth_over_params"]),
-                get(r["memory"]["ratio_peak_load_growth_over_params"]));
+    std::printf(
+        "   %-16s %14.2f %14.1f %9s %12.1f %12s %9.2f %10.2f\n",
+        r["model"].get<std::string>().c_str(), get(r["decode_vs_gemv"]["ratio_step_over_gemv"]), b1,
+        b1 > 0 && b16 > 0 ? Fmt("%.2fx", b16 / b1).c_str() : "-", get(r["prefill"]["tokens_per_s"]),
+        get(r["prefill"]["ratio_vs_decode_batch1"]) > 0
+            ? Fmt("%.1fx", get(r["prefill"]["ratio_vs_decode_batch1"])).c_str()
+            : "-",
+        get(r["memory"]["ratio_rss_growth_over_params"]),
+        get(r["memory"]["ratio_peak_load_growth_over_params"]));
   }
 
   if (!flags.json_path.empty()) {
     json doc = {{"benchmark", "collm_runtime_bench"},
-                {"machine",
-                 {{"cpu", CpuModel()}, {"cores_online", sysconf(_SC_NPROCESSORS_ONLN)}}},
+                {"machine", {{"cpu", CpuModel()}, {"cores_online", sysconf(_SC_NPROCESSORS_ONLN)}}},
                 {"flags",
                  {{"shapes", flags.shapes},
                   {"models", SplitCsv(flags.models)},

@@ -55,7 +55,8 @@ absl::StatusOr<std::string> ReadText(const std::string& path, const std::string&
 int main(int argc, char** argv) {
   CLI::App app{"collm-aggregator: federated LoRA rounds for collm devices"};
   std::string config_path, ports_file;
-  app.add_option("--config,-c", config_path, "YAML config (see configs/aggregator.yaml)")->required();
+  app.add_option("--config,-c", config_path, "YAML config (see configs/aggregator.yaml)")
+      ->required();
   app.add_option("--ports-file", ports_file, "Write 'grpc=PORT' here once serving (for port 0)");
   CLI11_PARSE(app, argc, argv);
 
@@ -76,7 +77,8 @@ int main(int argc, char** argv) {
     auto t = ReadText(cfg->admin_token_file, "admin_token_file");
     if (!t.ok()) return Fail(t.status(), 2);
     admin_token = std::string(absl::StripAsciiWhitespace(*t));
-    if (admin_token.empty()) return Fail(absl::InvalidArgumentError("admin_token_file is empty"), 2);
+    if (admin_token.empty())
+      return Fail(absl::InvalidArgumentError("admin_token_file is empty"), 2);
   }
   if (admin_token.empty()) {
     COLLM_LOG_WARN("no admin_token: admin calls are not authenticated");
@@ -104,7 +106,8 @@ int main(int argc, char** argv) {
 
   collm::serving::FederationServiceOptions service_options;
   service_options.admin_token = admin_token;
-  service_options.device_id_from_cert = cfg->tls.require_client_cert && cfg->tls.device_id_from_cert;
+  service_options.device_id_from_cert =
+      cfg->tls.require_client_cert && cfg->tls.device_id_from_cert;
   service_options.max_update_bytes = cfg->max_update_bytes;
   service_options.chunk_bytes = std::min<int64_t>(1 << 20, cfg->max_message_bytes / 2);
   collm::serving::FederationServiceImpl device_service(**manager, service_options);
@@ -131,13 +134,14 @@ int main(int argc, char** argv) {
     ssl.pem_key_cert_pairs.push_back({*key, *cert});
     server_options.credentials = grpc::SslServerCredentials(ssl);
   }
-  auto server = collm::serving::GrpcServer::Start(server_options, {&device_service, &admin_service});
+  auto server =
+      collm::serving::GrpcServer::Start(server_options, {&device_service, &admin_service});
   if (!server.ok()) return Fail(server.status());
   (*server)->SetServing(true);
-  COLLM_LOG_INFO("aggregator on port {} ({}), state {}, model fingerprint {}", (*server)->port(),
-                 cfg->tls.enabled() ? (cfg->tls.require_client_cert ? "mutual TLS" : "TLS")
-                                    : "plaintext",
-                 cfg->state_dir, collm::federation::ModelFingerprint(*model));
+  COLLM_LOG_INFO(
+      "aggregator on port {} ({}), state {}, model fingerprint {}", (*server)->port(),
+      cfg->tls.enabled() ? (cfg->tls.require_client_cert ? "mutual TLS" : "TLS") : "plaintext",
+      cfg->state_dir, collm::federation::ModelFingerprint(*model));
   if (!ports_file.empty()) {
     const std::string tmp = ports_file + ".tmp";
     std::ofstream(tmp) << "grpc=" << (*server)->port() << "\n";

@@ -38,7 +38,7 @@ int Fail(const absl::Status& s, int code = 1) {
 
 // Training examples longer than the model's context could never be forwarded: cut them there.
 collm::engine::DatasetOptions FitToContext(collm::engine::DatasetOptions options,
-                                          const collm::runtime::LlamaModel& model) {
+                                           const collm::runtime::LlamaModel& model) {
   const int64_t context = model.config().max_position_embeddings;
   if (options.max_length > context) {
     COLLM_LOG_INFO("training.dataset.max_length {} exceeds the model's context; using {}",

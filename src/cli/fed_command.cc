@@ -14,8 +14,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "collm/common/file_io.h"
 #include "collm/cli/commands.h"
+#include "collm/common/file_io.h"
 #include "collm/federation/fingerprint.h"
 #include "collm/federation/state_store.h"
 #include "collm/v1/federation.grpc.pb.h"
@@ -102,7 +102,8 @@ void PrintRound(const v1::RoundInfo& r, std::ostream& out) {
       << "mean train loss  " << r.mean_train_loss() << "\n"
       << "note             " << r.note() << "\n";
   out << std::left << std::setw(20) << "DEVICE" << std::setw(10) << "SAMPLES" << std::setw(12)
-      << "TRAIN_LOSS" << std::setw(12) << "DELTA_NORM" << "RECEIVED\n";
+      << "TRAIN_LOSS" << std::setw(12) << "DELTA_NORM"
+      << "RECEIVED\n";
   for (const auto& u : r.updates()) {
     out << std::left << std::setw(20) << u.device_id() << std::setw(10) << u.num_samples()
         << std::setw(12) << u.train_loss() << std::setw(12) << u.delta_norm()
@@ -112,11 +113,12 @@ void PrintRound(const v1::RoundInfo& r, std::ostream& out) {
 }
 
 std::string WatchLine(const v1::FederationStatus& s) {
-  return absl::StrCat("[", s.state(), "] round ", s.current_round(), "  global v",
-                      s.global_version(), "  done ", s.rounds_completed(), "/",
-                      s.policy().rounds() == 0 ? std::string("-") : absl::StrCat(s.policy().rounds()),
-                      "  devices ", s.devices_online(), "/", s.devices_total(), "  updates ",
-                      s.updates_accepted(), " ok / ", s.updates_rejected(), " rejected");
+  return absl::StrCat(
+      "[", s.state(), "] round ", s.current_round(), "  global v", s.global_version(), "  done ",
+      s.rounds_completed(), "/",
+      s.policy().rounds() == 0 ? std::string("-") : absl::StrCat(s.policy().rounds()), "  devices ",
+      s.devices_online(), "/", s.devices_total(), "  updates ", s.updates_accepted(), " ok / ",
+      s.updates_rejected(), " rejected");
 }
 
 }  // namespace
@@ -215,7 +217,8 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     }
     out << std::left << std::setw(20) << "DEVICE" << std::setw(10) << "STATE" << std::setw(8)
         << "ROUNDS" << std::setw(10) << "REJECTED" << std::setw(10) << "SAMPLES" << std::setw(10)
-        << "LIVE_V" << "LAST_SEEN\n";
+        << "LIVE_V"
+        << "LAST_SEEN\n";
     for (const auto& d : resp.devices()) {
       out << std::left << std::setw(20) << d.device_id() << std::setw(10) << d.state()
           << std::setw(8) << d.rounds_participated() << std::setw(10) << d.updates_rejected()
@@ -229,14 +232,16 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     req.set_limit(args.limit);
     v1::ListRoundsResponse resp;
     auto ctx = context(false);
-    if (grpc::Status s = stub->ListRounds(ctx.get(), req, &resp); !s.ok()) return Report(s, args, err);
+    if (grpc::Status s = stub->ListRounds(ctx.get(), req, &resp); !s.ok())
+      return Report(s, args, err);
     if (args.json) {
       out << Json(resp) << "\n";
       return 0;
     }
     out << std::left << std::setw(7) << "ROUND" << std::setw(12) << "STATE" << std::setw(10)
         << "VERSIONS" << std::setw(9) << "UPDATES" << std::setw(10) << "REJECTED" << std::setw(12)
-        << "TRAIN_LOSS" << "NOTE\n";
+        << "TRAIN_LOSS"
+        << "NOTE\n";
     for (const auto& r : resp.rounds()) {
       out << std::left << std::setw(7) << r.round() << std::setw(12) << r.state() << std::setw(10)
           << absl::StrCat(r.base_version(), "->",
@@ -252,7 +257,8 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     req.set_round(args.round);
     v1::RoundInfo round;
     auto ctx = context(false);
-    if (grpc::Status s = stub->GetRound(ctx.get(), req, &round); !s.ok()) return Report(s, args, err);
+    if (grpc::Status s = stub->GetRound(ctx.get(), req, &round); !s.ok())
+      return Report(s, args, err);
     if (args.json) {
       out << Json(round) << "\n";
     } else {
@@ -290,14 +296,16 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     std::error_code ec;
     std::filesystem::create_directories(args.out_dir, ec);
     absl::Status s = WriteFileAtomically(args.out_dir + "/adapter_model.safetensors", payload);
-    if (s.ok()) s = WriteFileAtomically(args.out_dir + "/adapter_config.json", header.config_json());
+    if (s.ok())
+      s = WriteFileAtomically(args.out_dir + "/adapter_config.json", header.config_json());
     if (!s.ok()) {
       err << "collmctl: " << s.message() << "\n";
       return 1;
     }
     if (args.json) {
       out << "{\"version\": " << header.version() << ", \"dir\": \"" << args.out_dir
-          << "\", \"bytes\": " << payload.size() << ", \"sha256\": \"" << header.sha256() << "\"}\n";
+          << "\", \"bytes\": " << payload.size() << ", \"sha256\": \"" << header.sha256()
+          << "\"}\n";
     } else {
       out << "global version " << header.version() << " -> " << args.out_dir << " ("
           << payload.size() << " bytes, sha256 " << header.sha256() << ")\n";
@@ -358,7 +366,8 @@ void AddFedCommand(CLI::App& app, FedArgs& args, int& exit_code) {
   fed->add_subcommand("status", "Federation state, counters and policy")->callback(run("status"));
   fed->add_subcommand("devices", "Registered devices")->callback(run("devices"));
   fed->add_subcommand("start", "Start running rounds")->callback(run("start"));
-  fed->add_subcommand("pause", "Open no new rounds (the open one completes)")->callback(run("pause"));
+  fed->add_subcommand("pause", "Open no new rounds (the open one completes)")
+      ->callback(run("pause"));
   fed->add_subcommand("resume", "Resume a paused federation")->callback(run("resume"));
   CLI::App* rounds = fed->add_subcommand("rounds", "Round log, newest first (rounds watch: live)");
   rounds->add_option("--limit", args.limit, "Newest N rounds (0 = all)");

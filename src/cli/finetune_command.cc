@@ -140,8 +140,8 @@ int RunFinetune(const FinetuneArgs& args, std::ostream& out, std::ostream& err) 
   out << std::fixed << std::setprecision(4) << "held-out loss after: " << *after << " (ppl "
       << std::exp(*after) << ")\n"
       << "trained " << args.steps << " steps in " << std::setprecision(1) << seconds << " s ("
-      << std::setprecision(0) << tokens / std::max(seconds, 1e-9)
-      << " tok/s), last train loss " << std::setprecision(4) << last_loss << "\n"
+      << std::setprecision(0) << tokens / std::max(seconds, 1e-9) << " tok/s), last train loss "
+      << std::setprecision(4) << last_loss << "\n"
       << "adapter written to " << args.out_dir << "\n";
   return 0;
 }
@@ -156,7 +156,8 @@ void AddFinetuneCommand(CLI::App& app, FinetuneArgs& a, int& exit_code) {
   cmd->add_option("--alpha", a.alpha, "LoRA alpha")->capture_default_str();
   cmd->add_option("--dropout", a.dropout, "LoRA dropout")->capture_default_str();
   cmd->add_flag("--rslora", a.rslora, "Scale alpha/sqrt(r) (rsLoRA)");
-  cmd->add_option("--targets", a.targets, "Target modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+  cmd->add_option("--targets", a.targets,
+                  "Target modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--lr", a.lr, "Peak learning rate")->capture_default_str();
@@ -164,19 +165,23 @@ void AddFinetuneCommand(CLI::App& app, FinetuneArgs& a, int& exit_code) {
   cmd->add_option("--warmup", a.warmup, "Warmup steps")->capture_default_str();
   cmd->add_option("--batch", a.batch, "Micro-batch size (examples)")->capture_default_str();
   cmd->add_option("--accum", a.accum, "Gradient accumulation steps")->capture_default_str();
-  cmd->add_option("--max-grad-norm", a.max_grad_norm, "Clip norm (<= 0: off)")->capture_default_str();
+  cmd->add_option("--max-grad-norm", a.max_grad_norm, "Clip norm (<= 0: off)")
+      ->capture_default_str();
   cmd->add_option("--weight-decay", a.weight_decay, "AdamW weight decay")->capture_default_str();
-  cmd->add_option("--seed,-s", a.seed, "Seed (init, data order, dropout, split)")->capture_default_str();
+  cmd->add_option("--seed,-s", a.seed, "Seed (init, data order, dropout, split)")
+      ->capture_default_str();
   cmd->add_option("--max-length", a.max_length, "Max tokens per example")->capture_default_str();
   cmd->add_option("--max-examples", a.max_examples, "Use at most this many records (0 = all)");
   cmd->add_option("--held-out", a.held_out, "Held-out fraction")->capture_default_str();
   cmd->add_option("--eval-examples", a.eval_examples, "Held-out examples evaluated (0 = all)")
       ->capture_default_str();
-  cmd->add_option("--prompt-field", a.prompt_field, "Prompt field (GSM8K: question)")->capture_default_str();
+  cmd->add_option("--prompt-field", a.prompt_field, "Prompt field (GSM8K: question)")
+      ->capture_default_str();
   cmd->add_option("--completion-field", a.completion_field, "Completion field (GSM8K: answer)")
       ->capture_default_str();
   cmd->add_option("--text-field", a.text_field, "Plain-text field")->capture_default_str();
-  cmd->add_option("--messages-field", a.messages_field, "Chat messages field")->capture_default_str();
+  cmd->add_option("--messages-field", a.messages_field, "Chat messages field")
+      ->capture_default_str();
   cmd->add_option("--prompt-template", a.prompt_template, "Prompt template with {prompt}");
   cmd->add_option("--init-adapter", a.init_adapter, "Start from this PEFT adapter");
   cmd->add_flag("!--no-progress", a.progress, "No progress bar");

@@ -1,3 +1,5 @@
+#include <grpcpp/grpcpp.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <iomanip>
@@ -8,13 +10,11 @@
 #include "collm/cli/commands.h"
 #include "collm/common/clock.h"
 #include "collm/lora/peft_io.h"
-#include "collm/v1/inference.grpc.pb.h"
-
-#include <grpcpp/grpcpp.h>
 #include "collm/runtime/generator.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/runtime/random_model.h"
 #include "collm/runtime/tokenizer.h"
+#include "collm/v1/inference.grpc.pb.h"
 
 namespace collm::cli {
 
@@ -69,10 +69,9 @@ int RunRemoteGenerate(const GenerateArgs& args, std::ostream& out, std::ostream&
   }
   out << "\n" << std::flush;
   err << std::fixed << std::setprecision(1) << "collmctl: " << args.daemon << ": "
-      << last.usage().completion_tokens() << " tokens in "
-      << (Clock::Real().NowNanos() - t0) * 1e-6 << " ms; ttft " << last.ttft_seconds() * 1e3
-      << " ms, tpot " << last.tpot_seconds() * 1e3 << " ms; adapter '" << last.adapter()
-      << "' v" << last.adapter_version() << "\n";
+      << last.usage().completion_tokens() << " tokens in " << (Clock::Real().NowNanos() - t0) * 1e-6
+      << " ms; ttft " << last.ttft_seconds() * 1e3 << " ms, tpot " << last.tpot_seconds() * 1e3
+      << " ms; adapter '" << last.adapter() << "' v" << last.adapter_version() << "\n";
   return 0;
 }
 
@@ -150,9 +149,8 @@ int RunGenerate(const GenerateArgs& args, std::ostream& out, std::ostream& err) 
   }
 
   runtime::Generator generator(*model, tokenizer->get());
-  auto results = generator.Generate({request}, [&](size_t, const std::string& delta) {
-    out << delta << std::flush;
-  });
+  auto results = generator.Generate(
+      {request}, [&](size_t, const std::string& delta) { out << delta << std::flush; });
   if (!results.ok()) {
     err << "\ncollmctl: " << results.status().message() << "\n";
     return results.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;

@@ -52,9 +52,11 @@ int RunRandomModel(const RandomModelArgs& args, std::ostream& out, std::ostream&
 
 void AddRandomModelCommand(CLI::App& app, RandomModelArgs& args, int& exit_code) {
   CLI::App* cmd = app.add_subcommand(
-      "random-model", "Write a Llama checkpoint with random weights (HF layout) for tests/benchmarks");
+      "random-model",
+      "Write a Llama checkpoint with random weights (HF layout) for tests/benchmarks");
   cmd->add_option("--out,-o", args.out_dir, "Output directory")->required();
-  cmd->add_option("--shape", args.shape, "'tiny' or a path to a config.json")->capture_default_str();
+  cmd->add_option("--shape", args.shape, "'tiny' or a path to a config.json")
+      ->capture_default_str();
   cmd->add_option("--dtype", args.dtype, "Stored dtype: f32, bf16, f16")->capture_default_str();
   cmd->add_option("--seed", args.seed, "Random seed")->capture_default_str();
   cmd->add_flag("!--no-tokenizer", args.tokenizer, "Do not train/write tokenizer.model");

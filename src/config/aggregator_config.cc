@@ -8,10 +8,10 @@
 #include <set>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/ascii.h"
 #include "absl/strings/strip.h"
 #include "collm/common/status.h"
 #include "collm/runtime/lora_weights.h"
@@ -45,8 +45,8 @@ absl::StatusOr<std::string> ExpandEnv(const std::string& text, const std::string
     } else if (sep != std::string::npos) {
       out += inner.substr(sep + 2);
     } else {
-      return Invalid(path, absl::StrCat("refers to environment variable ", name,
-                                        ", which is not set"));
+      return Invalid(path,
+                     absl::StrCat("refers to environment variable ", name, ", which is not set"));
     }
     i = close + 1;
   }
@@ -59,15 +59,15 @@ class Map {
   static absl::StatusOr<Map> Open(const YAML::Node& node, const std::string& path,
                                   const std::set<std::string>& known, const std::string& base) {
     if (node.IsDefined() && !node.IsNull() && !node.IsMap()) {
-      return absl::InvalidArgumentError(
-          path.empty() ? "the configuration must be a map of keys" : absl::StrCat(path, " must be a map"));
+      return absl::InvalidArgumentError(path.empty() ? "the configuration must be a map of keys"
+                                                     : absl::StrCat(path, " must be a map"));
     }
     if (node.IsMap()) {
       for (const auto& kv : node) {
         const std::string key = kv.first.Scalar();
         if (known.count(key) == 0) {
-          return absl::InvalidArgumentError(absl::StrCat(Join(path, key), ": unknown key (known: ",
-                                                         absl::StrJoin(known, ", "), ")"));
+          return absl::InvalidArgumentError(absl::StrCat(
+              Join(path, key), ": unknown key (known: ", absl::StrJoin(known, ", "), ")"));
         }
       }
     }
@@ -96,8 +96,10 @@ class Map {
   absl::Status Path(const std::string& key, std::string* out) const {
     if (!Has(key)) return absl::OkStatus();
     COLLM_ASSIGN_OR_RETURN(std::string p, Scalar(key));
-    if (p.rfind("~/", 0) == 0 && std::getenv("HOME") != nullptr) p = std::getenv("HOME") + p.substr(1);
-    if (!p.empty() && fs::path(p).is_relative() && !base_.empty()) p = (fs::path(base_) / p).string();
+    if (p.rfind("~/", 0) == 0 && std::getenv("HOME") != nullptr)
+      p = std::getenv("HOME") + p.substr(1);
+    if (!p.empty() && fs::path(p).is_relative() && !base_.empty())
+      p = (fs::path(base_) / p).string();
     *out = p.empty() ? p : fs::path(p).lexically_normal().string();
     return absl::OkStatus();
   }
@@ -148,15 +150,15 @@ absl::Status ReadPolicy(const Map& m, v1::FederationPolicy* p) {
   int64_t i = 0;
   double d = 0;
   std::string s;
-#define COLLM_POLICY_INT(name, min)                     \
-  if (m.Has(#name)) {                                   \
-    COLLM_RETURN_IF_ERROR(m.Int(#name, &i, min));       \
-    p->set_##name(i);                                   \
+#define COLLM_POLICY_INT(name, min)               \
+  if (m.Has(#name)) {                             \
+    COLLM_RETURN_IF_ERROR(m.Int(#name, &i, min)); \
+    p->set_##name(i);                             \
   }
-#define COLLM_POLICY_DOUBLE(name)                       \
-  if (m.Has(#name)) {                                   \
-    COLLM_RETURN_IF_ERROR(m.Double(#name, &d));         \
-    p->set_##name(d);                                   \
+#define COLLM_POLICY_DOUBLE(name)               \
+  if (m.Has(#name)) {                           \
+    COLLM_RETURN_IF_ERROR(m.Double(#name, &d)); \
+    p->set_##name(d);                           \
   }
   COLLM_POLICY_INT(rounds, 0)
   COLLM_POLICY_INT(local_steps, 1)
@@ -210,12 +212,13 @@ absl::StatusOr<AggregatorConfig> AggregatorConfig::FromYaml(const std::string& y
   COLLM_RETURN_IF_ERROR(top.Path("state_dir", &c.state_dir));
   if (c.state_dir.empty()) return Invalid("state_dir", "is required");
   COLLM_RETURN_IF_ERROR(top.Path("model_config", &c.model_config));
-  if (c.model_config.empty()) return Invalid("model_config", "is required (the base model's config.json)");
+  if (c.model_config.empty())
+    return Invalid("model_config", "is required (the base model's config.json)");
   if (fs::is_directory(c.model_config)) c.model_config += "/config.json";
   COLLM_RETURN_IF_ERROR(top.Path("initial_adapter", &c.initial_adapter));
-  COLLM_ASSIGN_OR_RETURN(Map lora, Map::Open(top.Get("lora"), "lora",
-                                             {"rank", "alpha", "dropout", "use_rslora", "targets"},
-                                             base_dir));
+  COLLM_ASSIGN_OR_RETURN(
+      Map lora, Map::Open(top.Get("lora"), "lora",
+                          {"rank", "alpha", "dropout", "use_rslora", "targets"}, base_dir));
   COLLM_RETURN_IF_ERROR(lora.Int("rank", &c.lora.rank, 1));
   COLLM_RETURN_IF_ERROR(lora.Double("alpha", &c.lora.alpha));
   COLLM_RETURN_IF_ERROR(lora.Double("dropout", &c.lora.dropout));
@@ -245,10 +248,10 @@ absl::StatusOr<AggregatorConfig> AggregatorConfig::FromYaml(const std::string& y
                              "clip_norm", "max_update_norm", "trim_ratio", "training_share"},
                             base_dir));
   COLLM_RETURN_IF_ERROR(ReadPolicy(policy, &c.policy));
-  COLLM_ASSIGN_OR_RETURN(Map tls, Map::Open(top.Get("tls"), "tls",
-                                            {"cert", "key", "client_ca", "require_client_cert",
-                                             "device_id_from_cert"},
-                                            base_dir));
+  COLLM_ASSIGN_OR_RETURN(
+      Map tls, Map::Open(top.Get("tls"), "tls",
+                         {"cert", "key", "client_ca", "require_client_cert", "device_id_from_cert"},
+                         base_dir));
   COLLM_RETURN_IF_ERROR(tls.Path("cert", &c.tls.cert));
   COLLM_RETURN_IF_ERROR(tls.Path("key", &c.tls.key));
   COLLM_RETURN_IF_ERROR(tls.Path("client_ca", &c.tls.client_ca));
@@ -266,8 +269,8 @@ absl::StatusOr<AggregatorConfig> AggregatorConfig::FromYaml(const std::string& y
   if (!c.admin_token.empty() && !c.admin_token_file.empty()) {
     return Invalid("admin_token_file", "and admin_token are exclusive");
   }
-  COLLM_ASSIGN_OR_RETURN(Map logging, Map::Open(top.Get("logging"), "logging", {"level", "json"},
-                                                base_dir));
+  COLLM_ASSIGN_OR_RETURN(Map logging,
+                         Map::Open(top.Get("logging"), "logging", {"level", "json"}, base_dir));
   COLLM_RETURN_IF_ERROR(logging.String("level", &c.logging.level));
   COLLM_RETURN_IF_ERROR(logging.Bool("json", &c.logging.json));
   return c;

@@ -649,10 +649,10 @@ absl::Status CheckFileExists(const std::string& path, const std::string& file) {
 absl::Status ParseFederation(const Section& root, const TrainingConfig& training,
                              FederationConfig& out) {
   COLLM_ASSIGN_OR_RETURN(
-      Section s, root.Sub("federation", {"enabled", "aggregator", "device_id", "tls",
-                                         "heartbeat_seconds", "backoff", "rpc_timeout_seconds",
-                                         "upload_chunk_bytes", "install_global",
-                                         "task_training_share"}));
+      Section s,
+      root.Sub("federation", {"enabled", "aggregator", "device_id", "tls", "heartbeat_seconds",
+                              "backoff", "rpc_timeout_seconds", "upload_chunk_bytes",
+                              "install_global", "task_training_share"}));
   COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
   COLLM_RETURN_IF_ERROR(s.String("aggregator", &out.aggregator));
   COLLM_RETURN_IF_ERROR(s.String("device_id", &out.device_id));
@@ -673,7 +673,8 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
   COLLM_RETURN_IF_ERROR(s.Double("task_training_share", &out.task_training_share));
 
   auto positive = [&](const Section& sec, const std::string& key, double v) {
-    return v > 0 ? absl::OkStatus() : Invalid(sec.PathOf(key), absl::StrCat("must be > 0, got ", v));
+    return v > 0 ? absl::OkStatus()
+                 : Invalid(sec.PathOf(key), absl::StrCat("must be > 0, got ", v));
   };
   COLLM_RETURN_IF_ERROR(positive(s, "heartbeat_seconds", out.heartbeat_seconds));
   COLLM_RETURN_IF_ERROR(positive(backoff, "initial_seconds", out.backoff_initial_seconds));
@@ -688,8 +689,9 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
                    absl::StrCat("must be in (0, 64MiB], got ", out.upload_chunk_bytes));
   }
   if (out.install_global != "shadow" && out.install_global != "shadow_and_live") {
-    return Invalid(s.PathOf("install_global"),
-                   absl::StrCat("must be shadow or shadow_and_live, got '", out.install_global, "'"));
+    return Invalid(
+        s.PathOf("install_global"),
+        absl::StrCat("must be shadow or shadow_and_live, got '", out.install_global, "'"));
   }
   if (!(out.task_training_share > 0 && out.task_training_share <= 1)) {
     return Invalid(s.PathOf("task_training_share"),
@@ -711,14 +713,15 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
   if (!out.enabled) return absl::OkStatus();
   COLLM_RETURN_IF_ERROR(CheckNonEmpty(s.PathOf("aggregator"), out.aggregator));
   COLLM_RETURN_IF_ERROR(CheckNonEmpty(s.PathOf("device_id"), out.device_id));
-  const bool id_ok =
-      out.device_id.size() <= 64 &&
-      std::all_of(out.device_id.begin(), out.device_id.end(), [](char c) {
-        return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
-      });
+  const bool id_ok = out.device_id.size() <= 64 &&
+                     std::all_of(out.device_id.begin(), out.device_id.end(), [](char c) {
+                       return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' ||
+                              c == '_' || c == '-';
+                     });
   if (!id_ok) {
-    return Invalid(s.PathOf("device_id"),
-                   absl::StrCat("must be 1-64 characters of [A-Za-z0-9._-], got '", out.device_id, "'"));
+    return Invalid(
+        s.PathOf("device_id"),
+        absl::StrCat("must be 1-64 characters of [A-Za-z0-9._-], got '", out.device_id, "'"));
   }
   if (!training.enabled) {
     return Invalid(s.PathOf("enabled"),
@@ -763,11 +766,11 @@ absl::Status ParseLogging(const Section& root, LoggingOptions& out) {
 
 absl::StatusOr<DaemonConfig> Parse(const YAML::Node& doc, const std::string& base_dir) {
   COLLM_ASSIGN_OR_RETURN(
-      Section root, Section::Open(doc, "",
-                                  {"model", "runtime", "engine", "sampling", "adapters", "training",
-                                   "federation", "server", "metrics", "logging",
-                                   "shutdown_grace_seconds"},
-                                  base_dir));
+      Section root,
+      Section::Open(doc, "",
+                    {"model", "runtime", "engine", "sampling", "adapters", "training", "federation",
+                     "server", "metrics", "logging", "shutdown_grace_seconds"},
+                    base_dir));
   DaemonConfig config;
   if (!root.Has("model"))
     return absl::InvalidArgumentError("model is required (a model directory)");

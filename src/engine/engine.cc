@@ -74,8 +74,10 @@ void Engine::SetMetrics(telemetry::MetricsRegistry* r) {
       r->GetHistogram("collm_batch_tokens", "Tokens per engine step (decodes + prefill chunks)",
                       telemetry::ExponentialBuckets(1, 2, 12)),
       r->GetCounter("collm_requests_total", "Finished requests by outcome", {{"outcome", "ok"}}),
-      r->GetCounter("collm_requests_total", "Finished requests by outcome", {{"outcome", "cancelled"}}),
-      r->GetCounter("collm_requests_total", "Finished requests by outcome", {{"outcome", "deadline_exceeded"}}),
+      r->GetCounter("collm_requests_total", "Finished requests by outcome",
+                    {{"outcome", "cancelled"}}),
+      r->GetCounter("collm_requests_total", "Finished requests by outcome",
+                    {{"outcome", "deadline_exceeded"}}),
       r->GetCounter("collm_requests_slo_met_total", "Requests that met their TTFT and TPOT SLOs"),
       r->GetCounter("collm_generated_tokens_total", "Output tokens generated"),
       r->GetCounter("collm_prompt_tokens_total", "Prompt tokens prefilled"),
@@ -114,9 +116,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("engine.guard_safety must be >= 1, got ", options.guard_safety));
   }
-  if (!options.default_adapter.empty() && (registry == nullptr || !registry->Get(options.default_adapter).ok())) {
-    return absl::NotFoundError(absl::StrCat("engine.default_adapter '", options.default_adapter,
-                                            "' is not loaded"));
+  if (!options.default_adapter.empty() &&
+      (registry == nullptr || !registry->Get(options.default_adapter).ok())) {
+    return absl::NotFoundError(
+        absl::StrCat("engine.default_adapter '", options.default_adapter, "' is not loaded"));
   }
   if (!(options.guard_idle_risk >= 0 && options.guard_idle_risk <= 1)) {
     return absl::InvalidArgumentError(
@@ -149,12 +152,13 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
   const int64_t n = static_cast<int64_t>(request.prompt.size());
   if (n == 0) return absl::InvalidArgumentError("prompt is empty");
   if (n >= config.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt has ", n, " tokens; the context is ",
-                                                   config.max_position_embeddings));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt has ", n, " tokens; the context is ", config.max_position_embeddings));
   }
   for (int32_t id : request.prompt) {
     if (id < 0 || id >= config.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt token ", id, " is outside the vocabulary"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", id, " is outside the vocabulary"));
     }
   }
   if (!request.params.stop.empty() && tokenizer_ == nullptr) {
@@ -165,19 +169,22 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
   if (!request.slo_class.empty()) {
     auto it = options_.slo_classes.find(request.slo_class);
     if (it == options_.slo_classes.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("slo_class '", request.slo_class, "' is not configured"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("slo_class '", request.slo_class, "' is not configured"));
     }
     seq->slo = it->second;
   }
   const std::string adapter = request.adapter.empty() ? options_.default_adapter : request.adapter;
   if (!adapter.empty()) {
-    if (registry_ == nullptr) return absl::NotFoundError(absl::StrCat("no adapter named '", adapter, "'"));
+    if (registry_ == nullptr)
+      return absl::NotFoundError(absl::StrCat("no adapter named '", adapter, "'"));
     COLLM_ASSIGN_OR_RETURN(seq->pin, registry_->Get(adapter));  // Pinned for the whole request.
   }
   seq->limit = std::min<int64_t>(request.params.max_tokens, config.max_position_embeddings - n);
   if (cache_->BlocksFor(n + seq->limit) > cache_->num_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat("request needs ", cache_->BlocksFor(n + seq->limit),
-                                                     " KV blocks; the cache has ", cache_->num_blocks()));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request needs ", cache_->BlocksFor(n + seq->limit),
+                     " KV blocks; the cache has ", cache_->num_blocks()));
   }
   seq->context = request.prompt;
   seq->sampler.emplace(request.params);
@@ -198,7 +205,8 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
   if (!accepting_) return absl::UnavailableError("the engine is shutting down");
   if (static_cast<int64_t>(queue_.size()) >= options_.max_queued) {
     ++stats_.rejected_queue_full;
-    return absl::ResourceExhaustedError(absl::StrCat("request queue is full (", options_.max_queued, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request queue is full (", options_.max_queued, ")"));
   }
   seq->id = next_id_++;
   const uint64_t id = seq->id;
@@ -310,7 +318,7 @@ double Engine::SloSlack(int64_t now) const {
 double Engine::IdleBudget() const {
   // A request arriving now waits for the phase in flight, then for its first (prefill) step.
   double ttft_ms = options_.default_slo.ttft_ms > 0 ? options_.default_slo.ttft_ms
-                                                   : std::numeric_limits<double>::infinity();
+                                                    : std::numeric_limits<double>::infinity();
   for (const auto& [name, slo] : options_.slo_classes) {
     if (slo.ttft_ms > 0) ttft_ms = std::min(ttft_ms, slo.ttft_ms);
   }
@@ -373,8 +381,8 @@ bool Engine::MaybeTrain() {
         if (eval_cost_ <= 0) {
           n = idle ? 1 : 0;
         } else {
-          n = std::min<int64_t>(n, static_cast<int64_t>(std::floor(
-                                       budget / (options_.guard_safety * eval_cost_))));
+          n = std::min<int64_t>(
+              n, static_cast<int64_t>(std::floor(budget / (options_.guard_safety * eval_cost_))));
           if (n < 1 && allowed(eval_cost_)) n = 1;
         }
       }
@@ -419,14 +427,15 @@ bool Engine::MaybeTrain() {
           rate = ArrivalRate(clock_->NowNanos());
         }
         const double per_token_risk = rate * options_.guard_safety * worst_phase;
-        begun = BeginMicroStep(trainer.options().micro_batch_size,
-                               per_token_risk <= 0 ? inf : options_.guard_idle_risk / per_token_risk);
+        begun =
+            BeginMicroStep(trainer.options().micro_batch_size,
+                           per_token_risk <= 0 ? inf : options_.guard_idle_risk / per_token_risk);
       }
       if (begun == BeginResult::kNoData) break;
       go = begun == BeginResult::kStarted;
     } else {
-      go = !std::isfinite(budget) ||
-           allowed(PhaseCost(trainer.next_phase()) * static_cast<double>(trainer.micro_step_tokens()));
+      go = !std::isfinite(budget) || allowed(PhaseCost(trainer.next_phase()) *
+                                             static_cast<double>(trainer.micro_step_tokens()));
     }
     if (!go) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -460,7 +469,8 @@ Engine::BeginResult Engine::BeginMicroStep(int64_t max_examples, double max_toke
   // The longest prefix whose padded size (examples x longest input) fits; max_tokens < 0 = one.
   int64_t k = 0, longest = 0;
   while (k < static_cast<int64_t>(pool_.size()) && k < max_examples) {
-    const int64_t len = std::max<int64_t>(longest, static_cast<int64_t>(pool_[k].tokens.size()) - 1);
+    const int64_t len =
+        std::max<int64_t>(longest, static_cast<int64_t>(pool_[k].tokens.size()) - 1);
     if (max_tokens < 0 ? k >= 1 : static_cast<double>((k + 1) * len) > max_tokens) break;
     longest = len;
     ++k;
@@ -503,10 +513,11 @@ bool Engine::RunTrainingPhase() {
   }
   if (!result->finished) return false;
   OnTaskProgress(n, absl::OkStatus(), result->step);
-  train_cost_ = train_cost_ == 0 ? micro_step_seconds_ : 0.8 * train_cost_ + 0.2 * micro_step_seconds_;
+  train_cost_ =
+      train_cost_ == 0 ? micro_step_seconds_ : 0.8 * train_cost_ + 0.2 * micro_step_seconds_;
   const std::optional<StepStats>& step = result->step;
-  if (step.has_value() && !training_.checkpoint_dir.empty() && training_.checkpoint_every_steps > 0 &&
-      step->step % training_.checkpoint_every_steps == 0) {
+  if (step.has_value() && !training_.checkpoint_dir.empty() &&
+      training_.checkpoint_every_steps > 0 && step->step % training_.checkpoint_every_steps == 0) {
     if (auto s = CheckpointTrainingLocked(training_.checkpoint_dir); !s.ok()) {
       COLLM_LOG_ERROR("periodic checkpoint failed: {}", s.ToString());
     }
@@ -624,7 +635,8 @@ void Engine::Finish(Sequence& s, absl::Status status, runtime::FinishReason reas
   if (s.first_token_nanos > 0) {
     r.ttft_seconds = (s.first_token_nanos - s.submit_nanos) * 1e-9;
     if (s.generated > 1) {
-      r.tpot_seconds = (s.last_token_nanos - s.first_token_nanos) * 1e-9 / static_cast<double>(s.generated - 1);
+      r.tpot_seconds =
+          (s.last_token_nanos - s.first_token_nanos) * 1e-9 / static_cast<double>(s.generated - 1);
     }
   }
   r.slo_met = r.status.ok() && s.first_token_nanos > 0 &&
@@ -674,8 +686,10 @@ bool Engine::InferenceStep() {
     for (auto it = queue_.begin(); it != queue_.end();) {
       Sequence& s = **it;
       absl::Status why;
-      if (cancel_requests_.count(s.id)) why = absl::CancelledError("request cancelled");
-      else if (force_cancel) why = absl::CancelledError("engine shut down before the request ran");
+      if (cancel_requests_.count(s.id))
+        why = absl::CancelledError("request cancelled");
+      else if (force_cancel)
+        why = absl::CancelledError("engine shut down before the request ran");
       else if (s.request.deadline_nanos > 0 && now >= s.request.deadline_nanos)
         why = absl::DeadlineExceededError("deadline expired while queued");
       if (why.ok()) {
@@ -688,15 +702,18 @@ bool Engine::InferenceStep() {
     }
     cancel_requests_.clear();
   }
-  for (size_t i = 0; i < dropped.size(); ++i) Finish(*dropped[i], dropped_status[i], runtime::FinishReason::kLength);
+  for (size_t i = 0; i < dropped.size(); ++i)
+    Finish(*dropped[i], dropped_status[i], runtime::FinishReason::kLength);
 
   // Running sequences that were cancelled, expired, or outlived the shutdown grace.
   bool did_work = !dropped.empty();
   for (auto it = running_.begin(); it != running_.end();) {
     Sequence& s = **it;
     absl::Status why;
-    if (s.cancelled) why = absl::CancelledError("request cancelled");
-    else if (force_cancel) why = absl::CancelledError("engine shut down during the request");
+    if (s.cancelled)
+      why = absl::CancelledError("request cancelled");
+    else if (force_cancel)
+      why = absl::CancelledError("engine shut down during the request");
     else if (s.request.deadline_nanos > 0 && now >= s.request.deadline_nanos)
       why = absl::DeadlineExceededError("deadline expired");
     if (why.ok()) {
@@ -768,7 +785,8 @@ bool Engine::InferenceStep() {
       if (!s.decoding()) continue;  // Prompt not finished yet: no token to sample.
     }
     at::Tensor row = (*logits)[static_cast<int64_t>(k)];
-    const int32_t token = s.sampler->Sample(absl::MakeSpan(row.data_ptr<float>(), vocab), s.context);
+    const int32_t token =
+        s.sampler->Sample(absl::MakeSpan(row.data_ptr<float>(), vocab), s.context);
     if (s.first_token_nanos == 0) s.first_token_nanos = after;
     s.last_token_nanos = after;
     const auto& eos = model_->config().eos_token_ids;
@@ -811,7 +829,7 @@ struct Engine::ActiveTask {
   TrainingTask task;
   std::shared_ptr<std::promise<TrainingReport>> promise;
   int64_t steps = 0;
-  int64_t samples = 0;          // Examples in micro-steps so far.
+  int64_t samples = 0;           // Examples in micro-steps so far.
   int64_t samples_in_steps = 0;  // ... of which in completed optimizer steps.
   double loss_sum = 0;
 };
@@ -860,7 +878,8 @@ absl::Status Engine::SetTrainingShare(double share) {
   return absl::OkStatus();
 }
 
-std::future<InstallResult> Engine::InstallAdapter(lora::LoraAdapter adapter, InstallOptions options) {
+std::future<InstallResult> Engine::InstallAdapter(lora::LoraAdapter adapter,
+                                                  InstallOptions options) {
   if (training_.trainer == nullptr) {
     InstallResult r;
     r.status = absl::FailedPreconditionError("installing an adapter needs training enabled");
@@ -878,7 +897,8 @@ std::future<InstallResult> Engine::InstallAdapter(lora::LoraAdapter adapter, Ins
     r.status = trainer.shadow().Load(*shared_adapter, options.reset_optimizer);
     if (r.status.ok() && options.publish) {
       if (training_.publisher == nullptr) {
-        r.status = absl::FailedPreconditionError("publishing an installed adapter needs a publisher");
+        r.status =
+            absl::FailedPreconditionError("publishing an installed adapter needs a publisher");
       } else {
         // A periodic evaluation still running decides first, so the gate compares against what
         // is live after it. This evaluation runs here, on the engine thread: once per global

@@ -52,8 +52,9 @@ Batch MakeBatch(const std::vector<const TrainingExample*>& examples) {
 // Sum of token cross-entropies over masked targets.
 at::Tensor MaskedLossSum(const at::Tensor& logits, const Batch& b) {
   const int64_t V = logits.size(-1);
-  at::Tensor ce = at::cross_entropy_loss(logits.reshape({-1, V}), b.targets.reshape({-1}).to(logits.device()),
-                                         {}, at::Reduction::None);
+  at::Tensor ce =
+      at::cross_entropy_loss(logits.reshape({-1, V}), b.targets.reshape({-1}).to(logits.device()),
+                             {}, at::Reduction::None);
   return (ce * b.mask.reshape({-1}).to(logits.device())).sum();
 }
 
@@ -68,10 +69,13 @@ absl::Status TrainerOptions::Validate() const {
     return bad("schedule", absl::StrCat("must be constant or cosine, got '", schedule, "'"));
   }
   if (schedule == "cosine" && total_steps <= 0) return bad("total_steps", "must be > 0 for cosine");
-  if (warmup_steps < 0) return bad("warmup_steps", absl::StrCat("must be >= 0, got ", warmup_steps));
+  if (warmup_steps < 0)
+    return bad("warmup_steps", absl::StrCat("must be >= 0, got ", warmup_steps));
   if (!(min_lr_ratio >= 0 && min_lr_ratio <= 1)) return bad("min_lr_ratio", "must be in [0, 1]");
-  if (micro_batch_size <= 0) return bad("micro_batch_size", absl::StrCat("must be > 0, got ", micro_batch_size));
-  if (grad_accum_steps <= 0) return bad("grad_accum_steps", absl::StrCat("must be > 0, got ", grad_accum_steps));
+  if (micro_batch_size <= 0)
+    return bad("micro_batch_size", absl::StrCat("must be > 0, got ", micro_batch_size));
+  if (grad_accum_steps <= 0)
+    return bad("grad_accum_steps", absl::StrCat("must be > 0, got ", grad_accum_steps));
   if (!(adamw.beta1 >= 0 && adamw.beta1 < 1) || !(adamw.beta2 >= 0 && adamw.beta2 < 1)) {
     return bad("adamw.beta1/beta2", "must be in [0, 1)");
   }
@@ -111,7 +115,8 @@ std::vector<const TrainingExample*> ExampleSampler::Next(int64_t n) {
 }
 
 std::map<std::string, std::string> ExampleSampler::State() const {
-  return {{"sampler.epoch", std::to_string(epoch_)}, {"sampler.position", std::to_string(position_)}};
+  return {{"sampler.epoch", std::to_string(epoch_)},
+          {"sampler.position", std::to_string(position_)}};
 }
 
 absl::Status ExampleSampler::Restore(const std::map<std::string, std::string>& state) {
@@ -157,7 +162,8 @@ absl::StatusOr<double> EvaluateLoss(const runtime::LlamaModel& model,
   std::vector<const TrainingExample*> all;
   for (const auto& e : examples) all.push_back(&e);
   COLLM_ASSIGN_OR_RETURN(LossSum total, EvaluateLossSum(model, adapter, all, batch_size));
-  if (total.targets == 0) return absl::InvalidArgumentError("no evaluation example has a target token");
+  if (total.targets == 0)
+    return absl::InvalidArgumentError("no evaluation example has a target token");
   return total.sum / static_cast<double>(total.targets);
 }
 
@@ -220,7 +226,8 @@ absl::Status PeftTrainer::BeginMicroStep(const std::vector<const TrainingExample
   auto run = std::make_unique<Run>();
   run->batch = MakeBatch(examples);
   run->examples = static_cast<int64_t>(examples.size());
-  if (run->batch.num_targets == 0) return absl::InvalidArgumentError("micro-batch has no target tokens");
+  if (run->batch.num_targets == 0)
+    return absl::InvalidArgumentError("micro-batch has no target tokens");
   const auto& rt = model_->runtime();
   try {
     // Dropout draws from the global generator; seeding it from counters makes runs (and resumed
@@ -267,7 +274,8 @@ absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep() {
       const int64_t l = r.phase;
       // A detached boundary lets the backward stop here and resume later from its gradient.
       r.inputs[l] = l == 0 ? r.ctx.hidden : r.outputs[l - 1].detach().requires_grad_(true);
-      auto out = model_->DenseLayer(r.ctx, l, r.inputs[l], &r.weights, shadow_->config().dropout, true);
+      auto out =
+          model_->DenseLayer(r.ctx, l, r.inputs[l], &r.weights, shadow_->config().dropout, true);
       if (!out.ok()) return fail(out.status());
       r.outputs[l] = *std::move(out);
     } else if (r.phase == layers) {  // Head, loss, and its backward down to the last layer.
@@ -368,8 +376,9 @@ absl::Status PeftTrainer::SetProximalAnchor(const lora::LoraAdapter& global) {
       for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
         const auto& w = layers[l][t];
         const auto& g = global.factors.layers[l][t];
-        const std::string where = absl::StrCat(
-            "proximal anchor: layer ", l, " ", runtime::LoraTargetName(static_cast<runtime::LoraTarget>(t)));
+        const std::string where =
+            absl::StrCat("proximal anchor: layer ", l, " ",
+                         runtime::LoraTargetName(static_cast<runtime::LoraTarget>(t)));
         if (w.a.defined() != g.a.defined() || w.b.defined() != g.b.defined()) {
           return absl::InvalidArgumentError(
               absl::StrCat(where, ": adapted in one of the anchor and the shadow adapter only"));
@@ -401,7 +410,8 @@ void PeftTrainer::DiscardPartialStep() {
 absl::Status PeftTrainer::SaveCheckpoint(const std::string& dir,
                                          const std::map<std::string, std::string>& extra) const {
   if (accumulated_ != 0) {
-    return absl::FailedPreconditionError("checkpoint requested in the middle of gradient accumulation");
+    return absl::FailedPreconditionError(
+        "checkpoint requested in the middle of gradient accumulation");
   }
   std::map<std::string, std::string> meta = extra;
   meta[kMicroStepsKey] = std::to_string(micro_steps_);
@@ -412,8 +422,8 @@ absl::StatusOr<std::unique_ptr<PeftTrainer>> PeftTrainer::Resume(
     std::shared_ptr<const runtime::LlamaModel> model, const std::string& dir,
     const TrainerOptions& options, std::map<std::string, std::string>* extra) {
   std::map<std::string, std::string> meta;
-  COLLM_ASSIGN_OR_RETURN(auto shadow, lora::ShadowAdapter::LoadCheckpoint(dir, model->config(),
-                                                                         options.adamw, &meta));
+  COLLM_ASSIGN_OR_RETURN(
+      auto shadow, lora::ShadowAdapter::LoadCheckpoint(dir, model->config(), options.adamw, &meta));
   COLLM_ASSIGN_OR_RETURN(auto trainer, Create(std::move(model), std::move(shadow), options));
   auto it = meta.find(kMicroStepsKey);
   if (it == meta.end() || !absl::SimpleAtoi(it->second, &trainer->micro_steps_)) {

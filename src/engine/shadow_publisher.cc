@@ -19,7 +19,8 @@ ShadowPublisher::ShadowPublisher(std::shared_ptr<const runtime::LlamaModel> mode
       held_out_(std::move(held_out)) {}
 
 bool ShadowPublisher::Due(int64_t optimizer_step) const {
-  return options_.every_steps > 0 && optimizer_step > 0 && optimizer_step % options_.every_steps == 0;
+  return options_.every_steps > 0 && optimizer_step > 0 &&
+         optimizer_step % options_.every_steps == 0;
 }
 
 absl::StatusOr<double> ShadowPublisher::LiveLoss() const {
@@ -54,9 +55,9 @@ absl::StatusOr<bool> ShadowPublisher::Consider(const PeftTrainer& trainer,
   return Decide(candidate, trainer.shadow().step(), Evaluate(candidate), source);
 }
 
-absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_adapter, int64_t step,
-                                            const absl::StatusOr<Losses>& losses,
-                                            const std::string& source) {
+absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_adapter,
+                                             int64_t step, const absl::StatusOr<Losses>& losses,
+                                             const std::string& source) {
   ++stats_.attempts;
   if (!losses.ok()) return losses.status();
   const double candidate = losses->candidate;
@@ -66,21 +67,21 @@ absl::StatusOr<bool> ShadowPublisher::Decide(const lora::LoraAdapter& candidate_
     stats_.live_loss = live;
     if (candidate > live - options_.min_improvement) {
       ++stats_.rejected;
-      stats_.last_decision = absl::StrFormat(
-          "kept training: held-out loss %.4f does not beat the live %.4f by %.4f", candidate, live,
-          options_.min_improvement);
+      stats_.last_decision =
+          absl::StrFormat("kept training: held-out loss %.4f does not beat the live %.4f by %.4f",
+                          candidate, live, options_.min_improvement);
       return false;
     }
   }
-  COLLM_ASSIGN_OR_RETURN(auto snapshot,
-                         registry_.Publish(name_, candidate_adapter,
-                                           source.empty() ? absl::StrCat("shadow step ", step) : source,
-                                           candidate));
+  COLLM_ASSIGN_OR_RETURN(
+      auto snapshot,
+      registry_.Publish(name_, candidate_adapter,
+                        source.empty() ? absl::StrCat("shadow step ", step) : source, candidate));
   ++stats_.published;
   stats_.live_version = snapshot->version;
   if (candidate >= 0) stats_.live_loss = candidate;
-  stats_.last_decision = absl::StrFormat("published version %d (held-out loss %.4f)",
-                                         snapshot->version, candidate);
+  stats_.last_decision =
+      absl::StrFormat("published version %d (held-out loss %.4f)", snapshot->version, candidate);
   return true;
 }
 
@@ -117,7 +118,8 @@ bool ShadowPublisher::evaluating() const {
 absl::Status ShadowPublisher::EvaluateSome(int64_t examples) {
   if (!evaluating()) return absl::OkStatus();
   Pending& p = *pending_;
-  const size_t end = std::min(held_out_.size(), p.next + static_cast<size_t>(std::max<int64_t>(1, examples)));
+  const size_t end =
+      std::min(held_out_.size(), p.next + static_cast<size_t>(std::max<int64_t>(1, examples)));
   std::vector<const TrainingExample*> slice;
   for (size_t i = p.next; i < end; ++i) slice.push_back(&held_out_[i]);
   auto sum = EvaluateLossSum(*model_, &*p.weights, slice);

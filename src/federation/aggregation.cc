@@ -51,9 +51,12 @@ absl::Status ValidateOptions(const AggregationOptions& o) {
   if (!(o.server_lr > 0) || !std::isfinite(o.server_lr)) {
     return bad(absl::StrCat("server_lr must be > 0, got ", o.server_lr));
   }
-  if (!(o.beta1 >= 0 && o.beta1 < 1)) return bad(absl::StrCat("beta1 must be in [0, 1), got ", o.beta1));
-  if (!(o.beta2 >= 0 && o.beta2 < 1)) return bad(absl::StrCat("beta2 must be in [0, 1), got ", o.beta2));
-  if (!(o.tau > 0) || !std::isfinite(o.tau)) return bad(absl::StrCat("tau must be > 0, got ", o.tau));
+  if (!(o.beta1 >= 0 && o.beta1 < 1))
+    return bad(absl::StrCat("beta1 must be in [0, 1), got ", o.beta1));
+  if (!(o.beta2 >= 0 && o.beta2 < 1))
+    return bad(absl::StrCat("beta2 must be in [0, 1), got ", o.beta2));
+  if (!(o.tau > 0) || !std::isfinite(o.tau))
+    return bad(absl::StrCat("tau must be > 0, got ", o.tau));
   if (!(o.clip_norm >= 0) || !std::isfinite(o.clip_norm)) {
     return bad(absl::StrCat("clip_norm must be >= 0, got ", o.clip_norm));
   }
@@ -68,8 +71,8 @@ absl::Status ValidateOptions(const AggregationOptions& o) {
 
 double SquaredNorm(const at::Tensor& t) { return t.square().sum(at::kDouble).item<double>(); }
 
-// ‖s_u B_u A_u − s_g B_g A_g‖²_F without forming the out x in products: with P = [s_u B_u, −s_g B_g]
-// and Q = [A_u; A_g], ‖PQ‖² = Σ (PᵀP) ⊙ (QQᵀ), two small Gram matrices. In f64 because the
+// ‖s_u B_u A_u − s_g B_g A_g‖²_F without forming the out x in products: with P = [s_u B_u, −s_g
+// B_g] and Q = [A_u; A_g], ‖PQ‖² = Σ (PᵀP) ⊙ (QQᵀ), two small Gram matrices. In f64 because the
 // difference of two nearly equal products would otherwise drown in f32 rounding.
 double ProductDeltaSquaredNorm(const at::Tensor& bu, const at::Tensor& au, double su,
                                const at::Tensor& bg, const at::Tensor& ag, double sg) {
@@ -109,7 +112,7 @@ void ExactCombine(const std::vector<ProductTerm>& terms, int64_t rank, double sc
   const int64_t out = b_stack.size(0), in = a_stack.size(1), total_rank = b_stack.size(1);
   at::Tensor left, sigma, right;  // product = left · diag(sigma) · right
   if (total_rank < std::min(out, in)) {
-    auto [qb, rb] = at::linalg_qr(b_stack, "reduced");    // out x R, R x R
+    auto [qb, rb] = at::linalg_qr(b_stack, "reduced");      // out x R, R x R
     auto [qa, ra] = at::linalg_qr(a_stack.t(), "reduced");  // in x R, R x R
     auto [u, s, vh] = at::linalg_svd(at::matmul(rb, ra.t()), /*full_matrices=*/false);
     left = at::matmul(qb, u);
@@ -125,8 +128,7 @@ void ExactCombine(const std::vector<ProductTerm>& terms, int64_t rank, double sc
   const at::Tensor sv = sigma.narrow(0, 0, keep).to(at::kDouble);
   const double largest = keep > 0 ? sv[0].item<double>() : 0.0;
   int64_t live = 0;
-  while (live < keep && largest > 0 &&
-         sv[live].item<double>() > kDeadSingularValue * largest) {
+  while (live < keep && largest > 0 && sv[live].item<double>() > kDeadSingularValue * largest) {
     ++live;
   }
   at::Tensor b = at::zeros({out, rank}, at::kFloat);
@@ -159,8 +161,9 @@ absl::StatusOr<Combine> ParseCombine(const std::string& name) {
   if (name == "exact") return Combine::kExact;
   if (name == "trimmed_mean") return Combine::kTrimmedMean;
   if (name == "median") return Combine::kMedian;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown aggregation strategy '", name, "' (expected fedavg, fedit, exact, trimmed_mean or median)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown aggregation strategy '", name,
+                   "' (expected fedavg, fedit, exact, trimmed_mean or median)"));
 }
 
 std::string CombineName(Combine c) {
@@ -181,8 +184,8 @@ absl::StatusOr<ServerOptimizer> ParseServerOptimizer(const std::string& name) {
   if (name == "none") return ServerOptimizer::kNone;
   if (name == "fedadam") return ServerOptimizer::kFedAdam;
   if (name == "fedyogi") return ServerOptimizer::kFedYogi;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown server optimizer '", name, "' (expected none, fedadam or fedyogi)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown server optimizer '", name, "' (expected none, fedadam or fedyogi)"));
 }
 
 std::string ServerOptimizerName(ServerOptimizer o) {
@@ -245,8 +248,9 @@ absl::StatusOr<double> ValidateUpdate(const runtime::ModelConfig& model,
                             " layers, the base model has ", layers));
   }
   if (static_cast<int64_t>(global.factors.layers.size()) != layers) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "global adapter has ", global.factors.layers.size(), " layers, the base model has ", layers));
+    return absl::InvalidArgumentError(absl::StrCat("global adapter has ",
+                                                   global.factors.layers.size(),
+                                                   " layers, the base model has ", layers));
   }
   double delta_sq = 0, worst_sq = -1;
   std::string worst;
@@ -335,7 +339,8 @@ absl::StatusOr<AggregationResult> Aggregate(const runtime::ModelConfig& model,
   }
   const size_t k = updates.size();
   std::vector<double> weight(k);
-  for (size_t i = 0; i < k; ++i) weight[i] = static_cast<double>(updates[i].num_samples) / total_samples;
+  for (size_t i = 0; i < k; ++i)
+    weight[i] = static_cast<double>(updates[i].num_samples) / total_samples;
 
   const lora::LoraConfig& gc = global.config;
   lora::LoraAdapter& next = result.adapter;
@@ -389,8 +394,7 @@ absl::StatusOr<AggregationResult> Aggregate(const runtime::ModelConfig& model,
             double global_coef = 0;
             for (size_t i = 0; i < k; ++i) {
               const auto& f = updates[i].adapter.factors.layers[l][ti];
-              terms.push_back(
-                  {f.a, f.b, weight[i] * coef[i] * updates[i].adapter.config.scale()});
+              terms.push_back({f.a, f.b, weight[i] * coef[i] * updates[i].adapter.config.scale()});
               global_coef += weight[i] * (1.0 - coef[i]);
             }
             if (global_coef > 0) terms.push_back({ga, gb, global_coef * gc.scale()});
@@ -413,7 +417,8 @@ absl::StatusOr<AggregationResult> Aggregate(const runtime::ModelConfig& model,
               auto it = from.find(name);
               // A missing or reshaped moment (first round, or the global rank changed) restarts
               // from zero, as Flower's strategies start.
-              if (it == from.end() || !it->second.defined() || it->second.sizes() != delta.sizes()) {
+              if (it == from.end() || !it->second.defined() ||
+                  it->second.sizes() != delta.sizes()) {
                 return at::zeros_like(delta);
               }
               return it->second.to(at::kFloat);

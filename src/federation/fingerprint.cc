@@ -18,6 +18,8 @@ std::string Sha256Hex(absl::string_view bytes) {
   return out;
 }
 
-std::string ModelFingerprint(const runtime::ModelConfig& model) { return Sha256Hex(model.ToJson()); }
+std::string ModelFingerprint(const runtime::ModelConfig& model) {
+  return Sha256Hex(model.ToJson());
+}
 
 }  // namespace collm::federation

@@ -1,7 +1,5 @@
 #include "collm/federation/fl_client.h"
 
-#include "collm/federation/fingerprint.h"
-
 #include <grpcpp/grpcpp.h>
 #include <sys/sysinfo.h>
 
@@ -23,6 +21,7 @@
 #include "collm/common/status.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine.h"
+#include "collm/federation/fingerprint.h"
 #include "collm/lora/peft_io.h"
 #include "collm/telemetry/metrics.h"
 #include "collm/v1/federation.grpc.pb.h"
@@ -113,16 +112,16 @@ struct FlClient::Impl {
   int64_t failures_in_a_row = 0;
   std::unique_ptr<lora::LoraAdapter> global;  // Cached newest fetched global adapter.
   int64_t global_cached_version = 0;
-  double idle_share = -1;                      // Last no-task share applied (-1 = none yet).
+  double idle_share = -1;  // Last no-task share applied (-1 = none yet).
   engine::EngineStats last_stats;
   std::chrono::steady_clock::time_point last_stats_time;
   int64_t samples_at_last_round = 0;
 
   mutable std::mutex mu;
   std::condition_variable wake;
-  bool stop = false;                          // Guarded by mu.
-  grpc::ClientContext* active = nullptr;      // Guarded by mu: the call Stop cancels.
-  FlClientStats stats;                        // Guarded by mu.
+  bool stop = false;                      // Guarded by mu.
+  grpc::ClientContext* active = nullptr;  // Guarded by mu: the call Stop cancels.
+  FlClientStats stats;                    // Guarded by mu.
   std::thread thread;
 
   bool Stopping() const {
@@ -163,9 +162,10 @@ struct FlClient::Impl {
   };
 
   double Backoff() {
-    const double base = std::min(options.backoff_max_seconds,
-                                 options.backoff_initial_seconds *
-                                     std::pow(2.0, static_cast<double>(std::min<int64_t>(failures_in_a_row - 1, 30))));
+    const double base = std::min(
+        options.backoff_max_seconds,
+        options.backoff_initial_seconds *
+            std::pow(2.0, static_cast<double>(std::min<int64_t>(failures_in_a_row - 1, 30))));
     // Jitter spreads the reconnects of many devices after an aggregator restart.
     std::uniform_real_distribution<double> jitter(0.75, 1.25);
     return base * jitter(rng);
@@ -240,7 +240,8 @@ absl::Status FlClient::Impl::Cycle() {
     last_round = stats.last_round;
   }
   if (hb.has_task() && hb.task().round() != last_round) return RunTask(hb.task());
-  if (hb.global_version() > global_cached_version) COLLM_RETURN_IF_ERROR(InstallNewGlobal(hb.global_version()));
+  if (hb.global_version() > global_cached_version)
+    COLLM_RETURN_IF_ERROR(InstallNewGlobal(hb.global_version()));
   if (hb.training_share() != idle_share) {
     COLLM_RETURN_IF_ERROR(engine->SetTrainingShare(std::clamp(hb.training_share(), 0.0, 1.0)));
     idle_share = hb.training_share();
@@ -287,8 +288,9 @@ v1::DeviceTelemetry FlClient::Impl::Telemetry() {
   v1::DeviceTelemetry t;
   if (dt > 0 && last_stats_time.time_since_epoch().count() != 0) {
     t.set_arrival_rate(static_cast<double>(arrived(st) - arrived(p)) / dt);
-    t.set_infer_tokens_per_s(
-        static_cast<double>(st.generated_tokens + st.prompt_tokens - p.generated_tokens - p.prompt_tokens) / dt);
+    t.set_infer_tokens_per_s(static_cast<double>(st.generated_tokens + st.prompt_tokens -
+                                                 p.generated_tokens - p.prompt_tokens) /
+                             dt);
     t.set_train_tokens_per_s(static_cast<double>(st.train_tokens - p.train_tokens) / dt);
   }
   const int64_t finished = st.completed + st.cancelled + st.expired;
@@ -345,8 +347,8 @@ absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> FlClient::Impl::Fetch(int64_t
       header = chunk.header();
       have_header = true;
       if (header.safetensors_bytes() < 0 || header.safetensors_bytes() > kMaxAdapterBytes) {
-        bad = absl::DataLossError(absl::StrCat("FetchGlobal: implausible adapter size ",
-                                               header.safetensors_bytes()));
+        bad = absl::DataLossError(
+            absl::StrCat("FetchGlobal: implausible adapter size ", header.safetensors_bytes()));
         break;
       }
       blob.safetensors.reserve(static_cast<size_t>(header.safetensors_bytes()));
@@ -381,8 +383,8 @@ absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> FlClient::Impl::Fetch(int64_t
                                             ", the header says '", header.sha256(), "')"));
   }
   if (version > 0 && header.version() != version) {
-    return absl::DataLossError(absl::StrCat("FetchGlobal: asked for version ", version, ", got ",
-                                            header.version()));
+    return absl::DataLossError(
+        absl::StrCat("FetchGlobal: asked for version ", version, ", got ", header.version()));
   }
   blob.config_json = header.config_json();
   COLLM_ASSIGN_OR_RETURN(lora::LoraAdapter adapter, FromBlob(blob, model, what));
@@ -462,13 +464,15 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
   t.optimizer_steps = task.local_steps();
   t.lr = task.lr() > 0 ? task.lr() : 0;
   t.prox_mu = std::max(0.0, task.prox_mu());
-  t.training_share =
-      task.training_share() > 0 ? std::min(1.0, task.training_share()) : options.task_training_share;
+  t.training_share = task.training_share() > 0 ? std::min(1.0, task.training_share())
+                                               : options.task_training_share;
   t.share_after = idle_share >= 0 ? std::clamp(idle_share, 0.0, 1.0) : -1;
   auto future = engine->RunTrainingTask(t);
   const int64_t deadline = task.deadline_unix_ms();
-  const int64_t cut_ms = deadline > 0 ? deadline - static_cast<int64_t>(options.deadline_margin_seconds * 1e3) : 0;
-  auto next_heartbeat = std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
+  const int64_t cut_ms =
+      deadline > 0 ? deadline - static_cast<int64_t>(options.deadline_margin_seconds * 1e3) : 0;
+  auto next_heartbeat =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
   bool cut = false;
   while (future.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
     if (Stopping()) {
@@ -477,7 +481,8 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
     }
     if (!cut && cut_ms > 0 && UnixMillis() >= cut_ms) {
       // Near the deadline: a partial update still counts; none at all does not.
-      COLLM_LOG_INFO("federation: round {}: the deadline is near; uploading what is trained", round);
+      COLLM_LOG_INFO("federation: round {}: the deadline is near; uploading what is trained",
+                     round);
       engine->FinishTrainingTaskEarly();
       cut = true;
     }
@@ -485,9 +490,11 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
       // Liveness while training; the aggregator may also have closed the round without us.
       v1::HeartbeatResponse hb;
       const absl::Status s = Heartbeat(&hb);
-      next_heartbeat = std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
+      next_heartbeat =
+          std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
       if (s.ok() && !cut && (hb.reregister() || !hb.has_task() || hb.task().round() != round)) {
-        COLLM_LOG_INFO("federation: round {} closed before our update; stopping its training", round);
+        COLLM_LOG_INFO("federation: round {} closed before our update; stopping its training",
+                       round);
         engine->FinishTrainingTaskEarly();
         future.wait();
         SetState("connected");
@@ -511,10 +518,11 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
     std::string reason;
     const absl::Status s = Upload(task, report, &reason);
     if (s.ok() && reason.empty()) {
-      COLLM_LOG_INFO("federation: round {}: update accepted ({} steps, {} samples, loss {:.4f}, "
-                     "held-out {:.4f})",
-                     round, report.optimizer_steps, report.num_samples, report.mean_train_loss,
-                     report.held_out_loss);
+      COLLM_LOG_INFO(
+          "federation: round {}: update accepted ({} steps, {} samples, loss {:.4f}, "
+          "held-out {:.4f})",
+          round, report.optimizer_steps, report.num_samples, report.mean_train_loss,
+          report.held_out_loss);
       if (metrics) metrics->uploads_accepted->Increment();
       Update([](FlClientStats& st) { ++st.uploads_accepted; });
       samples_at_last_round = feedback ? feedback->total_added() : 0;
@@ -535,7 +543,8 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
     ++attempts;
     Fail(s);
     if (deadline > 0 && UnixMillis() >= deadline) {
-      COLLM_LOG_WARN("federation: round {}: upload failed until the deadline: {}", round, s.ToString());
+      COLLM_LOG_WARN("federation: round {}: upload failed until the deadline: {}", round,
+                     s.ToString());
       finish_round(true);
       return absl::OkStatus();
     }
@@ -572,7 +581,8 @@ absl::Status FlClient::Impl::Upload(const v1::RoundTask& task, const engine::Tra
   if (open) writer->WritesDone();
   // When a write fails the server has already answered (or the call is dead); Finish says which.
   COLLM_RETURN_IF_ERROR(FromGrpc(writer->Finish(), "UploadUpdate"));
-  if (!resp.accepted()) *reason = resp.reason().empty() ? "rejected (no reason given)" : resp.reason();
+  if (!resp.accepted())
+    *reason = resp.reason().empty() ? "rejected (no reason given)" : resp.reason();
   return absl::OkStatus();
 }
 
@@ -588,7 +598,8 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
   if (options.device_id.empty()) return bad("federation.device_id must not be empty");
   if (options.model_fingerprint.empty()) return bad("federation: the model fingerprint is empty");
   if (!(options.heartbeat_seconds > 0)) {
-    return bad(absl::StrCat("federation.heartbeat_seconds must be > 0, got ", options.heartbeat_seconds));
+    return bad(
+        absl::StrCat("federation.heartbeat_seconds must be > 0, got ", options.heartbeat_seconds));
   }
   if (!(options.backoff_initial_seconds > 0) ||
       !(options.backoff_max_seconds >= options.backoff_initial_seconds)) {
@@ -615,7 +626,8 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
   if (options.tls) {
     grpc::SslCredentialsOptions ssl;
     if (!options.tls_ca_file.empty()) {
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(options.tls_ca_file, "federation.tls.ca"));
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                             ReadFile(options.tls_ca_file, "federation.tls.ca"));
     }
     if (!options.tls_cert_file.empty()) {
       COLLM_ASSIGN_OR_RETURN(ssl.pem_cert_chain,
@@ -632,7 +644,8 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
   }
   // Adapters arrive in chunks, but leave room for whatever chunk size the aggregator picked.
   args.SetMaxReceiveMessageSize(64 << 20);
-  args.SetMaxSendMessageSize(static_cast<int>(std::min<int64_t>(options.upload_chunk_bytes + (1 << 20), INT32_MAX)));
+  args.SetMaxSendMessageSize(
+      static_cast<int>(std::min<int64_t>(options.upload_chunk_bytes + (1 << 20), INT32_MAX)));
   // Reconnect attempts are ours (with jitter); keep gRPC's own from stretching a dead channel.
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
               static_cast<int>(std::max(100.0, options.backoff_max_seconds * 1e3)));

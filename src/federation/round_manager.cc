@@ -18,8 +18,8 @@ namespace {
 bool ValidDeviceId(const std::string& id) {
   if (id.empty() || id.size() > 64 || id == "." || id == "..") return false;
   return std::all_of(id.begin(), id.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '.' || c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+           c == '_' || c == '-';
   });
 }
 
@@ -60,11 +60,13 @@ v1::FederationPolicy DefaultPolicy() {
 
 absl::Status ValidatePolicy(const v1::FederationPolicy& p) {
   auto finite = [](double v) { return std::isfinite(v); };
-  if (p.has_rounds() && p.rounds() < 0) return Bad("rounds", absl::StrCat("must be >= 0, got ", p.rounds()));
+  if (p.has_rounds() && p.rounds() < 0)
+    return Bad("rounds", absl::StrCat("must be >= 0, got ", p.rounds()));
   if (p.has_local_steps() && p.local_steps() <= 0) {
     return Bad("local_steps", absl::StrCat("must be > 0, got ", p.local_steps()));
   }
-  if (p.has_lr() && !(finite(p.lr()) && p.lr() > 0)) return Bad("lr", absl::StrCat("must be > 0, got ", p.lr()));
+  if (p.has_lr() && !(finite(p.lr()) && p.lr() > 0))
+    return Bad("lr", absl::StrCat("must be > 0, got ", p.lr()));
   if (p.has_min_clients() && p.min_clients() < 1) {
     return Bad("min_clients", absl::StrCat("must be >= 1, got ", p.min_clients()));
   }
@@ -76,12 +78,14 @@ absl::Status ValidatePolicy(const v1::FederationPolicy& p) {
     return Bad("max_clients", absl::StrCat("must be 0 or >= min_clients (", p.min_clients(),
                                            "), got ", p.max_clients()));
   }
-  if (p.has_quorum() && p.quorum() < 0) return Bad("quorum", absl::StrCat("must be >= 0, got ", p.quorum()));
+  if (p.has_quorum() && p.quorum() < 0)
+    return Bad("quorum", absl::StrCat("must be >= 0, got ", p.quorum()));
   if (p.has_deadline_s() && !(finite(p.deadline_s()) && p.deadline_s() > 0)) {
     return Bad("deadline_s", absl::StrCat("must be > 0, got ", p.deadline_s()));
   }
   if (p.has_strategy()) {
-    if (auto c = ParseCombine(p.strategy()); !c.ok()) return Bad("strategy", std::string(c.status().message()));
+    if (auto c = ParseCombine(p.strategy()); !c.ok())
+      return Bad("strategy", std::string(c.status().message()));
   }
   if (p.has_server_optimizer()) {
     if (auto o = ParseServerOptimizer(p.server_optimizer()); !o.ok()) {
@@ -98,7 +102,8 @@ absl::Status ValidatePolicy(const v1::FederationPolicy& p) {
     return Bad("clip_norm", absl::StrCat("must be >= 0 (0 = off), got ", p.clip_norm()));
   }
   if (p.has_max_update_norm() && !(finite(p.max_update_norm()) && p.max_update_norm() >= 0)) {
-    return Bad("max_update_norm", absl::StrCat("must be >= 0 (0 = off), got ", p.max_update_norm()));
+    return Bad("max_update_norm",
+               absl::StrCat("must be >= 0 (0 = off), got ", p.max_update_norm()));
   }
   if (p.has_trim_ratio() && !(p.trim_ratio() >= 0 && p.trim_ratio() < 0.5)) {
     return Bad("trim_ratio", absl::StrCat("must be in [0, 0.5), got ", p.trim_ratio()));
@@ -140,8 +145,7 @@ absl::StatusOr<std::unique_ptr<RoundManager>> RoundManager::Create(
     m->status_.set_global_version(1);
     // status.json last: its presence marks the state dir as initialized.
     COLLM_RETURN_IF_ERROR(m->SaveStatusLocked());
-    COLLM_LOG_INFO("new federation in {} ({}), global version 1", store->dir(),
-                   m->status_.state());
+    COLLM_LOG_INFO("new federation in {} ({}), global version 1", store->dir(), m->status_.state());
     return m;
   }
   COLLM_ASSIGN_OR_RETURN(FederationState state, store->Load(opts.model));
@@ -174,10 +178,11 @@ absl::StatusOr<std::unique_ptr<RoundManager>> RoundManager::Create(
       }
     }
   }
-  COLLM_LOG_INFO("resumed federation from {}: {}, round {}, global version {}, {} accepted "
-                 "update(s) in the open round",
-                 store->dir(), m->status_.state(), m->status_.current_round(),
-                 m->status_.global_version(), m->updates_.size());
+  COLLM_LOG_INFO(
+      "resumed federation from {}: {}, round {}, global version {}, {} accepted "
+      "update(s) in the open round",
+      store->dir(), m->status_.state(), m->status_.current_round(), m->status_.global_version(),
+      m->updates_.size());
   return m;
 }
 
@@ -245,7 +250,8 @@ AggregationOptions RoundManager::OptionsLocked(const v1::RoundInfo& round) const
   AggregationOptions o;
   o.combine = ParseCombine(round.strategy().empty() ? policy_.strategy() : round.strategy())
                   .value_or(Combine::kFedAvg);
-  o.server_optimizer = ParseServerOptimizer(policy_.server_optimizer()).value_or(ServerOptimizer::kNone);
+  o.server_optimizer =
+      ParseServerOptimizer(policy_.server_optimizer()).value_or(ServerOptimizer::kNone);
   o.server_lr = policy_.server_lr();
   o.clip_norm = policy_.clip_norm();
   o.max_update_norm = policy_.max_update_norm();
@@ -275,7 +281,8 @@ absl::StatusOr<v1::RegisterResponse> RoundManager::Register(const v1::RegisterRe
   d.info.set_last_seen_unix_ms(NowMs());
   d.session = NewSession();
   d.last_seen_ns = clock_.NowNanos();
-  if (auto s = SaveDevicesLocked(); !s.ok()) COLLM_LOG_ERROR("saving devices: {}", std::string(s.message()));
+  if (auto s = SaveDevicesLocked(); !s.ok())
+    COLLM_LOG_ERROR("saving devices: {}", std::string(s.message()));
   ChangedLocked();
   COLLM_LOG_INFO("device {} registered from {}", id, peer);
   v1::RegisterResponse response;
@@ -294,9 +301,10 @@ absl::Status RoundManager::CheckSession(const std::string& device_id,
         absl::StrCat("unknown device '", device_id, "': register first"));
   }
   if (it->second.session.empty() || it->second.session != session) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "device ", device_id, ": unknown session (the aggregator restarted or the device "
-        "re-registered elsewhere): register again"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("device ", device_id,
+                     ": unknown session (the aggregator restarted or the device "
+                     "re-registered elsewhere): register again"));
   }
   return absl::OkStatus();
 }
@@ -358,7 +366,8 @@ void RoundManager::RecordRejection(const std::string& device_id, int64_t round,
   RejectLocked(device_id, round, reason, /*late=*/false);
 }
 
-absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header, const lora::PeftBlob& blob) {
+absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
+                                        const lora::PeftBlob& blob) {
   const std::string& id = header.device_id();
   const int64_t number = header.round();
   lora::LoraAdapter global;
@@ -369,9 +378,9 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header, const lo
     const int64_t current = status_.current_round();
     if (open == nullptr || number != open->round()) {
       if (number >= 1 && number <= current) {
-        const absl::Status s = absl::FailedPreconditionError(absl::StrCat(
-            "late update: round ", number, " is closed (current round ", current,
-            open != nullptr ? ", collecting" : ", none collecting", ")"));
+        const absl::Status s = absl::FailedPreconditionError(
+            absl::StrCat("late update: round ", number, " is closed (current round ", current,
+                         open != nullptr ? ", collecting" : ", none collecting", ")"));
         RejectLocked(id, number, std::string(s.message()), /*late=*/true);
         return s;
       }
@@ -388,9 +397,9 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header, const lo
       s = absl::FailedPreconditionError(
           absl::StrCat("device ", id, " already uploaded an update for round ", number));
     } else if (header.base_version() != open->base_version()) {
-      s = absl::FailedPreconditionError(absl::StrCat(
-          "base_version ", header.base_version(), " does not match round ", number,
-          ", which trains global version ", open->base_version()));
+      s = absl::FailedPreconditionError(
+          absl::StrCat("base_version ", header.base_version(), " does not match round ", number,
+                       ", which trains global version ", open->base_version()));
     } else if (header.num_samples() <= 0) {
       s = absl::InvalidArgumentError(
           absl::StrCat("num_samples must be > 0, got ", header.num_samples()));
@@ -400,8 +409,8 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header, const lo
   };
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (auto it = devices_.find(id);
-        it == devices_.end() || it->second.session.empty() || it->second.session != header.session()) {
+    if (auto it = devices_.find(id); it == devices_.end() || it->second.session.empty() ||
+                                     it->second.session != header.session()) {
       const absl::Status s = absl::FailedPreconditionError(
           absl::StrCat("device ", id, ": unknown device or session: register again"));
       RejectLocked(id, number, std::string(s.message()), false);
@@ -433,7 +442,8 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header, const lo
   COLLM_RETURN_IF_ERROR(check_round());  // The round may have closed meanwhile.
   if (auto s = store_->SaveUpdate(number, id, update.adapter); !s.ok()) {
     COLLM_LOG_ERROR("storing the update from {}: {}", id, std::string(s.message()));
-    return absl::InternalError(absl::StrCat("the aggregator could not store the update: ", s.message()));
+    return absl::InternalError(
+        absl::StrCat("the aggregator could not store the update: ", s.message()));
   }
   v1::RoundInfo* open = OpenRound();
   v1::UpdateInfo* info = open->add_updates();
@@ -445,7 +455,8 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header, const lo
   info->set_received_unix_ms(NowMs());
   if (auto s = store_->SaveRound(*open); !s.ok()) {
     open->mutable_updates()->RemoveLast();
-    return absl::InternalError(absl::StrCat("the aggregator could not record the update: ", s.message()));
+    return absl::InternalError(
+        absl::StrCat("the aggregator could not record the update: ", s.message()));
   }
   updates_.emplace(id, std::move(update));
   status_.set_updates_accepted(status_.updates_accepted() + 1);
@@ -502,8 +513,8 @@ absl::StatusOr<v1::RoundInfo> RoundManager::Round(int64_t round) const {
   for (const auto& r : rounds_) {
     if (r.round() == round) return r;
   }
-  return absl::NotFoundError(absl::StrCat("round ", round, " does not exist (rounds 1..",
-                                          status_.current_round(), ")"));
+  return absl::NotFoundError(
+      absl::StrCat("round ", round, " does not exist (rounds 1..", status_.current_round(), ")"));
 }
 
 absl::StatusOr<v1::FederationStatus> RoundManager::Start() {
@@ -580,7 +591,8 @@ void RoundManager::MaybeOpenRoundLocked() {
   round.set_base_version(status_.global_version());
   for (const auto& id : eligible) round.add_participants(id);
   round.set_started_unix_ms(NowMs());
-  round.set_deadline_unix_ms(NowMs() + static_cast<int64_t>(std::llround(policy_.deadline_s() * 1000)));
+  round.set_deadline_unix_ms(NowMs() +
+                             static_cast<int64_t>(std::llround(policy_.deadline_s() * 1000)));
   round.set_strategy(policy_.strategy());
   if (auto s = store_->SaveRound(round); !s.ok()) {
     COLLM_LOG_ERROR("cannot open round {}: {}", number, std::string(s.message()));
@@ -609,7 +621,8 @@ void RoundManager::Tick() {
     } else if (NowMs() >= round->deadline_unix_ms()) {
       const int64_t need = DeadlineQuorumLocked();
       if (accepted >= need) {
-        note = absl::StrCat("deadline: ", accepted, " of ", n, " updates (deadline quorum ", need, ")");
+        note = absl::StrCat("deadline: ", accepted, " of ", n, " updates (deadline quorum ", need,
+                            ")");
       } else {
         round->set_state("failed");
         round->set_finished_unix_ms(NowMs());
@@ -633,11 +646,11 @@ void RoundManager::Tick() {
       const AggregationOptions agg = OptionsLocked(*round);
       const int64_t next_version = status_.global_version() + 1;
       lock.unlock();
-      absl::StatusOr<AggregationResult> result = Aggregate(
-          options_.model, global, inputs, agg,
-          agg.server_optimizer == ServerOptimizer::kNone ? nullptr : &optimizer_);
-      absl::Status saved = result.ok() ? store_->SaveGlobal(next_version, result->adapter)
-                                       : result.status();
+      absl::StatusOr<AggregationResult> result =
+          Aggregate(options_.model, global, inputs, agg,
+                    agg.server_optimizer == ServerOptimizer::kNone ? nullptr : &optimizer_);
+      absl::Status saved =
+          result.ok() ? store_->SaveGlobal(next_version, result->adapter) : result.status();
       if (saved.ok() && agg.server_optimizer != ServerOptimizer::kNone) {
         saved = store_->SaveOptimizer(optimizer_);
       }
@@ -666,7 +679,8 @@ void RoundManager::Tick() {
         COLLM_LOG_ERROR("round {} {}", number, std::string(round->note()));
       }
       updates_.clear();
-      if (auto s = store_->SaveRound(*round); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
+      if (auto s = store_->SaveRound(*round); !s.ok())
+        COLLM_LOG_ERROR("{}", std::string(s.message()));
       if (auto s = SaveStatusLocked(); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
       ChangedLocked();
     }

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <google/protobuf/util/json_util.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -10,11 +11,9 @@
 #include <fstream>
 #include <sstream>
 
-#include <torch/torch.h>
-
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/match.h"
 #include "collm/common/file_io.h"
 #include "collm/common/status.h"
 #include "collm/lora/peft_io.h"
@@ -47,7 +46,8 @@ absl::Status ReadJson(const std::string& path, google::protobuf::Message* messag
   options.ignore_unknown_fields = true;  // Newer aggregators may add fields.
   auto s = google::protobuf::util::JsonStringToMessage(ss.str(), message, options);
   if (!s.ok()) {
-    return absl::DataLossError(absl::StrCat(path, ": corrupt state file (", std::string(s.message()),
+    return absl::DataLossError(absl::StrCat(path, ": corrupt state file (",
+                                            std::string(s.message()),
                                             "); restore it from a backup or remove the state dir"));
   }
   return absl::OkStatus();
@@ -58,7 +58,6 @@ absl::Status SaveJson(const std::string& path, const google::protobuf::Message& 
   return WriteFileAtomically(path, text);
 }
 
-
 absl::Status MakeDirs(const std::string& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -67,7 +66,6 @@ absl::Status MakeDirs(const std::string& dir) {
 }
 
 }  // namespace
-
 
 absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
   if (dir.empty()) return absl::InvalidArgumentError("state_dir must not be empty");
@@ -134,13 +132,13 @@ absl::StatusOr<lora::LoraAdapter> StateStore::ReadGlobal(int64_t version,
                                                          const runtime::ModelConfig& model) const {
   const std::string dir = GlobalDir(version);
   if (!fs::exists(dir + "/adapter_config.json")) {
-    return absl::NotFoundError(absl::StrCat("global version ", version, " is not stored (", dir,
-                                            " is missing)"));
+    return absl::NotFoundError(
+        absl::StrCat("global version ", version, " is not stored (", dir, " is missing)"));
   }
   auto adapter = lora::ReadPeftAdapter(dir, model);
   if (!adapter.ok()) {
-    return absl::DataLossError(absl::StrCat("global version ", version, ": ",
-                                            adapter.status().message()));
+    return absl::DataLossError(
+        absl::StrCat("global version ", version, ": ", adapter.status().message()));
   }
   return adapter;
 }
@@ -195,7 +193,8 @@ absl::StatusOr<FederationState> StateStore::Load(const runtime::ModelConfig& mod
     const auto& meta = (*file)->metadata();
     if (auto it = meta.find("steps"); it != meta.end()) {
       if (!absl::SimpleAtoi(it->second, &state.optimizer.steps)) {
-        return absl::DataLossError(absl::StrCat(opt_path, ": bad 'steps' metadata '", it->second, "'"));
+        return absl::DataLossError(
+            absl::StrCat(opt_path, ": bad 'steps' metadata '", it->second, "'"));
       }
     }
     for (const std::string& name : (*file)->TensorNames()) {

@@ -43,7 +43,8 @@ absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::Get(
     const std::string& name) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(name);
-  if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no adapter named '", name, "'"));
+  if (it == entries_.end())
+    return absl::NotFoundError(absl::StrCat("no adapter named '", name, "'"));
   return it->second.versions.back();
 }
 
@@ -56,14 +57,16 @@ absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::GetVersi
       if (s->version == version) return s;
     }
   }
-  return absl::NotFoundError(absl::StrCat("adapter '", name, "' version ", version, " is not kept"));
+  return absl::NotFoundError(
+      absl::StrCat("adapter '", name, "' version ", version, " is not kept"));
 }
 
 absl::StatusOr<std::shared_ptr<const AdapterSnapshot>> AdapterRegistry::Rollback(
     const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(name);
-  if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no adapter named '", name, "'"));
+  if (it == entries_.end())
+    return absl::NotFoundError(absl::StrCat("no adapter named '", name, "'"));
   if (it->second.versions.size() < 2) {
     return absl::FailedPreconditionError(
         absl::StrCat("adapter '", name, "' has no previous version to roll back to"));

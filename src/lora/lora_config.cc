@@ -3,9 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -80,7 +79,8 @@ double LoraConfig::scale() const {
 }
 
 absl::Status LoraConfig::Validate() const {
-  if (rank <= 0) return absl::InvalidArgumentError(absl::StrCat("lora.rank must be > 0, got ", rank));
+  if (rank <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("lora.rank must be > 0, got ", rank));
   if (rank > kMaxRank) {
     return absl::InvalidArgumentError(
         absl::StrCat("lora.rank must be <= ", kMaxRank, ", got ", rank));
@@ -101,15 +101,16 @@ absl::Status LoraConfig::Validate() const {
       return absl::InvalidArgumentError(absl::StrCat("lora.targets has an invalid module ", i));
     }
     if (!seen.insert(i).second) {
-      return absl::InvalidArgumentError(absl::StrCat("lora.targets lists ",
-                                                     runtime::LoraTargetName(t), " twice"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("lora.targets lists ", runtime::LoraTargetName(t), " twice"));
     }
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<LoraConfig> LoraConfig::FromPeftJson(absl::string_view json_text) {
-  const Json j = Json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
+  const Json j =
+      Json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return absl::InvalidArgumentError("adapter_config is not valid JSON");
   if (!j.is_object()) return absl::InvalidArgumentError("adapter_config must be a JSON object");
 
@@ -123,10 +124,9 @@ absl::StatusOr<LoraConfig> LoraConfig::FromPeftJson(absl::string_view json_text)
   // Keys that only affect initialization, bookkeeping or the PEFT runtime, never the adapter's
   // function once trained.
   static const std::set<std::string> kHarmless = {
-      "task_type",      "inference_mode",    "init_lora_weights", "revision",
-      "auto_mapping",   "layers_pattern",    "loftq_config",      "megatron_core",
-      "eva_config",     "corda_config",      "runtime_config",    "qalora_group_size",
-      "peft_version"};
+      "task_type",      "inference_mode",    "init_lora_weights", "revision",   "auto_mapping",
+      "layers_pattern", "loftq_config",      "megatron_core",     "eva_config", "corda_config",
+      "runtime_config", "qalora_group_size", "peft_version"};
   for (const auto& [key, v] : j.items()) {
     if (key == "peft_type") {
       if (v != "LORA") return KeyError(key, "must be \"LORA\"", v);
@@ -159,7 +159,8 @@ absl::StatusOr<LoraConfig> LoraConfig::FromPeftJson(absl::string_view json_text)
     } else if (key == "bias") {
       if (v != "none") return KeyError(key, "must be \"none\" (collm adapters have no biases)", v);
     } else if (key == "fan_in_fan_out") {
-      if (v != false) return KeyError(key, "must be false (Conv1D-style weights are unsupported)", v);
+      if (v != false)
+        return KeyError(key, "must be false (Conv1D-style weights are unsupported)", v);
     } else if (key == "rank_pattern" || key == "alpha_pattern") {
       if (!v.is_null() && !(v.is_object() && v.empty())) {
         return KeyError(key, "must be empty (per-module rank and alpha are unsupported)", v);

@@ -108,9 +108,9 @@ absl::StatusOr<LoraAdapter> ReadTensors(const runtime::SafetensorsFile& file,
   for (const std::string& name : file.TensorNames()) {
     ParsedName p;
     if (!ParsePeftTensorName(name, &p)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": unexpected tensor '", name, "' (collm expects only ", kLayerPrefix,
-          "N.{self_attn,mlp}.<module>.lora_{A,B}.weight for Llama linear modules)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": unexpected tensor '", name, "' (collm expects only ", kLayerPrefix,
+                       "N.{self_attn,mlp}.<module>.lora_{A,B}.weight for Llama linear modules)"));
     }
     if (p.layer >= model.num_hidden_layers) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' is for layer ",
@@ -118,22 +118,20 @@ absl::StatusOr<LoraAdapter> ReadTensors(const runtime::SafetensorsFile& file,
                                                      model.num_hidden_layers, " layers"));
     }
     if (!is_target(p.target)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": tensor '", name, "' is for module ",
-                       runtime::LoraTargetName(p.target), ", which is not in ", kConfigFile,
-                       " \"target_modules\""));
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": tensor '", name, "' is for module ", runtime::LoraTargetName(p.target),
+          ", which is not in ", kConfigFile, " \"target_modules\""));
     }
     COLLM_ASSIGN_OR_RETURN(runtime::TensorView view, file.Get(name));
     if (view.shape.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name,
-                                                     "' must be 2-D, got shape ",
-                                                     ShapeString(view.shape)));
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": tensor '", name, "' must be 2-D, got shape ", ShapeString(view.shape)));
     }
     const int64_t rank_dim = p.a ? view.shape[0] : view.shape[1];
     if (rank_dim != config.rank) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": tensor '", name, "' has rank ", rank_dim, " (shape ", ShapeString(view.shape),
-          ") but ", kConfigFile, " \"r\" is ", config.rank));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor '", name, "' has rank ", rank_dim, " (shape ",
+                       ShapeString(view.shape), ") but ", kConfigFile, " \"r\" is ", config.rank));
     }
     const std::vector<int64_t> want =
         p.a ? std::vector<int64_t>{config.rank, runtime::LoraTargetIn(model, p.target)}
@@ -203,9 +201,9 @@ absl::Status CollectTensors(const LoraAdapter& adapter, std::vector<at::Tensor>*
                                       target) != adapter.config.targets.end();
         if (!wanted) {
           if (f.a.defined() || f.b.defined()) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                "layer ", l, " ", runtime::LoraTargetName(target),
-                ": has factors but is not a target module"));
+            return absl::InvalidArgumentError(
+                absl::StrCat("layer ", l, " ", runtime::LoraTargetName(target),
+                             ": has factors but is not a target module"));
           }
           continue;
         }
@@ -258,14 +256,14 @@ absl::StatusOr<PeftBlob> SerializePeftAdapter(const LoraAdapter& adapter) {
   std::vector<runtime::TensorToWrite> tensors;
   COLLM_RETURN_IF_ERROR(CollectTensors(adapter, &keep, &tensors));
   PeftBlob blob;
-  COLLM_ASSIGN_OR_RETURN(blob.safetensors,
-                         runtime::SerializeSafetensors(tensors, SafetensorsMetadata(), kWeightsFile));
+  COLLM_ASSIGN_OR_RETURN(blob.safetensors, runtime::SerializeSafetensors(
+                                               tensors, SafetensorsMetadata(), kWeightsFile));
   blob.config_json = adapter.config.ToPeftJson();
   return blob;
 }
 
 absl::StatusOr<LoraAdapter> ReadPeftAdapter(const std::string& dir,
-                                           const runtime::ModelConfig& model) {
+                                            const runtime::ModelConfig& model) {
   const std::string config_path = absl::StrCat(dir, "/", kConfigFile);
   const std::string weights_path = absl::StrCat(dir, "/", kWeightsFile);
   COLLM_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(config_path));
@@ -283,8 +281,8 @@ absl::StatusOr<LoraAdapter> ReadPeftAdapter(const std::string& dir,
 }
 
 absl::StatusOr<LoraAdapter> ParsePeftAdapter(const PeftBlob& blob,
-                                            const runtime::ModelConfig& model,
-                                            const std::string& what) {
+                                             const runtime::ModelConfig& model,
+                                             const std::string& what) {
   auto config = LoraConfig::FromPeftJson(blob.config_json);
   if (!config.ok()) return Annotate(config.status(), absl::StrCat(what, ": ", kConfigFile));
   COLLM_ASSIGN_OR_RETURN(auto file, runtime::SafetensorsFile::FromBytes(

@@ -60,7 +60,8 @@ double ShadowAdapter::Step(double lr, double max_grad_norm) {
     if (p->grad().defined()) sq += p->grad().pow(2).sum().item<double>();
   }
   const double norm = std::sqrt(sq);
-  const double clip = (max_grad_norm > 0 && norm > max_grad_norm) ? max_grad_norm / (norm + 1e-6) : 1.0;
+  const double clip =
+      (max_grad_norm > 0 && norm > max_grad_norm) ? max_grad_norm / (norm + 1e-6) : 1.0;
   ++step_;
   const double b1 = options_.beta1, b2 = options_.beta2;
   const double bc1 = 1 - std::pow(b1, static_cast<double>(step_));
@@ -95,9 +96,9 @@ absl::Status ShadowAdapter::Load(const LoraAdapter& adapter, bool reset_optimize
       const auto& src = adapter.factors.layers[l][t];
       if (!dst.a.defined()) continue;
       if (!src.a.defined() || src.a.sizes() != dst.a.sizes() || src.b.sizes() != dst.b.sizes()) {
-        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " ",
-                                                       runtime::LoraTargetName(static_cast<runtime::LoraTarget>(t)),
-                                                       ": shape differs from the shadow adapter"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layer ", l, " ", runtime::LoraTargetName(static_cast<runtime::LoraTarget>(t)),
+            ": shape differs from the shadow adapter"));
       }
     }
   }
@@ -120,8 +121,8 @@ absl::Status ShadowAdapter::Load(const LoraAdapter& adapter, bool reset_optimize
   return absl::OkStatus();
 }
 
-absl::Status ShadowAdapter::SaveCheckpoint(const std::string& dir,
-                                           const std::map<std::string, std::string>& metadata) const {
+absl::Status ShadowAdapter::SaveCheckpoint(
+    const std::string& dir, const std::map<std::string, std::string>& metadata) const {
   COLLM_RETURN_IF_ERROR(WritePeftAdapter(dir, adapter_));
   std::vector<runtime::TensorToWrite> tensors;
   std::vector<at::Tensor> keep;
@@ -130,13 +131,15 @@ absl::Status ShadowAdapter::SaveCheckpoint(const std::string& dir,
     for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
       if (!adapter_.factors.layers[l][t].a.defined()) continue;
       for (bool a : {true, false}) {
-        const std::string name = PeftTensorName(static_cast<int64_t>(l), static_cast<runtime::LoraTarget>(t), a);
+        const std::string name =
+            PeftTensorName(static_cast<int64_t>(l), static_cast<runtime::LoraTarget>(t), a);
         for (const auto* moments : {&exp_avg_, &exp_avg_sq_}) {
           keep.push_back((*moments)[i].contiguous());
-          tensors.push_back({name + (moments == &exp_avg_ ? ".exp_avg" : ".exp_avg_sq"),
-                             runtime::StoredDType::kF32,
-                             std::vector<int64_t>(keep.back().sizes().begin(), keep.back().sizes().end()),
-                             keep.back().data_ptr<float>()});
+          tensors.push_back(
+              {name + (moments == &exp_avg_ ? ".exp_avg" : ".exp_avg_sq"),
+               runtime::StoredDType::kF32,
+               std::vector<int64_t>(keep.back().sizes().begin(), keep.back().sizes().end()),
+               keep.back().data_ptr<float>()});
         }
         ++i;
       }
@@ -154,17 +157,21 @@ absl::StatusOr<std::unique_ptr<ShadowAdapter>> ShadowAdapter::LoadCheckpoint(
   COLLM_ASSIGN_OR_RETURN(auto shadow, Create(adapter, options));
   COLLM_ASSIGN_OR_RETURN(auto file, runtime::SafetensorsFile::Open(dir + "/" + kOptimizerFile));
   auto it = file->metadata().find(kStepKey);
-  if (it == file->metadata().end() || !absl::SimpleAtoi(it->second, &shadow->step_) || shadow->step_ < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(file->path(), ": missing or bad '", kStepKey, "' metadata"));
+  if (it == file->metadata().end() || !absl::SimpleAtoi(it->second, &shadow->step_) ||
+      shadow->step_ < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file->path(), ": missing or bad '", kStepKey, "' metadata"));
   }
   size_t i = 0;
   for (size_t l = 0; l < shadow->adapter_.factors.layers.size(); ++l) {
     for (int t = 0; t < runtime::kNumLoraTargets; ++t) {
       if (!shadow->adapter_.factors.layers[l][t].a.defined()) continue;
       for (bool a : {true, false}) {
-        const std::string name = PeftTensorName(static_cast<int64_t>(l), static_cast<runtime::LoraTarget>(t), a);
+        const std::string name =
+            PeftTensorName(static_cast<int64_t>(l), static_cast<runtime::LoraTarget>(t), a);
         for (auto* moments : {&shadow->exp_avg_, &shadow->exp_avg_sq_}) {
-          const std::string key = name + (moments == &shadow->exp_avg_ ? ".exp_avg" : ".exp_avg_sq");
+          const std::string key =
+              name + (moments == &shadow->exp_avg_ ? ".exp_avg" : ".exp_avg_sq");
           COLLM_ASSIGN_OR_RETURN(runtime::TensorView view, file->Get(key));
           at::Tensor& dst = (*moments)[i];
           if (view.shape != std::vector<int64_t>(dst.sizes().begin(), dst.sizes().end())) {

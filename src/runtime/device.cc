@@ -18,8 +18,8 @@ absl::StatusOr<ResolvedRuntime> ResolveRuntime(const RuntimeOptions& options) {
   }
   if (r.device.is_cuda()) {
     if (!at::hasCUDA()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "runtime.device is '", options.device, "' but this libtorch has no usable CUDA"));
+      return absl::InvalidArgumentError(absl::StrCat("runtime.device is '", options.device,
+                                                     "' but this libtorch has no usable CUDA"));
     }
   } else if (!r.device.is_cpu()) {
     return absl::InvalidArgumentError(

@@ -62,13 +62,13 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::Generate(
     const int64_t n = static_cast<int64_t>(r.prompt.size());
     if (n == 0) return absl::InvalidArgumentError(where + "prompt is empty");
     if (n >= context) {
-      return absl::InvalidArgumentError(absl::StrCat(where, "prompt has ", n,
-                                                     " tokens; the model's context is ", context));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, "prompt has ", n, " tokens; the model's context is ", context));
     }
     for (int32_t id : r.prompt) {
       if (id < 0 || id >= config.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat(where, "prompt token ", id,
-                                                       " is outside the vocabulary"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "prompt token ", id, " is outside the vocabulary"));
       }
     }
     if (!r.params.stop.empty() && tokenizer_ == nullptr) {
@@ -113,8 +113,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generator::Generate(
   auto accept = [&](Active& a, at::Tensor logits_row) {
     GenerationResult& res = results[a.index];
     float* lp = logits_row.data_ptr<float>();
-    const int32_t token =
-        a.sampler.Sample(absl::MakeSpan(lp, config.vocab_size), a.context);
+    const int32_t token = a.sampler.Sample(absl::MakeSpan(lp, config.vocab_size), a.context);
     if (res.tokens.empty()) res.ttft_seconds = (clock_.NowNanos() - start_ns) * 1e-9;
     const auto& eos = config.eos_token_ids;
     if (!a.request->params.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {

@@ -42,8 +42,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const ModelConfig& conf
       cache->values_.push_back(at::zeros_like(cache->keys_.back()));
     }
   } catch (const c10::Error& e) {
-    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the KV cache (",
-                                                     cache->bytes_, " bytes): ", e.what_without_backtrace()));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot allocate the KV cache (", cache->bytes_, " bytes): ", e.what_without_backtrace()));
   }
   cache->free_.reserve(num_blocks);
   for (int64_t b = num_blocks - 1; b >= 0; --b) cache->free_.push_back(static_cast<int32_t>(b));
@@ -58,9 +58,8 @@ int64_t KvCache::BlocksNeeded(const SequenceKv& seq, int64_t total_tokens) const
 absl::Status KvCache::Reserve(SequenceKv& seq, int64_t total_tokens) {
   const int64_t need = BlocksNeeded(seq, total_tokens);
   if (need > num_free_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat("KV cache full: need ", need,
-                                                     " more blocks, ", num_free_blocks(),
-                                                     " free of ", num_blocks_));
+    return absl::ResourceExhaustedError(absl::StrCat("KV cache full: need ", need, " more blocks, ",
+                                                     num_free_blocks(), " free of ", num_blocks_));
   }
   for (int64_t i = 0; i < need; ++i) {
     seq.blocks.push_back(free_.back());

@@ -38,7 +38,9 @@ struct LlamaModel::StepPlan {
 
 namespace {
 
-std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string ShapeString(at::IntArrayRef shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 inline float Dot(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
@@ -182,7 +184,8 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::Load(const std::st
       names.push_back(p + n);
     }
     if (config.qkv_bias) {
-      for (const char* n : {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}) {
+      for (const char* n :
+           {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}) {
         names.push_back(p + n);
       }
     }
@@ -213,16 +216,16 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
   const int64_t d = config.hidden_size, ff = config.intermediate_size, v = config.vocab_size;
   const int64_t q = config.q_size(), kv = config.kv_size();
 
-  auto get = [&](const std::string& name, std::vector<int64_t> shape) -> absl::StatusOr<at::Tensor> {
+  auto get = [&](const std::string& name,
+                 std::vector<int64_t> shape) -> absl::StatusOr<at::Tensor> {
     auto it = tensors.find(name);
     if (it == tensors.end()) {
       return absl::NotFoundError(absl::StrCat(source, ": missing tensor '", name, "'"));
     }
     if (it->second.sizes() != at::IntArrayRef(shape)) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": tensor '", name, "' has shape ",
-                                                     ShapeString(it->second.sizes()),
-                                                     ", expected ", ShapeString(shape),
-                                                     " from config.json"));
+                                                     ShapeString(it->second.sizes()), ", expected ",
+                                                     ShapeString(shape), " from config.json"));
     }
     return it->second.to(runtime.device, runtime.dtype).contiguous();
   };
@@ -265,7 +268,8 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
       COLLM_ASSIGN_OR_RETURN(layer.w_down, get(p + "mlp.down_proj.weight", {d, ff}));
       model->layers_.push_back(std::move(layer));
       // The fused copies exist now: drop this layer's originals to bound peak memory.
-      for (auto it = tensors.lower_bound(p); it != tensors.end() && it->first.compare(0, p.size(), p) == 0;) {
+      for (auto it = tensors.lower_bound(p);
+           it != tensors.end() && it->first.compare(0, p.size(), p) == 0;) {
         it = tensors.erase(it);
       }
     }
@@ -279,8 +283,8 @@ int64_t LlamaModel::parameter_bytes() const {
   int64_t n = embed_.nbytes() + final_norm_.nbytes();
   if (!lm_head_.is_same(embed_)) n += lm_head_.nbytes();
   for (const Layer& l : layers_) {
-    for (const at::Tensor* t : {&l.attn_norm, &l.w_qkv, &l.b_qkv, &l.w_o, &l.b_o, &l.ffn_norm,
-                                &l.w_gate_up, &l.w_down}) {
+    for (const at::Tensor* t :
+         {&l.attn_norm, &l.w_qkv, &l.b_qkv, &l.w_o, &l.b_o, &l.ffn_norm, &l.w_gate_up, &l.w_down}) {
       if (t->defined()) n += t->nbytes();
     }
   }
@@ -306,12 +310,14 @@ absl::Status LlamaModel::Validate(const StepBatch& batch, const KvCache& cache) 
   std::set<const SequenceKv*> seen;
   for (size_t i = 0; i < batch.sequences.size(); ++i) {
     const SequenceStep& s = batch.sequences[i];
-    if (s.kv == nullptr) return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " has no KV state"));
+    if (s.kv == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " has no KV state"));
     if (!seen.insert(s.kv).second) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " appears twice in one step"));
     }
     if (s.num_tokens <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, " has num_tokens ", s.num_tokens));
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, " has num_tokens ", s.num_tokens));
     }
     const int64_t end = s.kv->length + s.num_tokens;
     if (end > config_.max_position_embeddings) {
@@ -320,31 +326,32 @@ absl::Status LlamaModel::Validate(const StepBatch& batch, const KvCache& cache) 
                                                      config_.max_position_embeddings));
     }
     if (static_cast<int64_t>(s.kv->blocks.size()) * cache.block_size() < end) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sequence ", i, " has KV room for ", s.kv->blocks.size() * cache.block_size(),
-                       " positions but needs ", end, " (call KvCache::Reserve first)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", i, " has KV room for ", s.kv->blocks.size() * cache.block_size(),
+          " positions but needs ", end, " (call KvCache::Reserve first)"));
     }
     total += s.num_tokens;
     if (s.adapter != nullptr) {
       if (static_cast<int64_t>(s.adapter->layers.size()) != config_.num_hidden_layers) {
-        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, "'s adapter has ",
-                                                       s.adapter->layers.size(), " layers, the model ",
-                                                       config_.num_hidden_layers));
+        return absl::InvalidArgumentError(
+            absl::StrCat("sequence ", i, "'s adapter has ", s.adapter->layers.size(),
+                         " layers, the model ", config_.num_hidden_layers));
       }
       for (const LoraLayer& l : s.adapter->layers) {
         for (const LoraProjection* p : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
-          if (p->defined() && (p->a.scalar_type() != runtime_.dtype || p->a.device() != runtime_.device ||
-                               p->b.scalar_type() != runtime_.dtype)) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                "sequence ", i, "'s adapter is not in the model's dtype and device"));
+          if (p->defined() &&
+              (p->a.scalar_type() != runtime_.dtype || p->a.device() != runtime_.device ||
+               p->b.scalar_type() != runtime_.dtype)) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("sequence ", i, "'s adapter is not in the model's dtype and device"));
           }
         }
       }
     }
   }
   if (total != static_cast<int64_t>(batch.tokens.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("sequences claim ", total, " tokens but the batch has ",
-                                                   batch.tokens.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("sequences claim ", total, " tokens but the batch has ", batch.tokens.size()));
   }
   for (size_t i = 0; i < batch.tokens.size(); ++i) {
     if (batch.tokens[i] < 0 || batch.tokens[i] >= config_.vocab_size) {
@@ -415,7 +422,8 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
   {
     const float* emb = embed_.data_ptr<float>();
     float* xp = x.data_ptr<float>();
-    for (int64_t i = 0; i < T; ++i) std::memcpy(xp + i * d, emb + batch.tokens[i] * d, d * sizeof(float));
+    for (int64_t i = 0; i < T; ++i)
+      std::memcpy(xp + i * d, emb + batch.tokens[i] * d, d * sizeof(float));
   }
   // RoPE angles, once per token for all layers and heads.
   std::vector<float> cos_t(T * half), sin_t(T * half);
@@ -458,7 +466,8 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
   }
   int64_t ctx_sum = 0;
   for (int64_t i : loop_tokens) ctx_sum += plan.positions[i] + 1;
-  const int64_t avg_ctx = std::max<int64_t>(1, loop_tokens.empty() ? 1 : ctx_sum / static_cast<int64_t>(loop_tokens.size()));
+  const int64_t avg_ctx = std::max<int64_t>(
+      1, loop_tokens.empty() ? 1 : ctx_sum / static_cast<int64_t>(loop_tokens.size()));
   const int64_t attn_grain = std::max<int64_t>(1, 32768 / (avg_ctx * hd * 4));
   const int64_t num_loop_items = static_cast<int64_t>(loop_tokens.size()) * H;
 
@@ -468,7 +477,8 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
     const Layer& L = layers_[l];
     RmsNormRows(x, L.attn_norm, h, eps);
     at::Tensor qkv = Linear(h, L.w_qkv, L.b_qkv);  // [T, qkv_dim]
-    AddLoraDeltas(qkv, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
+    AddLoraDeltas(qkv, h, plan.adapters,
+                  [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
     float* qkvp = qkv.data_ptr<float>();
 
     // RoPE on q and k heads (rotate-half pairs i and i + half), then append k and v to the cache.
@@ -550,20 +560,25 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
         const int64_t g = head / group;
         at::Tensor scores = at::mm(rows.narrow(1, head * hd, hd), keys.narrow(1, g * hd, hd).t());
         scores.mul_(scale).masked_fill_(gs.mask, -std::numeric_limits<float>::infinity());
-        out_rows.narrow(1, head * hd, hd).copy_(at::mm(at::softmax(scores, 1), values.narrow(1, g * hd, hd)));
+        out_rows.narrow(1, head * hd, hd)
+            .copy_(at::mm(at::softmax(scores, 1), values.narrow(1, g * hd, hd)));
       }
     }
 
     if (L.b_o.defined()) x.add_(L.b_o);
     AddLinear(x, attn, L.w_o);
-    AddLoraDeltas(x, attn, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
+    AddLoraDeltas(x, attn, plan.adapters,
+                  [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
 
     RmsNormRows(x, L.ffn_norm, h, eps);
     at::Tensor gu = Linear(h, L.w_gate_up, at::Tensor());  // [T, 2 ff]
-    AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].gate_up; });
+    AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& {
+      return w.layers[l].gate_up;
+    });
     at::Tensor act = at::silu(gu.narrow(1, 0, ff)).mul_(gu.narrow(1, ff, ff));
     AddLinear(x, act, L.w_down);
-    AddLoraDeltas(x, act, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
+    AddLoraDeltas(x, act, plan.adapters,
+                  [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
   }
 
   const int64_t R = static_cast<int64_t>(plan.logit_rows.size());
@@ -582,13 +597,15 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
   const auto dev = runtime_.device;
   const auto i64 = at::TensorOptions().dtype(at::kLong);
 
-  at::Tensor tokens = at::tensor(std::vector<int64_t>(batch.tokens.begin(), batch.tokens.end()), i64).to(dev);
+  at::Tensor tokens =
+      at::tensor(std::vector<int64_t>(batch.tokens.begin(), batch.tokens.end()), i64).to(dev);
   at::Tensor positions = at::tensor(plan.positions, i64).to(dev);
   // Cache slot of each new token.
   std::vector<int64_t> slots(T);
   for (int64_t i = 0; i < T; ++i) {
     const int64_t p = plan.positions[i];
-    slots[i] = static_cast<int64_t>(batch.sequences[plan.seq_of[i]].kv->blocks[p / bs]) * bs + p % bs;
+    slots[i] =
+        static_cast<int64_t>(batch.sequences[plan.seq_of[i]].kv->blocks[p / bs]) * bs + p % bs;
   }
   at::Tensor slot_t = at::tensor(slots, i64).to(dev);
 
@@ -603,7 +620,8 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
     const Layer& L = layers_[l];
     at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
     at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
-    AddLoraDeltas(qkv, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
+    AddLoraDeltas(qkv, h, plan.adapters,
+                  [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
     at::Tensor q = qkv.narrow(1, 0, qs).view({T, H, hd});
     at::Tensor k = qkv.narrow(1, qs, kvs).view({T, KV, hd});
     at::Tensor v = qkv.narrow(1, qs + kvs, kvs).view({T, KV, hd});
@@ -619,12 +637,14 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
     for (const SequenceStep& s : batch.sequences) {
       const int64_t n = s.num_tokens, start = s.kv->length, ctx = start + n;
       std::vector<int64_t> ctx_slots(ctx);
-      for (int64_t p = 0; p < ctx; ++p) ctx_slots[p] = static_cast<int64_t>(s.kv->blocks[p / bs]) * bs + p % bs;
+      for (int64_t p = 0; p < ctx; ++p)
+        ctx_slots[p] = static_cast<int64_t>(s.kv->blocks[p / bs]) * bs + p % bs;
       at::Tensor idx = at::tensor(ctx_slots, i64).to(dev);
       at::Tensor ks = kflat.index_select(0, idx).repeat_interleave(group, 1);  // [ctx, H, hd]
       at::Tensor vs = vflat.index_select(0, idx).repeat_interleave(group, 1);
-      at::Tensor qs_ = q.narrow(0, t0, n);                                     // [n, H, hd]
-      at::Tensor scores = at::einsum("nhd,chd->hnc", {qs_, ks}).to(at::kFloat) / std::sqrt(double(hd));
+      at::Tensor qs_ = q.narrow(0, t0, n);  // [n, H, hd]
+      at::Tensor scores =
+          at::einsum("nhd,chd->hnc", {qs_, ks}).to(at::kFloat) / std::sqrt(double(hd));
       // Token i (position start + i) sees keys 0 .. start + i.
       at::Tensor key_pos = at::arange(ctx, i64.device(dev)).unsqueeze(0);
       at::Tensor query_pos = (at::arange(n, i64.device(dev)) + start).unsqueeze(1);
@@ -635,14 +655,18 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
     }
     at::Tensor attn = at::cat(outs, 0);
     x = x + at::linear(attn, L.w_o, L.b_o);
-    AddLoraDeltas(x, attn, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
+    AddLoraDeltas(x, attn, plan.adapters,
+                  [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
     h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
     at::Tensor gu = at::linear(h, L.w_gate_up);
-    AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].gate_up; });
+    AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& {
+      return w.layers[l].gate_up;
+    });
     const int64_t ff = c.intermediate_size;
     at::Tensor act = at::silu(gu.narrow(1, 0, ff)) * gu.narrow(1, ff, ff);
     x = x + at::linear(act, L.w_down);
-    AddLoraDeltas(x, act, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
+    AddLoraDeltas(x, act, plan.adapters,
+                  [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
   }
   at::Tensor rows = at::tensor(plan.logit_rows, i64).to(dev);
   at::Tensor last = x.index_select(0, rows);
@@ -654,7 +678,8 @@ absl::StatusOr<at::Tensor> LlamaModel::DenseLogits(const at::Tensor& tokens,
                                                    const LoraWeights* adapter, double lora_dropout,
                                                    bool training) const {
   COLLM_ASSIGN_OR_RETURN(DenseContext ctx, DenseBegin(tokens));
-  if (adapter != nullptr && static_cast<int64_t>(adapter->layers.size()) != config_.num_hidden_layers) {
+  if (adapter != nullptr &&
+      static_cast<int64_t>(adapter->layers.size()) != config_.num_hidden_layers) {
     return absl::InvalidArgumentError("DenseLogits: adapter layer count differs from the model");
   }
   at::Tensor x = ctx.hidden;
@@ -671,10 +696,11 @@ absl::StatusOr<LlamaModel::DenseContext> LlamaModel::DenseBegin(const at::Tensor
   }
   const int64_t B = tokens.size(0), Lq = tokens.size(1);
   if (B == 0 || Lq == 0 || Lq > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("DenseLogits: length ", Lq,
-                                                   " must be in [1, ", c.max_position_embeddings, "]"));
+    return absl::InvalidArgumentError(absl::StrCat("DenseLogits: length ", Lq, " must be in [1, ",
+                                                   c.max_position_embeddings, "]"));
   }
-  if (tokens.numel() > 0 && (tokens.min().item<int64_t>() < 0 || tokens.max().item<int64_t>() >= c.vocab_size)) {
+  if (tokens.numel() > 0 &&
+      (tokens.min().item<int64_t>() < 0 || tokens.max().item<int64_t>() >= c.vocab_size)) {
     return absl::InvalidArgumentError("DenseLogits: token id outside the vocabulary");
   }
   const int64_t hd = c.head_dim;
@@ -683,8 +709,9 @@ absl::StatusOr<LlamaModel::DenseContext> LlamaModel::DenseBegin(const at::Tensor
     DenseContext ctx;
     at::Tensor ids = tokens.to(dev);
     at::Tensor inv_freq = at::tensor(inv_freq_, at::kFloat).to(dev);
-    at::Tensor freqs = at::arange(Lq, at::TensorOptions().dtype(at::kFloat).device(dev)).unsqueeze(1) *
-                       inv_freq.unsqueeze(0);
+    at::Tensor freqs =
+        at::arange(Lq, at::TensorOptions().dtype(at::kFloat).device(dev)).unsqueeze(1) *
+        inv_freq.unsqueeze(0);
     at::Tensor emb = at::cat({freqs, freqs}, -1);
     ctx.cos = emb.cos().to(runtime_.dtype).view({1, Lq, 1, hd});
     ctx.sin = emb.sin().to(runtime_.dtype).view({1, Lq, 1, hd});
@@ -699,8 +726,9 @@ absl::StatusOr<LlamaModel::DenseContext> LlamaModel::DenseBegin(const at::Tensor
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::DenseLayer(const DenseContext& ctx, int64_t layer,
-                                                  const at::Tensor& hidden, const LoraWeights* adapter,
-                                                  double lora_dropout, bool training) const {
+                                                  const at::Tensor& hidden,
+                                                  const LoraWeights* adapter, double lora_dropout,
+                                                  bool training) const {
   const ModelConfig& c = config_;
   if (layer < 0 || layer >= c.num_hidden_layers) {
     return absl::InvalidArgumentError(absl::StrCat("DenseLayer: no layer ", layer));

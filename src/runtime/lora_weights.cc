@@ -36,7 +36,8 @@ LoraProjection Fuse(const std::vector<const LoraFactors::Factor*>& parts,
     std::vector<at::Tensor> cols;
     if (offset > 0) cols.push_back(at::zeros({outs[i], offset}, opts));
     cols.push_back(p->b * scale);
-    if (total_rank - offset - r > 0) cols.push_back(at::zeros({outs[i], total_rank - offset - r}, opts));
+    if (total_rank - offset - r > 0)
+      cols.push_back(at::zeros({outs[i], total_rank - offset - r}, opts));
     rows.push_back(cols.size() == 1 ? cols[0] : at::cat(cols, 1));
     offset += r;
   }
@@ -58,8 +59,8 @@ absl::StatusOr<LoraTarget> ParseLoraTarget(const std::string& name) {
   for (int i = 0; i < kNumLoraTargets; ++i) {
     if (name == kNames[i]) return static_cast<LoraTarget>(i);
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown LoRA target module '", name, "' (known: ",
-                                                 absl::StrJoin(kNames, ", "), ")"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown LoRA target module '", name,
+                                                 "' (known: ", absl::StrJoin(kNames, ", "), ")"));
 }
 
 int64_t LoraTargetIn(const ModelConfig& c, LoraTarget t) {
@@ -105,10 +106,11 @@ absl::StatusOr<LoraWeights> FuseLora(const ModelConfig& config, const LoraFactor
       const auto target = static_cast<LoraTarget>(t);
       const int64_t in = LoraTargetIn(config, target), out = LoraTargetOut(config, target);
       if (!p.a.defined() || !p.b.defined() || p.a.dim() != 2 || p.b.dim() != 2 ||
-          p.a.size(1) != in || p.b.size(0) != out || p.a.size(0) != p.b.size(1) || p.a.size(0) == 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "layer ", l, " ", kNames[t], ": LoRA A must be [r, ", in, "] and B [", out,
-            ", r] with the same r > 0"));
+          p.a.size(1) != in || p.b.size(0) != out || p.a.size(0) != p.b.size(1) ||
+          p.a.size(0) == 0) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " ", kNames[t],
+                                                       ": LoRA A must be [r, ", in, "] and B [",
+                                                       out, ", r] with the same r > 0"));
       }
     }
     LoraLayer layer;

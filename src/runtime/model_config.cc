@@ -1,9 +1,8 @@
 #include "collm/runtime/model_config.h"
 
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "collm/common/status.h"
@@ -25,7 +24,8 @@ absl::Status ReadInt(const json& j, const char* key, bool required, int64_t* out
     if (required) return Invalid(key, "is required");
     return absl::OkStatus();
   }
-  if (!it->is_number_integer()) return Invalid(key, absl::StrCat("must be an integer, got ", it->dump()));
+  if (!it->is_number_integer())
+    return Invalid(key, absl::StrCat("must be an integer, got ", it->dump()));
   *out = it->get<int64_t>();
   return absl::OkStatus();
 }
@@ -41,7 +41,8 @@ absl::Status ReadDouble(const json& j, const char* key, double* out) {
 absl::Status ReadBool(const json& j, const char* key, bool* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_boolean()) return Invalid(key, absl::StrCat("must be true or false, got ", it->dump()));
+  if (!it->is_boolean())
+    return Invalid(key, absl::StrCat("must be true or false, got ", it->dump()));
   *out = it->get<bool>();
   return absl::OkStatus();
 }
@@ -104,8 +105,9 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view json_text) {
     }
   }
   if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2") {
-    return Invalid("model_type", absl::StrCat("'", c.model_type,
-                                              "' is not supported (supported: llama, mistral, qwen2)"));
+    return Invalid(
+        "model_type",
+        absl::StrCat("'", c.model_type, "' is not supported (supported: llama, mistral, qwen2)"));
   }
   if (j.contains("num_local_experts") || j.contains("num_experts")) {
     return Invalid("num_local_experts", "mixture-of-experts models are not supported");
@@ -133,7 +135,8 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view json_text) {
 
   std::string act = "silu";
   COLLM_RETURN_IF_ERROR(ReadString(j, "hidden_act", &act));
-  if (act != "silu") return Invalid("hidden_act", absl::StrCat("'", act, "' is not supported (silu)"));
+  if (act != "silu")
+    return Invalid("hidden_act", absl::StrCat("'", act, "' is not supported (silu)"));
 
   bool attention_bias = false;
   COLLM_RETURN_IF_ERROR(ReadBool(j, "attention_bias", &attention_bias));
@@ -202,7 +205,8 @@ absl::Status ModelConfig::Validate() const {
                    absl::StrCat("(", num_key_value_heads, ") must divide num_attention_heads (",
                                 num_attention_heads, ")"));
   }
-  if (head_dim % 2 != 0) return Invalid("head_dim", absl::StrCat("must be even for RoPE, got ", head_dim));
+  if (head_dim % 2 != 0)
+    return Invalid("head_dim", absl::StrCat("must be even for RoPE, got ", head_dim));
   if (!(rms_norm_eps > 0)) return Invalid("rms_norm_eps", "must be > 0");
   if (!(rope_theta > 0)) return Invalid("rope_theta", "must be > 0");
   // Guard against absurd sizes from a hostile file before anything allocates from them.

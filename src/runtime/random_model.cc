@@ -104,11 +104,12 @@ absl::Status WriteRandomModel(const std::string& dir, const RandomModelOptions& 
   const StoredDType dt = options.dtype;
   const float s = options.init_std;
   std::vector<OwnedTensor> tensors;
-  tensors.push_back(MakeTensor("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, dt,
-                               normal, 0, s));
+  tensors.push_back(
+      MakeTensor("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, dt, normal, 0, s));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
-    tensors.push_back(MakeTensor(p + "input_layernorm.weight", {c.hidden_size}, dt, normal, 1, 0.1f));
+    tensors.push_back(
+        MakeTensor(p + "input_layernorm.weight", {c.hidden_size}, dt, normal, 1, 0.1f));
     tensors.push_back(
         MakeTensor(p + "self_attn.q_proj.weight", {c.q_size(), c.hidden_size}, dt, normal, 0, s));
     tensors.push_back(

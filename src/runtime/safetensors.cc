@@ -382,12 +382,11 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
   file->bytes_ = std::move(bytes);
   const uint64_t size = file->bytes_.size();
   if (size < 8) {
-    return FileError(absl::StatusCode::kInvalidArgument, what,
-                     absl::StrCat("image is ", size,
-                                  " bytes, too short for the 8-byte header length prefix"));
+    return FileError(
+        absl::StatusCode::kInvalidArgument, what,
+        absl::StrCat("image is ", size, " bytes, too short for the 8-byte header length prefix"));
   }
-  COLLM_RETURN_IF_ERROR(
-      file->Parse(reinterpret_cast<const uint8_t*>(file->bytes_.data()), size));
+  COLLM_RETURN_IF_ERROR(file->Parse(reinterpret_cast<const uint8_t*>(file->bytes_.data()), size));
   return file;
 }
 

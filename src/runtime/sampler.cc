@@ -44,8 +44,8 @@ absl::Status SamplingParams::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("min_p must be in [0, 1), got ", min_p));
   }
   if (!(repetition_penalty > 0.0f) || std::isinf(repetition_penalty)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "repetition_penalty must be a finite number > 0, got ", repetition_penalty));
+    return absl::InvalidArgumentError(
+        absl::StrCat("repetition_penalty must be a finite number > 0, got ", repetition_penalty));
   }
   if (max_tokens <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("max_tokens must be > 0, got ", max_tokens));
@@ -69,7 +69,8 @@ int32_t Sampler::Sample(absl::Span<float> logits, absl::Span<const int32_t> cont
     for (int32_t id : seen) {
       if (id < 0 || static_cast<size_t>(id) >= vocab) continue;  // Untrusted prompt ids.
       float& logit = logits[id];
-      logit = logit > 0.0f ? logit / params_.repetition_penalty : logit * params_.repetition_penalty;
+      logit =
+          logit > 0.0f ? logit / params_.repetition_penalty : logit * params_.repetition_penalty;
     }
   }
 

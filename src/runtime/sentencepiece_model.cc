@@ -12,7 +12,8 @@ namespace {
 constexpr int kModelPieces = 1, kModelTrainerSpec = 2, kModelNormalizerSpec = 3;
 constexpr int kPieceText = 1, kPieceScore = 2, kPieceType = 3;
 constexpr int kTrainerModelType = 3, kTrainerVocabSize = 4, kTrainerByteFallback = 35,
-              kTrainerUnkId = 40, kTrainerUnkSurface = 44, kTrainerBosId = 41, kTrainerEosId = 42, kTrainerPadId = 43;
+              kTrainerUnkId = 40, kTrainerUnkSurface = 44, kTrainerBosId = 41, kTrainerEosId = 42,
+              kTrainerPadId = 43;
 constexpr int kNormName = 1, kNormCharsmap = 2, kNormDummyPrefix = 3, kNormRemoveExtraWs = 4,
               kNormEscapeWs = 5;
 
@@ -219,7 +220,9 @@ void PutVarint(std::string& out, uint64_t v) {
   }
   out.push_back(static_cast<char>(v));
 }
-void PutKey(std::string& out, int field, int wire) { PutVarint(out, (uint64_t(field) << 3) | wire); }
+void PutKey(std::string& out, int field, int wire) {
+  PutVarint(out, (uint64_t(field) << 3) | wire);
+}
 void PutBytes(std::string& out, int field, absl::string_view s) {
   PutKey(out, field, 2);
   PutVarint(out, s.size());
@@ -245,8 +248,7 @@ absl::StatusOr<ModelProto> ParseModelProto(absl::string_view bytes) {
     }
     if (field == kModelPieces) {
       Piece p;
-      COLLM_RETURN_IF_ERROR(
-          Annotate(ParsePiece(s, &p), absl::StrCat("piece ", m.pieces.size())));
+      COLLM_RETURN_IF_ERROR(Annotate(ParsePiece(s, &p), absl::StrCat("piece ", m.pieces.size())));
       m.pieces.push_back(std::move(p));
     } else if (field == kModelTrainerSpec) {
       COLLM_RETURN_IF_ERROR(Annotate(ParseTrainerSpec(s, &m), "trainer_spec"));

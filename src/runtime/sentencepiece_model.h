@@ -18,8 +18,14 @@
 namespace collm::runtime::spm {
 
 // SentencePiece::Type values.
-enum class PieceType : int { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4,
-                             kUnused = 5, kByte = 6 };
+enum class PieceType : int {
+  kNormal = 1,
+  kUnknown = 2,
+  kControl = 3,
+  kUserDefined = 4,
+  kUnused = 5,
+  kByte = 6
+};
 
 struct Piece {
   std::string text;

@@ -194,7 +194,8 @@ absl::Status TrainTinyTokenizer(const std::string& path, int vocab_size) {
     for (auto& [syms, count] : words) {
       std::vector<std::string> out;
       for (size_t i = 0; i < syms.size(); ++i) {
-        if (i + 1 < syms.size() && syms[i] == best->first.first && syms[i + 1] == best->first.second) {
+        if (i + 1 < syms.size() && syms[i] == best->first.first &&
+            syms[i + 1] == best->first.second) {
           out.push_back(merged);
           ++i;
         } else {

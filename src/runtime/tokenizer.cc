@@ -39,7 +39,8 @@ size_t AppendValidUtf8(absl::string_view in, bool final, std::string* out) {
       continue;
     }
     int have = 1;
-    while (have < len && i + have < in.size() && IsContinuation(static_cast<uint8_t>(in[i + have]))) {
+    while (have < len && i + have < in.size() &&
+           IsContinuation(static_cast<uint8_t>(in[i + have]))) {
       ++have;
     }
     if (have == len) {
@@ -122,7 +123,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSerializedProto(absl::
   }
   if (t->byte_fallback_) {
     for (int b = 0; b < 256; ++b) {
-      if (t->byte_ids_[b] < 0) return invalid(absl::StrCat("byte_fallback but no piece for byte ", b));
+      if (t->byte_ids_[b] < 0)
+        return invalid(absl::StrCat("byte_fallback but no piece for byte ", b));
     }
   }
   return t;
@@ -232,7 +234,8 @@ std::vector<int32_t> Tokenizer::Encode(absl::string_view text, bool add_bos) con
 }
 
 bool Tokenizer::IsControl(int32_t id) const {
-  return id >= 0 && id < vocab_size() && pieces_[id].type == static_cast<int>(spm::PieceType::kControl);
+  return id >= 0 && id < vocab_size() &&
+         pieces_[id].type == static_cast<int>(spm::PieceType::kControl);
 }
 
 std::string Tokenizer::IdToPiece(int32_t id) const {

@@ -170,9 +170,9 @@ grpc::Status FederationAdminServiceImpl::Authorize(grpc::ServerContext* context)
   return grpc::Status::OK;
 }
 
-#define COLLM_AUTHORIZE()                                        \
-  do {                                                           \
-    if (grpc::Status s = Authorize(context); !s.ok()) return s;  \
+#define COLLM_AUTHORIZE()                                       \
+  do {                                                          \
+    if (grpc::Status s = Authorize(context); !s.ok()) return s; \
   } while (0)
 
 grpc::Status FederationAdminServiceImpl::GetStatus(grpc::ServerContext* context,
@@ -258,8 +258,9 @@ grpc::Status FederationAdminServiceImpl::PullAdapter(grpc::ServerContext* contex
                                                      grpc::ServerWriter<v1::AdapterChunk>* writer) {
   COLLM_AUTHORIZE();
   if (request->version() < 0) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("version must be >= 0 (0 = newest), got ", request->version()));
+    return grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("version must be >= 0 (0 = newest), got ", request->version()));
   }
   auto global = manager_.GetGlobal(request->version());
   if (!global.ok()) return ToGrpc(global.status());
@@ -269,9 +270,9 @@ grpc::Status FederationAdminServiceImpl::PullAdapter(grpc::ServerContext* contex
   return grpc::Status::OK;
 }
 
-grpc::Status FederationAdminServiceImpl::WatchRounds(grpc::ServerContext* context,
-                                                     const v1::WatchRequest*,
-                                                     grpc::ServerWriter<v1::FederationStatus>* writer) {
+grpc::Status FederationAdminServiceImpl::WatchRounds(
+    grpc::ServerContext* context, const v1::WatchRequest*,
+    grpc::ServerWriter<v1::FederationStatus>* writer) {
   COLLM_AUTHORIZE();
   std::string last;
   int64_t seen = -1;

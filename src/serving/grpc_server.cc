@@ -62,10 +62,10 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
   std::unique_ptr<GrpcServer> server(new GrpcServer());
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(options.address,
-                           options.credentials ? options.credentials
-                                               : grpc::InsecureServerCredentials(),
-                           &selected_port);
+  builder.AddListeningPort(
+      options.address,
+      options.credentials ? options.credentials : grpc::InsecureServerCredentials(),
+      &selected_port);
   const int max_bytes = static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT_MAX));
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);

@@ -8,7 +8,8 @@
 namespace collm::serving {
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& address, telemetry::MetricsRegistry& metrics, std::function<void()> refresh) {
+    const std::string& address, telemetry::MetricsRegistry& metrics,
+    std::function<void()> refresh) {
   const size_t colon = address.rfind(':');
   int port = -1;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
@@ -26,7 +27,8 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   s->server_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("ok\n", "text/plain");
   });
-  s->port_ = port == 0 ? s->server_->bind_to_any_port(host) : (s->server_->bind_to_port(host, port) ? port : -1);
+  s->port_ = port == 0 ? s->server_->bind_to_any_port(host)
+                       : (s->server_->bind_to_port(host, port) ? port : -1);
   if (s->port_ <= 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for metrics on ", address));
   }

@@ -2,19 +2,18 @@
 // model's config.json, C++ gRPC clients playing devices, collmctl fed as a process, kill -9 and
 // restart on the same state dir, and TLS / mutual TLS with certificates made by openssl.
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <thread>
-
-#include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
-#include <torch/torch.h>
+#include <thread>
 
 #include "collm/federation/fingerprint.h"
 #include "collm/lora/peft_io.h"
@@ -47,7 +46,8 @@ class Aggregator {
     log_ = dir + "/aggregator.log";
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
     std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -145,8 +145,10 @@ class Device {
     v1::AdapterBlobHeader header;
     lora::PeftBlob blob;
     while (reader->Read(&chunk)) {
-      if (chunk.has_header()) header = chunk.header();
-      else blob.safetensors += chunk.data();
+      if (chunk.has_header())
+        header = chunk.header();
+      else
+        blob.safetensors += chunk.data();
     }
     grpc::Status s = reader->Finish();
     EXPECT_TRUE(s.ok()) << s.error_message();
@@ -270,7 +272,8 @@ TEST(CollmAggregatorTest, ThreeDevicesRoundRejectionsAndCollmctl) {
   EXPECT_NE(s.error_message().find("NaN"), std::string::npos) << s.error_message();
   lora::LoraConfig wide;
   wide.rank = 4;
-  s = devices[0]->Upload(1, 1, *lora::SerializePeftAdapter(*lora::LoraAdapter::Create(TinyConfig(), wide, 3)), 10);
+  s = devices[0]->Upload(
+      1, 1, *lora::SerializePeftAdapter(*lora::LoraAdapter::Create(TinyConfig(), wide, 3)), 10);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_EQ(GetStatus(*Admin(agg.address())).updates_rejected(), 3);
 
@@ -372,7 +375,8 @@ TEST(CollmAggregatorTest, SilentDeviceRoundClosesAtTheDeadline) {
   for (int i = 0; i < 2; ++i) {
     v1::RoundTask task = devices[i]->WaitForTask();
     lora::LoraAdapter global = devices[i]->Fetch(task.global_version());
-    ASSERT_TRUE(devices[i]->Upload(task.round(), task.global_version(), Shifted(global, 1.0f), 5).ok());
+    ASSERT_TRUE(
+        devices[i]->Upload(task.round(), task.global_version(), Shifted(global, 1.0f), 5).ok());
   }
   auto admin = Admin(agg.address());
   v1::FederationStatus st = WaitForVersion(*admin, 2);
@@ -408,7 +412,8 @@ TEST(CollmAggregatorTest, Kill9MidRoundThenRestartResumesWithTheAcceptedUpdate) 
   }
   Aggregator agg(config, dir);
   ASSERT_GT(agg.port(), 0) << agg.log();
-  EXPECT_NE(agg.log().find("1 accepted update(s) in the open round"), std::string::npos) << agg.log();
+  EXPECT_NE(agg.log().find("1 accepted update(s) in the open round"), std::string::npos)
+      << agg.log();
   auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
   for (int i = 1; i < 3; ++i) {
     devices[i] = std::make_unique<Device>(devices[i]->id(), channel);
@@ -423,13 +428,15 @@ TEST(CollmAggregatorTest, Kill9MidRoundThenRestartResumesWithTheAcceptedUpdate) 
   EXPECT_EQ(st.updates_accepted(), 3);
   lora::LoraAdapter v2 = devices[1]->Fetch(2);
   // (1*10 + 4*20 + 4*20) / 50 = 3.4: the update accepted before the kill counted.
-  EXPECT_TRUE(torch::allclose(v2.factors.layers[0][0].a, global.factors.layers[0][0].a + 3.4f, 1e-4, 1e-5));
+  EXPECT_TRUE(
+      torch::allclose(v2.factors.layers[0][0].a, global.factors.layers[0][0].a + 3.4f, 1e-4, 1e-5));
 }
 
 // openssl CLI: a CA, a server cert for 127.0.0.1/localhost, a client cert with CN=dev-tls.
 void MakeCerts(const std::string& d) {
   const std::string cmd =
-      "cd " + d + " && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem "
+      "cd " + d +
+      " && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem "
       "-days 2 -subj /CN=test-ca 2>/dev/null && "
       "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost "
       "2>/dev/null && printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext && "
@@ -446,7 +453,8 @@ TEST(CollmAggregatorTest, MutualTlsRefusesPlaintextAndCertlessCallsAndBindsDevic
   const std::string dir = MakeTempDir("aggregator-tls");
   MakeCerts(dir);
   const std::string tls = "tls:\n  cert: " + dir + "/server.pem\n  key: " + dir +
-                          "/server.key\n  client_ca: " + dir + "/ca.pem\n  require_client_cert: true\n";
+                          "/server.key\n  client_ca: " + dir +
+                          "/ca.pem\n  require_client_cert: true\n";
   Aggregator agg(WriteConfig(dir, tls), dir);
   ASSERT_GT(agg.port(), 0) << agg.log();
   const auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(5); };
@@ -478,10 +486,10 @@ TEST(CollmAggregatorTest, MutualTlsRefusesPlaintextAndCertlessCallsAndBindsDevic
   (void)deadline;
 
   // collmctl over mutual TLS with the token.
-  auto r = RunCommand(std::string("COLLM_ADMIN_TOKEN=") + kToken + " " + BinaryPath("src/collmctl") +
-                      " fed -a localhost:" + std::to_string(agg.port()) + " --tls-ca " + dir +
-                      "/ca.pem --tls-cert " + dir + "/client.pem --tls-key " + dir +
-                      "/client.key status --json");
+  auto r = RunCommand(
+      std::string("COLLM_ADMIN_TOKEN=") + kToken + " " + BinaryPath("src/collmctl") +
+      " fed -a localhost:" + std::to_string(agg.port()) + " --tls-ca " + dir +
+      "/ca.pem --tls-cert " + dir + "/client.pem --tls-key " + dir + "/client.key status --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(nlohmann::json::parse(r.out)["devices_total"], "1");
 }

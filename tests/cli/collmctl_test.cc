@@ -22,8 +22,9 @@ TEST(CollmctlGenerateTest, PrintsOnlyTheContinuationAndTimingToStderr) {
   EXPECT_NE(r.err.find("generated 12 tokens"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("tok/s"), std::string::npos) << r.err;
   // Greedy is deterministic across processes; seeded sampling too.
-  auto again = RunCommand(Collmctl() + " generate --model " + dir +
-                          " --prompt 'Once upon a time' --max-tokens 12 --temperature 0 --ignore-eos");
+  auto again =
+      RunCommand(Collmctl() + " generate --model " + dir +
+                 " --prompt 'Once upon a time' --max-tokens 12 --temperature 0 --ignore-eos");
   EXPECT_EQ(again.out, r.out);
   auto s1 = RunCommand(Collmctl() + " generate --model " + dir + " -p hi -n 16 -t 1 --seed 5");
   auto s2 = RunCommand(Collmctl() + " generate --model " + dir + " -p hi -n 16 -t 1 --seed 5");
@@ -102,15 +103,16 @@ TEST(CollmctlFinetuneTest, TrainsWritesPeftAdapterAndGenerateServesIt) {
   const std::string model = collm::testing::TinyModelDir();
   const std::string dir = collm::testing::MakeTempDir("collm-ft");
   const std::string data = WritePatternJsonl(dir);
-  auto r = RunCommand(collm::testing::BinaryPath("src/collmctl") + " finetune --model " + model +
-                      " --data " + data + " --steps 60 --lr 2e-2 --batch 8 --rank 8 --seed 3 --out " +
-                      dir + "/adapter");
+  auto r = RunCommand(
+      collm::testing::BinaryPath("src/collmctl") + " finetune --model " + model + " --data " +
+      data + " --steps 60 --lr 2e-2 --batch 8 --rank 8 --seed 3 --out " + dir + "/adapter");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   // Progress bar and the bad-line report go to stderr.
   EXPECT_NE(r.err.find("60/60"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("1 bad lines skipped"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("train.jsonl:61"), std::string::npos) << r.err;
-  const auto before = r.out.find("held-out loss before: "), after = r.out.find("held-out loss after: ");
+  const auto before = r.out.find("held-out loss before: "),
+             after = r.out.find("held-out loss after: ");
   ASSERT_NE(before, std::string::npos) << r.out;
   ASSERT_NE(after, std::string::npos) << r.out;
   const double loss_before = std::stod(r.out.substr(before + 22));
@@ -118,7 +120,8 @@ TEST(CollmctlFinetuneTest, TrainsWritesPeftAdapterAndGenerateServesIt) {
   EXPECT_LT(loss_after, loss_before - 1.0) << r.out;
   EXPECT_FALSE(collm::testing::ReadFileOrDie(dir + "/adapter/adapter_config.json").empty());
 
-  const std::string gen = collm::testing::BinaryPath("src/collmctl") + " generate --model " + model +
+  const std::string gen = collm::testing::BinaryPath("src/collmctl") + " generate --model " +
+                          model +
                           " --prompt 'Say the rule 7' --max-tokens 8 --temperature 0 --ignore-eos";
   auto base = RunCommand(gen);
   auto tuned = RunCommand(gen + " --adapter " + dir + "/adapter");
@@ -138,16 +141,19 @@ TEST(CollmctlFinetuneTest, TrainsWritesPeftAdapterAndGenerateServesIt) {
 TEST(CollmctlFinetuneTest, BadInputGivesClearErrors) {
   const std::string model = collm::testing::TinyModelDir();
   const std::string ctl = collm::testing::BinaryPath("src/collmctl");
-  auto missing = RunCommand(ctl + " finetune --model " + model + " --data /nonexistent.jsonl --out /tmp/x");
+  auto missing =
+      RunCommand(ctl + " finetune --model " + model + " --data /nonexistent.jsonl --out /tmp/x");
   EXPECT_EQ(missing.exit_code, 2);
   EXPECT_NE(missing.err.find("/nonexistent.jsonl"), std::string::npos) << missing.err;
-  auto target = RunCommand(ctl + " finetune --model " + model + " --data x --out /tmp/x --targets q_proj,qkv");
+  auto target = RunCommand(ctl + " finetune --model " + model +
+                           " --data x --out /tmp/x --targets q_proj,qkv");
   EXPECT_EQ(target.exit_code, 2);
   EXPECT_NE(target.err.find("qkv"), std::string::npos) << target.err;
   auto rank = RunCommand(ctl + " finetune --model " + model + " --data x --out /tmp/x --rank 0");
   EXPECT_EQ(rank.exit_code, 2);
   EXPECT_NE(rank.err.find("rank"), std::string::npos) << rank.err;
-  auto adapter = RunCommand(ctl + " generate --model " + model + " --adapter /nonexistent/adapter -p x");
+  auto adapter =
+      RunCommand(ctl + " generate --model " + model + " --adapter /nonexistent/adapter -p x");
   EXPECT_EQ(adapter.exit_code, 2);
   EXPECT_NE(adapter.err.find("/nonexistent/adapter"), std::string::npos) << adapter.err;
 }

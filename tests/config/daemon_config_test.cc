@@ -822,7 +822,6 @@ TEST(DaemonConfigTest, MissingFileIsNotFound) {
   EXPECT_PRED_FORMAT2(Contains, std::string(c.status().message()), path);
 }
 
-
 // --- federation ---------------------------------------------------------------------------------
 
 const std::string kFederatedConfig = kConfigsDir + "/collmd-federated.yaml";
@@ -843,7 +842,8 @@ TEST(DaemonConfigTest, FederationDefaultsAreOffAndDocumented) {
 
 TEST(DaemonConfigTest, ParsesTheFederationSection) {
   const std::string dir = testing::MakeTempDir("collm-fed-config");
-  for (const char* f : {"ca.pem", "dev.pem", "dev.key"}) testing::WriteFileOrDie(dir + "/" + f, "x");
+  for (const char* f : {"ca.pem", "dev.pem", "dev.key"})
+    testing::WriteFileOrDie(dir + "/" + f, "x");
   absl::StatusOr<DaemonConfig> c = DaemonConfig::FromYaml(std::string(kTrainingOn) + R"(
 federation:
   enabled: true
@@ -856,7 +856,8 @@ federation:
   upload_chunk_bytes: 256KiB
   install_global: shadow
   task_training_share: 0.75
-)", dir);
+)",
+                                                          dir);
   ASSERT_TRUE(c.ok()) << c.status();
   const FederationConfig& f = c->federation;
   EXPECT_TRUE(f.enabled);
@@ -890,7 +891,8 @@ TEST(DaemonConfigTest, FederationErrorsNameTheKey) {
       {ready + "  backoff: {initial_seconds: 0}\n",
        "federation.backoff.initial_seconds must be > 0, got 0"},
       {ready + "  upload_chunk_bytes: 0\n", "federation.upload_chunk_bytes must be in (0, 64MiB]"},
-      {ready + "  upload_chunk_bytes: 1GiB\n", "federation.upload_chunk_bytes must be in (0, 64MiB]"},
+      {ready + "  upload_chunk_bytes: 1GiB\n",
+       "federation.upload_chunk_bytes must be in (0, 64MiB]"},
       {ready + "  install_global: live\n",
        "federation.install_global must be shadow or shadow_and_live, got 'live'"},
       {ready + "  task_training_share: 0\n", "federation.task_training_share must be in (0, 1]"},

@@ -1,26 +1,25 @@
 // collmd as operators run it: a real process with a YAML config on loopback ports, real gRPC
 // clients (C++ and Python), a real HTTP scrape, SIGTERM drain and restart-resume.
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <httplib.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <thread>
 
-#include <grpcpp/grpcpp.h>
-#include <httplib.h>
-#include <nlohmann/json.hpp>
-
+#include "collm/federation/fingerprint.h"
 #include "collm/lora/lora_adapter.h"
 #include "collm/runtime/generator.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/v1/inference.grpc.pb.h"
-#include "collm/federation/fingerprint.h"
 #include "gtest/gtest.h"
 #include "testing/scripted_aggregator.h"
 #include "testing/subprocess.h"
@@ -46,7 +45,8 @@ class Daemon {
     log_ = dir + "/collmd.log";
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
     std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -87,7 +87,8 @@ class Daemon {
 std::string WriteConfig(const std::string& dir, bool training = true) {
   std::string data;
   for (int i = 0; i < 40; ++i) {
-    data += "{\"prompt\": \"Tell me rule " + std::to_string(i) + "\", \"completion\": \"the cat sat on the mat\"}\n";
+    data += "{\"prompt\": \"Tell me rule " + std::to_string(i) +
+            "\", \"completion\": \"the cat sat on the mat\"}\n";
   }
   WriteFileOrDie(dir + "/train.jsonl", data);
   const std::string yaml = "model: " + collm::testing::TinyModelDir() + R"(
@@ -98,7 +99,8 @@ metrics:
 engine:
   training_share: 0.5
 training:
-  enabled: )" + std::string(training ? "true" : "false") + R"(
+  enabled: )" + std::string(training ? "true" : "false") +
+                           R"(
   data: [train.jsonl]
   trainer:
     lr: 0.01
@@ -124,7 +126,8 @@ struct Streamed {
 };
 
 Streamed Generate(const std::string& address, const std::string& prompt, int max_tokens) {
-  auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  auto stub = v1::InferenceService::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   v1::GenerateRequest req;
@@ -157,7 +160,8 @@ TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
     EXPECT_EQ(first.last.adapter(), "live");
 
     // Training makes progress while serving.
-    auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
+    auto stub = v1::InferenceService::NewStub(
+        grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
     v1::GetStatsResponse stats;
     for (int i = 0; i < 200; ++i) {
       grpc::ClientContext ctx;
@@ -173,9 +177,10 @@ TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
     auto res = http.Get("/metrics");
     ASSERT_TRUE(res);
     EXPECT_EQ(res->status, 200);
-    for (const char* m : {"collm_ttft_seconds_bucket", "collm_tpot_seconds_count", "collm_queue_depth",
-                          "collm_train_steps_total", "collm_kv_cache_blocks_used",
-                          "collm_live_adapter_version", "collm_slo_attainment"}) {
+    for (const char* m :
+         {"collm_ttft_seconds_bucket", "collm_tpot_seconds_count", "collm_queue_depth",
+          "collm_train_steps_total", "collm_kv_cache_blocks_used", "collm_live_adapter_version",
+          "collm_slo_attainment"}) {
       EXPECT_NE(res->body.find(m), std::string::npos) << m;
     }
 
@@ -196,7 +201,8 @@ TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
     Daemon d(config, dir);
     ASSERT_GT(d.grpc_port(), 0) << d.log();
     EXPECT_NE(d.log().find("resumed the shadow adapter"), std::string::npos) << d.log();
-    auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
+    auto stub = v1::InferenceService::NewStub(
+        grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
     grpc::ClientContext ctx;
     v1::GetStatsResponse stats;
     ASSERT_TRUE(stub->GetStats(&ctx, v1::GetStatsRequest(), &stats).ok());
@@ -214,7 +220,8 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
   std::filesystem::create_directories(stubs);
   auto gen = collm::testing::RunCommand(
       "protoc --proto_path=" + std::string(COLLM_SOURCE_DIR) + "/proto --python_out=" + stubs +
-      " --grpc_out=" + stubs + " --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin collm/v1/inference.proto");
+      " --grpc_out=" + stubs +
+      " --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin collm/v1/inference.proto");
   ASSERT_EQ(gen.exit_code, 0) << gen.err;
   // Training off: every client must see the same (base) model.
   Daemon d(WriteConfig(dir, false), dir);
@@ -230,8 +237,9 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
   Streamed cpp = Generate(d.address(), "Once upon a time", 9);
   EXPECT_EQ(j["text"].get<std::string>(), cpp.text);
   // And collmctl generate --daemon streams the same text.
-  auto ctl = collm::testing::RunCommand(BinaryPath("src/collmctl") + " generate --daemon " +
-                                        d.address() + " --prompt 'Once upon a time' -n 9 -t 0 --ignore-eos");
+  auto ctl =
+      collm::testing::RunCommand(BinaryPath("src/collmctl") + " generate --daemon " + d.address() +
+                                 " --prompt 'Once upon a time' -n 9 -t 0 --ignore-eos");
   ASSERT_EQ(ctl.exit_code, 0) << ctl.err;
   EXPECT_EQ(ctl.out, cpp.text + "\n");
   EXPECT_NE(ctl.err.find("adapter ''"), std::string::npos) << ctl.err;
@@ -270,8 +278,10 @@ TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
   const int prom_port = FreePort();
   WriteFileOrDie(dir + "/prometheus.yml",
                  "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: collmd\n"
-                 "    static_configs:\n      - targets: ['127.0.0.1:" + std::to_string(d.metrics_port()) + "']\n");
-  std::vector<std::string> args = {"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
+                 "    static_configs:\n      - targets: ['127.0.0.1:" +
+                     std::to_string(d.metrics_port()) + "']\n");
+  std::vector<std::string> args = {"/usr/bin/prometheus",
+                                   "--config.file=" + dir + "/prometheus.yml",
                                    "--storage.tsdb.path=" + dir + "/tsdb",
                                    "--web.listen-address=127.0.0.1:" + std::to_string(prom_port)};
   std::vector<char*> argv;
@@ -300,7 +310,8 @@ TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
   auto up = prom.Get("/api/v1/query?query=up%7Bjob%3D%22collmd%22%7D");
   kill(pid, SIGTERM);
   waitpid(pid, nullptr, 0);
-  EXPECT_GE(requests, 1) << "Prometheus never scraped collm_requests_total:\n" << ReadFileOrDie(log);
+  EXPECT_GE(requests, 1) << "Prometheus never scraped collm_requests_total:\n"
+                         << ReadFileOrDie(log);
   ASSERT_TRUE(up);
   EXPECT_NE(up->body.find("\"1\"]"), std::string::npos) << up->body;
   EXPECT_EQ(d.Terminate(), 0);
@@ -313,14 +324,18 @@ TEST(CollmdTest, JoinsAFederatedRoundWhileServing) {
   const std::string dir = MakeTempDir("collmd-fl");
   std::string data;
   for (int i = 0; i < 40; ++i) {
-    data += "{\"prompt\": \"Tell me rule " + std::to_string(i) + "\", \"completion\": \"the cat sat on the mat\"}\n";
+    data += "{\"prompt\": \"Tell me rule " + std::to_string(i) +
+            "\", \"completion\": \"the cat sat on the mat\"}\n";
   }
   WriteFileOrDie(dir + "/train.jsonl", data);
-  auto model = runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
+  auto model =
+      runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
   lora::LoraConfig lc;
   lc.rank = 4;
   const std::string v1_dir = dir + "/v1";
-  ASSERT_TRUE(lora::WritePeftAdapter(v1_dir, lora::LoraAdapter::Create(model->config(), lc, 9).value()).ok());
+  ASSERT_TRUE(
+      lora::WritePeftAdapter(v1_dir, lora::LoraAdapter::Create(model->config(), lc, 9).value())
+          .ok());
 
   collm::testing::ScriptedAggregator agg;
   agg.globals[1] = {ReadFileOrDie(v1_dir + "/adapter_config.json"),
@@ -349,7 +364,8 @@ training:
   publish: {every_steps: 0, quality_gate: true}
 federation:
   enabled: true
-  aggregator: 127.0.0.1:)" + std::to_string(server.port()) + R"(
+  aggregator: 127.0.0.1:)" +
+                           std::to_string(server.port()) + R"(
   device_id: dev-a
   heartbeat_seconds: 0.1
   backoff: {initial_seconds: 0.05, max_seconds: 0.5}
@@ -370,7 +386,8 @@ logging: {level: info}
     std::lock_guard<std::mutex> lock(agg.mu);
     return !agg.uploads.empty();
   };
-  for (int i = 0; i < 1200 && !uploaded(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  for (int i = 0; i < 1200 && !uploaded(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   ASSERT_TRUE(uploaded()) << d.log();
   collm::testing::Upload u;
   {
@@ -378,7 +395,8 @@ logging: {level: info}
     u = agg.uploads[0];
     EXPECT_EQ(agg.registered.at(0).model_fingerprint(),
               federation::ModelFingerprint(
-                  runtime::ModelConfig::FromFile(collm::testing::TinyModelDir() + "/config.json").value()));
+                  runtime::ModelConfig::FromFile(collm::testing::TinyModelDir() + "/config.json")
+                      .value()));
     EXPECT_GT(agg.registered.at(0).local_samples(), 0);
     EXPECT_LT(agg.registered.at(0).local_samples(), 40) << "some of the 40 are held out";
     agg.globals[2] = {u.header.adapter().config_json(), u.data};  // As if aggregated.
@@ -414,8 +432,11 @@ TEST(CollmdTest, BadConfigIsAnErrorNamingTheKey) {
   auto r = collm::testing::RunCommand(BinaryPath("src/collmd") + " --config " + dir + "/bad.yaml");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("engine.max_runing"), std::string::npos) << r.err;
-  WriteFileOrDie(dir + "/nomodel.yaml", "model: /nonexistent/model\nserver:\n  address: 127.0.0.1:0\nmetrics:\n  enabled: false\n");
-  auto m = collm::testing::RunCommand(BinaryPath("src/collmd") + " --config " + dir + "/nomodel.yaml");
+  WriteFileOrDie(
+      dir + "/nomodel.yaml",
+      "model: /nonexistent/model\nserver:\n  address: 127.0.0.1:0\nmetrics:\n  enabled: false\n");
+  auto m =
+      collm::testing::RunCommand(BinaryPath("src/collmd") + " --config " + dir + "/nomodel.yaml");
   EXPECT_NE(m.exit_code, 0);
   EXPECT_NE(m.err.find("/nonexistent/model"), std::string::npos) << m.err;
 }

@@ -9,8 +9,8 @@
 
 #include "collm/engine/engine.h"
 #include "gtest/gtest.h"
-#include "testing/test_env.h"
 #include "testing/pattern_examples.h"
+#include "testing/test_env.h"
 #include "testing/tiny_model.h"
 
 namespace collm::engine {
@@ -57,7 +57,8 @@ struct Env {
     auto adapter = lora::LoraAdapter::Create(model->config(), c, 1).value();
     EXPECT_TRUE(registry.Publish("live", adapter, "initial").ok());
     TrainingSetup s;
-    s.trainer = PeftTrainer::Create(model, lora::ShadowAdapter::Create(adapter, o.adamw).value(), o).value();
+    s.trainer = PeftTrainer::Create(model, lora::ShadowAdapter::Create(adapter, o.adamw).value(), o)
+                    .value();
     s.dataset = Pattern(64, 1);
     if (publish_every > 0) {
       PublishOptions p;
@@ -239,10 +240,10 @@ TEST(CoExecutionTest, MetricsAndCheckpointResume) {
   for (int i = 0; i < 12; ++i) engine->StepForTest();
   ASSERT_TRUE(sink->Wait());
   const std::string text = metrics.RenderPrometheus();
-  for (const char* needle : {"collm_ttft_seconds_count 1", "collm_requests_total{outcome=\"ok\"} 1",
-                             "collm_generated_tokens_total 6", "collm_train_steps_total",
-                             "collm_kv_cache_blocks_total", "collm_live_adapter_version",
-                             "collm_batch_tokens_bucket"}) {
+  for (const char* needle :
+       {"collm_ttft_seconds_count 1", "collm_requests_total{outcome=\"ok\"} 1",
+        "collm_generated_tokens_total 6", "collm_train_steps_total", "collm_kv_cache_blocks_total",
+        "collm_live_adapter_version", "collm_batch_tokens_bucket"}) {
     EXPECT_NE(text.find(needle), std::string::npos) << needle << " missing in:\n" << text;
   }
   const int64_t steps = engine->Stats().train_optimizer_steps;

@@ -30,10 +30,22 @@ class CollectingSink : public RequestSink {
   bool Wait(double seconds = 60) {
     return future_.wait_for(std::chrono::duration<double>(seconds)) == std::future_status::ready;
   }
-  std::string text() { std::lock_guard<std::mutex> l(mu_); return text_; }
-  std::vector<int32_t> ids() { std::lock_guard<std::mutex> l(mu_); return ids_; }
-  int deltas() { std::lock_guard<std::mutex> l(mu_); return deltas_; }
-  RequestResult result() { std::lock_guard<std::mutex> l(mu_); return result_; }
+  std::string text() {
+    std::lock_guard<std::mutex> l(mu_);
+    return text_;
+  }
+  std::vector<int32_t> ids() {
+    std::lock_guard<std::mutex> l(mu_);
+    return ids_;
+  }
+  int deltas() {
+    std::lock_guard<std::mutex> l(mu_);
+    return deltas_;
+  }
+  RequestResult result() {
+    std::lock_guard<std::mutex> l(mu_);
+    return result_;
+  }
 
  private:
   std::mutex mu_;
@@ -64,7 +76,8 @@ EngineRequest Req(const runtime::Tokenizer& tok, const std::string& prompt, floa
   return r;
 }
 
-std::vector<int32_t> Alone(const Env& e, const EngineRequest& r, const runtime::LoraWeights* w = nullptr) {
+std::vector<int32_t> Alone(const Env& e, const EngineRequest& r,
+                           const runtime::LoraWeights* w = nullptr) {
   runtime::Generator gen(e.model, e.tokenizer.get());
   runtime::GenerationRequest g;
   g.prompt = r.prompt;
@@ -142,7 +155,8 @@ TEST(EngineTest, FullQueueIsRefusedAtOnce) {
   auto engine = Engine::Create(e.model, e.tokenizer.get(), nullptr, o).value();  // Not started.
   auto sink = std::make_shared<CollectingSink>();
   ASSERT_TRUE(engine->Submit(Req(*e.tokenizer, "a", 1, 0, 3), sink).ok());
-  ASSERT_TRUE(engine->Submit(Req(*e.tokenizer, "b", 1, 0, 3), std::make_shared<CollectingSink>()).ok());
+  ASSERT_TRUE(
+      engine->Submit(Req(*e.tokenizer, "b", 1, 0, 3), std::make_shared<CollectingSink>()).ok());
   auto third = engine->Submit(Req(*e.tokenizer, "c", 1, 0, 3), std::make_shared<CollectingSink>());
   EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(engine->Stats().rejected_queue_full, 1);
@@ -272,7 +286,8 @@ TEST(EngineTest, StreamedTextStopsAndShutdownDrains) {
   std::vector<std::shared_ptr<CollectingSink>> sinks;
   for (int i = 0; i < 4; ++i) {
     sinks.push_back(std::make_shared<CollectingSink>());
-    ASSERT_TRUE(engine->Submit(Req(*e.tokenizer, "x" + std::to_string(i), 1, i, 10), sinks.back()).ok());
+    ASSERT_TRUE(
+        engine->Submit(Req(*e.tokenizer, "x" + std::to_string(i), 1, i, 10), sinks.back()).ok());
   }
   engine->Shutdown(30);
   for (auto& s : sinks) {

@@ -37,8 +37,8 @@ struct Env {
     initial = lora::LoraAdapter::Create(model->config(), c, 1).value();
     EXPECT_TRUE(registry.Publish("live", initial, "initial").ok());
     TrainingSetup s;
-    s.trainer =
-        PeftTrainer::Create(model, lora::ShadowAdapter::Create(initial, o.adamw).value(), o).value();
+    s.trainer = PeftTrainer::Create(model, lora::ShadowAdapter::Create(initial, o.adamw).value(), o)
+                    .value();
     s.dataset = Pattern(64, 1);
     PublishOptions p;  // every_steps = 0: only the hooks publish.
     p.quality_gate = quality_gate;
@@ -186,7 +186,8 @@ TEST(FederationHooksTest, InstallCancelsARunningTaskAndEarlyFinishReportsAPartia
 TEST(FederationHooksTest, TaskTrainingStaysUnderTheSloGuard) {
   Env e;
   FakeClock clock(1'000'000'000);
-  auto model_tokenizer = runtime::Tokenizer::Load(collm::testing::TinyModelDir() + "/tokenizer.model").value();
+  auto model_tokenizer =
+      runtime::Tokenizer::Load(collm::testing::TinyModelDir() + "/tokenizer.model").value();
   EngineOptions o;
   o.training_share = 0;
   o.guard_safety = 1.0;
@@ -214,7 +215,8 @@ TEST(FederationHooksTest, TaskTrainingStaysUnderTheSloGuard) {
   EXPECT_EQ(future.wait_for(std::chrono::seconds(0)), std::future_status::timeout);
   engine->Cancel(1);
   // Idle again: the budget proceeds and completes.
-  for (int i = 0; i < 4 && future.wait_for(std::chrono::seconds(0)) != std::future_status::ready; ++i) {
+  for (int i = 0; i < 4 && future.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+       ++i) {
     engine->StepForTest();
   }
   ASSERT_EQ(future.wait_for(std::chrono::seconds(0)), std::future_status::ready);

@@ -16,7 +16,8 @@ namespace {
 using runtime::LoraTarget;
 
 std::shared_ptr<const runtime::LlamaModel> Tiny() {
-  return runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
+  return runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{})
+      .value();
 }
 
 // Synthetic task the tiny model can learn: after a prompt, repeat a fixed pattern.
@@ -47,7 +48,7 @@ std::unique_ptr<PeftTrainer> MakeTrainer(std::shared_ptr<const runtime::LlamaMod
   config.rank = 8;
   config.alpha = 16;
   config.dropout = dropout;
-  config.targets = {LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV, LoraTarget::kO,
+  config.targets = {LoraTarget::kQ,    LoraTarget::kK,  LoraTarget::kV,   LoraTarget::kO,
                     LoraTarget::kGate, LoraTarget::kUp, LoraTarget::kDown};
   auto adapter = lora::LoraAdapter::Create(model->config(), config, init_seed).value();
   auto shadow = lora::ShadowAdapter::Create(adapter, options.adamw).value();
@@ -154,9 +155,9 @@ TEST(PeftTrainerTest, PhasedMicroStepGivesTheWholeGraphGradients) {
   }
   auto weights = runtime::FuseLora(model->config(), ref).value();
   at::Tensor logits = model->DenseLogits(tokens.narrow(1, 0, len - 1), &weights, 0.0, true).value();
-  at::Tensor ce = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}),
-                                         tokens.narrow(1, 1, len - 1).reshape({-1}), {},
-                                         at::Reduction::None);
+  at::Tensor ce =
+      at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}),
+                             tokens.narrow(1, 1, len - 1).reshape({-1}), {}, at::Reduction::None);
   at::Tensor m = mask.narrow(1, 1, len - 1).reshape({-1});
   ((ce * m).sum() / (m.sum() * 2)).backward();
 
@@ -182,8 +183,10 @@ TEST(PeftTrainerTest, PhasedMicroStepGivesTheWholeGraphGradients) {
       const auto& got = trainer->shadow().factors().layers[l][t];
       if (!got.a.defined()) continue;
       ASSERT_TRUE(got.a.grad().defined()) << "layer " << l << " target " << t;
-      worst = std::max(worst, (got.a.grad() - ref.layers[l][t].a.grad()).abs().max().item<double>());
-      worst = std::max(worst, (got.b.grad() - ref.layers[l][t].b.grad()).abs().max().item<double>());
+      worst =
+          std::max(worst, (got.a.grad() - ref.layers[l][t].a.grad()).abs().max().item<double>());
+      worst =
+          std::max(worst, (got.b.grad() - ref.layers[l][t].b.grad()).abs().max().item<double>());
       largest = std::max(largest, ref.layers[l][t].a.grad().abs().max().item<double>());
     }
   }
@@ -265,7 +268,8 @@ TEST(PeftTrainerTest, FedProxKeepsTrainingNearTheAnchor) {
   // mu > 0 ends closer to the anchor, and still trains.
   const double d_plain = SquaredDistance(plain, initial), d_prox = SquaredDistance(prox, initial);
   EXPECT_GT(d_plain, 0.0);
-  EXPECT_LT(d_prox, 0.8 * d_plain) << "distance^2 to the anchor: plain " << d_plain << ", prox " << d_prox;
+  EXPECT_LT(d_prox, 0.8 * d_plain)
+      << "distance^2 to the anchor: plain " << d_plain << ", prox " << d_prox;
   EXPECT_LT(prox_losses.back(), prox_losses.front());
 
   // A mismatched anchor and a negative mu are refused, naming what is wrong.
@@ -273,7 +277,7 @@ TEST(PeftTrainerTest, FedProxKeepsTrainingNearTheAnchor) {
   auto trainer = MakeTrainer(model, o);
   lora::LoraConfig other;
   other.rank = 4;
-  other.targets = {LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV, LoraTarget::kO,
+  other.targets = {LoraTarget::kQ,    LoraTarget::kK,  LoraTarget::kV,   LoraTarget::kO,
                    LoraTarget::kGate, LoraTarget::kUp, LoraTarget::kDown};
   auto wrong = lora::LoraAdapter::Create(model->config(), other, 1).value();
   const absl::Status s = trainer->SetProximalAnchor(wrong);

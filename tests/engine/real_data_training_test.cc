@@ -33,8 +33,8 @@ TrainRun Train(const std::string& model_dir, const std::string& data, uint64_t s
   c.rank = 8;
   c.alpha = 16;
   c.dropout = 0.05;
-  c.targets = {runtime::LoraTarget::kQ, runtime::LoraTarget::kK, runtime::LoraTarget::kV,
-               runtime::LoraTarget::kO, runtime::LoraTarget::kGate, runtime::LoraTarget::kUp,
+  c.targets = {runtime::LoraTarget::kQ,   runtime::LoraTarget::kK,    runtime::LoraTarget::kV,
+               runtime::LoraTarget::kO,   runtime::LoraTarget::kGate, runtime::LoraTarget::kUp,
                runtime::LoraTarget::kDown};
   TrainerOptions o;
   o.lr = 3e-3;
@@ -43,8 +43,9 @@ TrainRun Train(const std::string& model_dir, const std::string& data, uint64_t s
   o.schedule = "cosine";
   o.total_steps = steps;
   o.seed = seed;
-  auto shadow = lora::ShadowAdapter::Create(lora::LoraAdapter::Create(model->config(), c, seed).value(),
-                                            o.adamw).value();
+  auto shadow = lora::ShadowAdapter::Create(
+                    lora::LoraAdapter::Create(model->config(), c, seed).value(), o.adamw)
+                    .value();
   auto trainer = PeftTrainer::Create(model, std::move(shadow), o).value();
   run.before = trainer->Evaluate(ds.held_out()).value();
   ExampleSampler sampler(&ds.train(), seed);

@@ -25,8 +25,9 @@ struct Fixture {
     c.targets = {runtime::LoraTarget::kQ, runtime::LoraTarget::kV, runtime::LoraTarget::kDown};
     TrainerOptions o;
     o.lr = 1e-2;
-    auto shadow = lora::ShadowAdapter::Create(lora::LoraAdapter::Create(model->config(), c, 1).value(),
-                                              o.adamw).value();
+    auto shadow = lora::ShadowAdapter::Create(
+                      lora::LoraAdapter::Create(model->config(), c, 1).value(), o.adamw)
+                      .value();
     trainer = PeftTrainer::Create(model, std::move(shadow), o).value();
   }
 };

@@ -18,8 +18,9 @@ namespace {
 
 using runtime::LoraTarget;
 
-#define EXPECT_HAS(message, needle) \
-  EXPECT_NE((message).find(needle), std::string::npos) << "missing '" << (needle) << "' in: " << (message)
+#define EXPECT_HAS(message, needle)                    \
+  EXPECT_NE((message).find(needle), std::string::npos) \
+      << "missing '" << (needle) << "' in: " << (message)
 
 const std::vector<LoraTarget> kTargets = {LoraTarget::kQ, LoraTarget::kV};
 
@@ -83,8 +84,10 @@ at::Tensor BestRank(const at::Tensor& m, int64_t r) {
   return at::matmul(u.narrow(1, 0, r) * s.narrow(0, 0, r).unsqueeze(0), vh.narrow(0, 0, r));
 }
 
-AggregationResult AggregateOk(const lora::LoraAdapter& global, const std::vector<ClientUpdate>& updates,
-                      const AggregationOptions& options, ServerOptimizerState* state = nullptr) {
+AggregationResult AggregateOk(const lora::LoraAdapter& global,
+                              const std::vector<ClientUpdate>& updates,
+                              const AggregationOptions& options,
+                              ServerOptimizerState* state = nullptr) {
   auto r = Aggregate(Model(), global, updates, options, state);
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? *std::move(r) : AggregationResult{};
@@ -108,7 +111,8 @@ TEST(AggregationTest, ParsesStrategyNames) {
 TEST(AggregationTest, FedAvgOfIdenticalUpdatesIsThatUpdate) {
   const auto global = RandomAdapter(8, 1);
   const auto trained = RandomAdapter(8, 2);
-  std::vector<ClientUpdate> updates = {Update("a", 3, trained.Clone()), Update("b", 10, trained.Clone()),
+  std::vector<ClientUpdate> updates = {Update("a", 3, trained.Clone()),
+                                       Update("b", 10, trained.Clone()),
                                        Update("c", 1, trained.Clone())};
   for (Combine c : {Combine::kFedAvg, Combine::kMedian, Combine::kTrimmedMean}) {
     const auto r = AggregateOk(global, updates, With(c));
@@ -127,15 +131,16 @@ TEST(AggregationTest, FedAvgWeightsBySamplesAndKeepsTheGlobalConfig) {
   auto global = RandomAdapter(8, 1);
   global.config.base_model_name_or_path = "stories";
   const auto x = RandomAdapter(8, 2), y = RandomAdapter(8, 3);
-  const auto r = AggregateOk(global, {Update("a", 1, x), Update("b", 3, y)}, With(Combine::kFedAvg));
+  const auto r =
+      AggregateOk(global, {Update("a", 1, x), Update("b", 3, y)}, With(Combine::kFedAvg));
   for (int64_t l = 0; l < 2; ++l) {
     for (LoraTarget t : kTargets) {
       const int ti = static_cast<int>(t);
       const auto& got = r.adapter.factors.layers[l][ti];
-      EXPECT_TRUE(at::allclose(got.a, x.factors.layers[l][ti].a * 0.25 + y.factors.layers[l][ti].a * 0.75,
-                               1e-5, 1e-6));
-      EXPECT_TRUE(at::allclose(got.b, x.factors.layers[l][ti].b * 0.25 + y.factors.layers[l][ti].b * 0.75,
-                               1e-5, 1e-6));
+      EXPECT_TRUE(at::allclose(
+          got.a, x.factors.layers[l][ti].a * 0.25 + y.factors.layers[l][ti].a * 0.75, 1e-5, 1e-6));
+      EXPECT_TRUE(at::allclose(
+          got.b, x.factors.layers[l][ti].b * 0.25 + y.factors.layers[l][ti].b * 0.75, 1e-5, 1e-6));
     }
   }
   EXPECT_EQ(r.adapter.config.rank, 8);
@@ -225,7 +230,8 @@ TEST(AggregationTest, ExactCombinesMixedRanksAndScales) {
   // FedAvg refuses what it cannot combine.
   auto fedavg = Aggregate(Model(), global, updates, With(Combine::kFedAvg), nullptr);
   ASSERT_FALSE(fedavg.ok());
-  EXPECT_HAS(std::string(fedavg.status().message()), "update from r2: rank 2 differs from the global rank 8");
+  EXPECT_HAS(std::string(fedavg.status().message()),
+             "update from r2: rank 2 differs from the global rank 8");
 }
 
 TEST(AggregationTest, MedianAndTrimmedMeanResistOneHugeOutlier) {
@@ -263,7 +269,10 @@ TEST(AggregationTest, MedianAndTrimmedMeanResistOneHugeOutlier) {
     EXPECT_LT((got.b - want.b).abs().max().item<float>(), 1e-2) << CombineName(o.combine);
   }
   const auto avg = AggregateOk(global, updates, With(Combine::kFedAvg));
-  EXPECT_GT((avg.adapter.factors.layers[1][2].a - honest.factors.layers[1][2].a).abs().max().item<float>(),
+  EXPECT_GT((avg.adapter.factors.layers[1][2].a - honest.factors.layers[1][2].a)
+                .abs()
+                .max()
+                .item<float>(),
             100.f);
 }
 
@@ -376,14 +385,14 @@ TEST(AggregationTest, FedAdamAndFedYogiKeepStateAcrossRounds) {
   // The state is required and untouched by a failed aggregation.
   AggregationOptions o = With(Combine::kFedAvg);
   o.server_optimizer = ServerOptimizer::kFedAdam;
-  EXPECT_FALSE(Aggregate(Model(), RandomAdapter(8, 1), {Update("a", 1, RandomAdapter(8, 2))}, o,
-                         nullptr)
-                   .ok());
+  EXPECT_FALSE(
+      Aggregate(Model(), RandomAdapter(8, 1), {Update("a", 1, RandomAdapter(8, 2))}, o, nullptr)
+          .ok());
   ServerOptimizerState state;
   state.steps = 7;
-  EXPECT_FALSE(Aggregate(Model(), RandomAdapter(8, 1), {Update("a", 0, RandomAdapter(8, 2))}, o,
-                         &state)
-                   .ok());
+  EXPECT_FALSE(
+      Aggregate(Model(), RandomAdapter(8, 1), {Update("a", 0, RandomAdapter(8, 2))}, o, &state)
+          .ok());
   EXPECT_EQ(state.steps, 7);
   EXPECT_TRUE(state.m.empty());
 }
@@ -417,7 +426,8 @@ TEST(AggregationTest, RejectsBadUpdatesNamingDeviceLayerAndModule) {
   EXPECT_HAS(m, "layer 0 v_proj: lora_B has shape [32, 7], expected [32, 8]");
 
   auto unknown = RandomAdapter(8, 2);
-  unknown.factors.layers[1][static_cast<int>(LoraTarget::kK)] = {at::zeros({8, 64}), at::zeros({32, 8})};
+  unknown.factors.layers[1][static_cast<int>(LoraTarget::kK)] = {at::zeros({8, 64}),
+                                                                 at::zeros({32, 8})};
   m = Rejection(Update("dev-k", 5, unknown));
   EXPECT_HAS(m, "update from dev-k");
   EXPECT_HAS(m, "layer 1 k_proj: unknown module");
@@ -446,12 +456,13 @@ TEST(AggregationTest, RejectsBadUpdatesNamingDeviceLayerAndModule) {
 
   AggregationOptions bad_options;
   bad_options.trim_ratio = 0.5;
-  EXPECT_HAS(std::string(ValidateUpdate(Model(), global, Update("x", 1, fine), bad_options)
-                             .status()
-                             .message()),
-             "trim_ratio must be in [0, 0.5)");
-  EXPECT_HAS(std::string(Aggregate(Model(), global, {}, AggregationOptions(), nullptr).status().message()),
-             "no updates");
+  EXPECT_HAS(
+      std::string(
+          ValidateUpdate(Model(), global, Update("x", 1, fine), bad_options).status().message()),
+      "trim_ratio must be in [0, 0.5)");
+  EXPECT_HAS(
+      std::string(Aggregate(Model(), global, {}, AggregationOptions(), nullptr).status().message()),
+      "no updates");
 }
 
 }  // namespace

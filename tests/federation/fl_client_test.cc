@@ -2,6 +2,8 @@
 // model, training enabled). The service is a scripted aggregator (testing/scripted_aggregator.h),
 // so the tests can check the wire contract (chunking, sha256, sample counts) and the failure
 // paths (corrupt globals, rejections, an aggregator that goes away and comes back, deadlines).
+#include "collm/federation/fl_client.h"
+
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
@@ -14,11 +16,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "collm/engine/engine.h"
-#include "collm/federation/fl_client.h"
+#include "collm/federation/fingerprint.h"
 #include "collm/lora/peft_io.h"
 #include "collm/telemetry/metrics.h"
 #include "collm/v1/federation.grpc.pb.h"
-#include "collm/federation/fingerprint.h"
 #include "gtest/gtest.h"
 #include "testing/pattern_examples.h"
 #include "testing/scripted_aggregator.h"
@@ -78,9 +79,9 @@ struct Device {
     auto initial = lora::LoraAdapter::Create(model->config(), lora_config, 1).value();
     EXPECT_TRUE(registry.Publish("live", initial, "initial").ok());
     engine::TrainingSetup s;
-    s.trainer = engine::PeftTrainer::Create(
-                    model, lora::ShadowAdapter::Create(initial, o.adamw).value(), o)
-                    .value();
+    s.trainer =
+        engine::PeftTrainer::Create(model, lora::ShadowAdapter::Create(initial, o.adamw).value(), o)
+            .value();
     s.dataset = collm::testing::FixedCompletionExamples(64, 1, 300, 5);
     engine::PublishOptions p;
     p.quality_gate = true;
@@ -179,8 +180,8 @@ TEST(FlClientTest, JoinsARoundUploadsTheBudgetAndInstallsTheNextGlobal) {
   EXPECT_EQ(u.chunks, static_cast<int>((u.data.size() + 999) / 1000)) << "1000-byte chunks";
   EXPECT_GT(u.chunks, 1);
   // The update was trained from v1 (not from the device's own initial adapter).
-  const lora::LoraAdapter trained = AdapterOf({u.header.adapter().config_json(), u.data},
-                                              d.model->config());
+  const lora::LoraAdapter trained =
+      AdapterOf({u.header.adapter().config_json(), u.data}, d.model->config());
   EXPECT_GT(MaxAbsDiff(trained, v1_adapter), 0);
   EXPECT_LT(MaxAbsDiff(trained, v1_adapter), 3 * 1e-2 * 1.5) << "at most ~lr per AdamW step";
   // The service records the upload before the device reads the answer.
@@ -204,9 +205,9 @@ TEST(FlClientTest, JoinsARoundUploadsTheBudgetAndInstallsTheNextGlobal) {
     EXPECT_GE(agg.telemetry.back().slo_attainment(), 0);
   }
   const std::string text = d.metrics.RenderPrometheus();
-  for (const char* needle : {"collm_fl_uploads_total{outcome=\"accepted\"} 1",
-                             "collm_fl_rounds_joined_total 1", "collm_fl_global_version 2",
-                             "collm_fl_live_global_version 2", "collm_fl_connected 1"}) {
+  for (const char* needle :
+       {"collm_fl_uploads_total{outcome=\"accepted\"} 1", "collm_fl_rounds_joined_total 1",
+        "collm_fl_global_version 2", "collm_fl_live_global_version 2", "collm_fl_connected 1"}) {
     EXPECT_NE(text.find(needle), std::string::npos) << needle << " missing in:\n" << text;
   }
 }

@@ -4,6 +4,8 @@
 // independently of anything the processes report, on examples no daemon trains on.
 // Needs $COLLM_MODELS_DIR and $COLLM_DATA_DIR (skips when unset, fails when set but missing).
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <httplib.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -14,12 +16,9 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
-
-#include <grpcpp/grpcpp.h>
-#include <httplib.h>
-#include <nlohmann/json.hpp>
 
 #include "collm/engine/dataset.h"
 #include "collm/engine/peft_trainer.h"
@@ -55,7 +54,8 @@ class Process {
     const std::string bin = BinaryPath(binary);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
     std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -110,7 +110,8 @@ struct Shards {
 
 // Three disjoint 150-example shards of GSM8K for the devices and a disjoint 64-example held-out
 // file that no device sees, so the global loss measured here is honest.
-Shards MakeShards(const std::string& model_dir, const std::string& data, const std::string& prefix) {
+Shards MakeShards(const std::string& model_dir, const std::string& data,
+                  const std::string& prefix) {
   Shards s;
   s.dir = MakeTempDir(prefix);
   s.model_dir = model_dir;
@@ -126,9 +127,10 @@ Shards MakeShards(const std::string& model_dir, const std::string& data, const s
 }
 
 std::string WriteAggregatorConfig(const Shards& s, const std::string& policy) {
-  const std::string yaml = "server:\n  address: 127.0.0.1:0\n"
-                           "state_dir: " + s.dir + "/agg-state\n" +
-                           "model_config: " + s.model_dir + "/config.json\n" + R"(
+  const std::string yaml =
+      "server:\n  address: 127.0.0.1:0\n"
+      "state_dir: " +
+      s.dir + "/agg-state\n" + "model_config: " + s.model_dir + "/config.json\n" + R"(
 lora:
   rank: 8
   alpha: 16
@@ -161,14 +163,17 @@ training:
     prompt_template: "Question: {prompt}\nAnswer: "
     max_length: 192
     held_out_fraction: 0.1
-    seed: )" + std::to_string(i) + R"(
+    seed: )" + std::to_string(i) +
+                           R"(
   lora: {rank: 8, alpha: 16, dropout: 0, targets: [q_proj, v_proj]}
   adapter_name: live
-  trainer: {lr: 0.01, micro_batch_size: 4, seed: )" + std::to_string(100 + i) + R"(}
+  trainer: {lr: 0.01, micro_batch_size: 4, seed: )" +
+                           std::to_string(100 + i) + R"(}
   publish: {every_steps: 0, quality_gate: true, min_improvement: 0.0}
 federation:
   enabled: true
-  aggregator: 127.0.0.1:)" + std::to_string(aggregator_port) + R"(
+  aggregator: 127.0.0.1:)" +
+                           std::to_string(aggregator_port) + R"(
   device_id: )" + id + R"(
   heartbeat_seconds: 0.3
   backoff: {initial_seconds: 0.1, max_seconds: 1}
@@ -233,8 +238,8 @@ grpc::Status Generate(const std::string& address, int max_tokens) {
   while (reader->Read(&msg)) tokens = static_cast<int>(msg.usage().completion_tokens());
   grpc::Status st = reader->Finish();
   if (st.ok() && tokens != max_tokens) {
-    return grpc::Status(grpc::StatusCode::INTERNAL,
-                        "got " + std::to_string(tokens) + " of " + std::to_string(max_tokens) + " tokens");
+    return grpc::Status(grpc::StatusCode::INTERNAL, "got " + std::to_string(tokens) + " of " +
+                                                        std::to_string(max_tokens) + " tokens");
   }
   return st;
 }
@@ -269,12 +274,14 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   deadline_s: 120
   strategy: fedavg
   training_share: 0.5
-)"), s.dir, "aggregator");
+)"),
+              s.dir, "aggregator");
   ASSERT_GT(agg.grpc_port(), 0) << agg.log();
   std::vector<std::unique_ptr<Process>> daemons;
   for (int i = 0; i < 3; ++i) {
-    daemons.push_back(std::make_unique<Process>("src/collmd", WriteDaemonConfig(s, i, agg.grpc_port()),
-                                                s.dir, "edge-" + std::to_string(i)));
+    daemons.push_back(std::make_unique<Process>("src/collmd",
+                                                WriteDaemonConfig(s, i, agg.grpc_port()), s.dir,
+                                                "edge-" + std::to_string(i)));
     ASSERT_GT(daemons.back()->grpc_port(), 0) << daemons.back()->log();
   }
   Admin admin(agg.address());
@@ -286,7 +293,8 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   for (int iter = 0; iter < 600 && !finished(); ++iter) {
     for (int i = 0; i < 3; ++i) {
       grpc::Status st = Generate(daemons[i]->address(), 4);
-      ASSERT_TRUE(st.ok()) << "edge-" << i << ": " << st.error_message() << "\n" << Logs(agg, daemons);
+      ASSERT_TRUE(st.ok()) << "edge-" << i << ": " << st.error_message() << "\n"
+                           << Logs(agg, daemons);
       ++served[i];
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -314,7 +322,8 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
       EXPECT_GT(u["delta_norm"].get<double>(), 0) << u.dump();
     }
     EXPECT_EQ(from, (std::set<std::string>{"edge-0", "edge-1", "edge-2"}));
-    EXPECT_NE(round["note"].get<std::string>().find("quorum: 3 of 3"), std::string::npos) << round.dump();
+    EXPECT_NE(round["note"].get<std::string>().find("quorum: 3 of 3"), std::string::npos)
+        << round.dump();
   }
   r = RunCommand(Ctl(agg, "status --json"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -327,11 +336,17 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   // Every daemon installs the final global version (heartbeats announce it).
   for (int i = 0; i < 3; ++i) {
     std::string body;
-    EXPECT_TRUE(WaitFor([&] {
-      body = Metrics(daemons[i]->metrics_port());
-      return body.find("collm_fl_global_version 4") != std::string::npos;
-    }, 60)) << "edge-" << i << "\n" << body << "\n" << daemons[i]->log();
-    EXPECT_NE(body.find("collm_fl_uploads_total{outcome=\"accepted\"} 3"), std::string::npos) << body;
+    EXPECT_TRUE(WaitFor(
+        [&] {
+          body = Metrics(daemons[i]->metrics_port());
+          return body.find("collm_fl_global_version 4") != std::string::npos;
+        },
+        60))
+        << "edge-" << i << "\n"
+        << body << "\n"
+        << daemons[i]->log();
+    EXPECT_NE(body.find("collm_fl_uploads_total{outcome=\"accepted\"} 3"), std::string::npos)
+        << body;
   }
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(Generate(daemons[i]->address(), 4).ok()) << "edge-" << i << " after the last round";
@@ -367,7 +382,8 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   }
   // Three rounds of 3 x 5 steps at lr 1e-2 move stories260K clearly towards GSM8K (it has never
   // seen math word problems: about 6.7 -> 4.1 nats here); 0.5 is far above run-to-run noise.
-  EXPECT_LT(loss[1], loss[0] - 0.5) << "global held-out loss v1 " << loss[0] << " -> v4 " << loss[1];
+  EXPECT_LT(loss[1], loss[0] - 0.5)
+      << "global held-out loss v1 " << loss[0] << " -> v4 " << loss[1];
   std::cout << "global held-out loss v1 " << loss[0] << " -> v4 " << loss[1] << std::endl;
 }
 
@@ -386,12 +402,14 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   deadline_s: 60
   strategy: fedavg
   training_share: 0.5
-)"), s.dir, "aggregator");
+)"),
+              s.dir, "aggregator");
   ASSERT_GT(agg.grpc_port(), 0) << agg.log();
   std::vector<std::unique_ptr<Process>> daemons;
   for (int i = 0; i < 3; ++i) {
-    daemons.push_back(std::make_unique<Process>("src/collmd", WriteDaemonConfig(s, i, agg.grpc_port()),
-                                                s.dir, "edge-" + std::to_string(i)));
+    daemons.push_back(std::make_unique<Process>("src/collmd",
+                                                WriteDaemonConfig(s, i, agg.grpc_port()), s.dir,
+                                                "edge-" + std::to_string(i)));
     ASSERT_GT(daemons.back()->grpc_port(), 0) << daemons.back()->log();
   }
   Admin admin(agg.address());
@@ -410,10 +428,13 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
     grpc::Status st = Generate(daemons[i]->address(), 4);
     EXPECT_TRUE(st.ok()) << "edge-" << i << ": " << st.error_message();
   }
-  ASSERT_TRUE(WaitFor([&] {
-    const std::string st = admin.Round(1).state();
-    return st == "done" || st == "failed";
-  }, 150)) << Logs(agg, daemons);
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string st = admin.Round(1).state();
+        return st == "done" || st == "failed";
+      },
+      150))
+      << Logs(agg, daemons);
 
   auto r = RunCommand(Ctl(agg, "round show 1 --json"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -438,10 +459,15 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   // The survivors install the aggregate of their two updates.
   for (int i = 0; i < 2; ++i) {
     std::string body;
-    EXPECT_TRUE(WaitFor([&] {
-      body = Metrics(daemons[i]->metrics_port());
-      return body.find("collm_fl_global_version 2") != std::string::npos;
-    }, 60)) << "edge-" << i << "\n" << body << "\n" << daemons[i]->log();
+    EXPECT_TRUE(WaitFor(
+        [&] {
+          body = Metrics(daemons[i]->metrics_port());
+          return body.find("collm_fl_global_version 2") != std::string::npos;
+        },
+        60))
+        << "edge-" << i << "\n"
+        << body << "\n"
+        << daemons[i]->log();
   }
 }
 

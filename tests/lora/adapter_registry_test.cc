@@ -4,9 +4,9 @@
 
 #include "collm/lora/peft_io.h"
 #include "collm/runtime/generator.h"
-#include "testing/test_env.h"
 #include "collm/runtime/llama_model.h"
 #include "gtest/gtest.h"
+#include "testing/test_env.h"
 #include "testing/tiny_model.h"
 
 namespace collm::lora {
@@ -19,7 +19,8 @@ struct Env {
 
 Env MakeEnv() {
   Env e;
-  e.model = runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
+  e.model =
+      runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
   e.registry = std::make_unique<AdapterRegistry>(e.model->config(), e.model->runtime());
   return e;
 }
@@ -100,11 +101,13 @@ TEST(AdapterRegistryTest, LoadsPeftDirectoriesByNameAndKeepsStateOnBadOnes) {
   EXPECT_EQ(v1->source, "peft:" + dir);
   auto bad = e.registry->LoadPeft("math", dir + "/missing");
   EXPECT_FALSE(bad.ok());
-  EXPECT_NE(std::string(bad.status().message()).find(dir + "/missing"), std::string::npos) << bad.status();
+  EXPECT_NE(std::string(bad.status().message()).find(dir + "/missing"), std::string::npos)
+      << bad.status();
   EXPECT_EQ(e.registry->Get("math").value(), v1);
   const std::vector<int32_t> prompt = {1, 9, 8, 7};
   auto direct = written.ToWeights(e.model->config(), e.model->runtime()).value();
-  EXPECT_EQ(GreedyAlone(*e.model, &v1->weights, prompt, 10), GreedyAlone(*e.model, &direct, prompt, 10));
+  EXPECT_EQ(GreedyAlone(*e.model, &v1->weights, prompt, 10),
+            GreedyAlone(*e.model, &direct, prompt, 10));
 }
 
 TEST(AdapterRegistryTest, RejectsInvalidAdapters) {
@@ -113,7 +116,8 @@ TEST(AdapterRegistryTest, RejectsInvalidAdapters) {
   bad.factors.layers[1][static_cast<int>(runtime::LoraTarget::kV)].b[0][0] = NAN;
   auto s = e.registry->Publish("bad", bad, "test");
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(std::string(s.status().message()).find("layer 1 v_proj"), std::string::npos) << s.status();
+  EXPECT_NE(std::string(s.status().message()).find("layer 1 v_proj"), std::string::npos)
+      << s.status();
   EXPECT_EQ(e.registry->Get("bad").status().code(), absl::StatusCode::kNotFound);
   EXPECT_FALSE(e.registry->Publish("", RandomAdapter(e.model->config(), 7), "t").ok());
 }
@@ -133,7 +137,8 @@ TEST(AdapterRegistryTest, PublishingWhileRequestsDecodeKeepsEachRequestOnOneVers
   };
   std::vector<Req> reqs(4);
   const std::vector<int> start_step = {0, 0, 4, 6};
-  for (size_t i = 0; i < reqs.size(); ++i) reqs[i].prompt = {1, static_cast<int32_t>(20 + i), 33, 44};
+  for (size_t i = 0; i < reqs.size(); ++i)
+    reqs[i].prompt = {1, static_cast<int32_t>(20 + i), 33, 44};
   auto cache = runtime::KvCache::Create(c, {16, 32, 0}, e.model->runtime()).value();
   const int kTokens = 8;
   for (int step = 0; step < 20; ++step) {
@@ -153,7 +158,8 @@ TEST(AdapterRegistryTest, PublishingWhileRequestsDecodeKeepsEachRequestOnOneVers
         r.pin = e.registry->Get("live").value();  // Pinned for the request's lifetime.
         ASSERT_TRUE(cache->Reserve(r.kv, r.prompt.size() + kTokens).ok());
         batch.tokens.insert(batch.tokens.end(), r.prompt.begin(), r.prompt.end());
-        batch.sequences.push_back({&r.kv, static_cast<int64_t>(r.prompt.size()), false, &r.pin->weights});
+        batch.sequences.push_back(
+            {&r.kv, static_cast<int64_t>(r.prompt.size()), false, &r.pin->weights});
       } else {
         batch.tokens.push_back(r.out.back());
         batch.sequences.push_back({&r.kv, 1, false, &r.pin->weights});

@@ -1,9 +1,8 @@
 #include "collm/lora/lora_config.h"
 
 #include <cmath>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "gtest/gtest.h"
 
@@ -86,15 +85,15 @@ TEST(LoraConfigTest, ValidateErrorsNameTheField) {
             std::string::npos);
   EXPECT_NE(error([](LoraConfig& c) { c.alpha = 0; }).find("lora.alpha"), std::string::npos);
   EXPECT_NE(error([](LoraConfig& c) { c.alpha = NAN; }).find("lora.alpha"), std::string::npos);
-  EXPECT_NE(error([](LoraConfig& c) { c.alpha = INFINITY; }).find("lora.alpha"),
-            std::string::npos);
+  EXPECT_NE(error([](LoraConfig& c) { c.alpha = INFINITY; }).find("lora.alpha"), std::string::npos);
   EXPECT_NE(error([](LoraConfig& c) { c.dropout = 1.0; }).find("lora.dropout"), std::string::npos);
-  EXPECT_NE(error([](LoraConfig& c) { c.dropout = -0.1; }).find("lora.dropout"),
-            std::string::npos);
+  EXPECT_NE(error([](LoraConfig& c) { c.dropout = -0.1; }).find("lora.dropout"), std::string::npos);
   EXPECT_NE(error([](LoraConfig& c) { c.dropout = NAN; }).find("lora.dropout"), std::string::npos);
   EXPECT_NE(error([](LoraConfig& c) { c.targets.clear(); }).find("lora.targets"),
             std::string::npos);
-  EXPECT_EQ(error([](LoraConfig& c) { c.targets = {LoraTarget::kQ, LoraTarget::kQ}; }),
+  EXPECT_EQ(error([](LoraConfig& c) {
+              c.targets = {LoraTarget::kQ, LoraTarget::kQ};
+            }),
             "lora.targets lists q_proj twice");
 }
 

@@ -8,9 +8,8 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "absl/strings/str_join.h"
 #include "collm/runtime/llama_model.h"
@@ -25,14 +24,14 @@
 namespace collm::lora {
 namespace {
 
-using runtime::LoraTarget;
 using ::collm::testing::MakeTempDir;
 using ::collm::testing::ReadFileOrDie;
 using ::collm::testing::WriteFileOrDie;
+using runtime::LoraTarget;
 
-const std::vector<LoraTarget> kAllTargets = {LoraTarget::kQ,    LoraTarget::kK,  LoraTarget::kV,
-                                             LoraTarget::kO,    LoraTarget::kGate,
-                                             LoraTarget::kUp,   LoraTarget::kDown};
+const std::vector<LoraTarget> kAllTargets = {LoraTarget::kQ,   LoraTarget::kK,    LoraTarget::kV,
+                                             LoraTarget::kO,   LoraTarget::kGate, LoraTarget::kUp,
+                                             LoraTarget::kDown};
 
 // A PEFT-initialized adapter with B ~ N(0, 0.1^2) so that it changes the model.
 LoraAdapter RandomAdapter(const runtime::ModelConfig& model, std::vector<LoraTarget> targets,
@@ -107,8 +106,9 @@ void EditConfig(const std::string& dir, const std::string& key, const nlohmann::
   WriteFileOrDie(path, j.dump(2));
 }
 
-#define EXPECT_HAS(message, needle) \
-  EXPECT_NE((message).find(needle), std::string::npos) << "missing '" << (needle) << "' in: " << (message)
+#define EXPECT_HAS(message, needle)                    \
+  EXPECT_NE((message).find(needle), std::string::npos) \
+      << "missing '" << (needle) << "' in: " << (message)
 
 TEST(PeftIoTest, TensorNamesFollowPeft) {
   EXPECT_EQ(PeftTensorName(3, LoraTarget::kQ, true),
@@ -190,13 +190,11 @@ TEST(PeftIoTest, WritesGradTrackingTensors) {
 }
 
 TEST(PeftIoTest, RejectsMissingFiles) {
-  std::string m = ErrorAfter([](const std::string& dir) {
-    std::filesystem::remove(dir + "/adapter_config.json");
-  });
+  std::string m = ErrorAfter(
+      [](const std::string& dir) { std::filesystem::remove(dir + "/adapter_config.json"); });
   EXPECT_HAS(m, "adapter_config.json");
-  m = ErrorAfter([](const std::string& dir) {
-    std::filesystem::remove(dir + "/adapter_model.safetensors");
-  });
+  m = ErrorAfter(
+      [](const std::string& dir) { std::filesystem::remove(dir + "/adapter_model.safetensors"); });
   EXPECT_HAS(m, "adapter_model.safetensors");
   EXPECT_HAS(m, "no such file");
   auto missing_dir = ReadPeftAdapter("/nonexistent/adapter", runtime::TinyLlamaConfig());
@@ -204,9 +202,8 @@ TEST(PeftIoTest, RejectsMissingFiles) {
 }
 
 TEST(PeftIoTest, RejectsBadJson) {
-  const std::string m = ErrorAfter([](const std::string& dir) {
-    WriteFileOrDie(dir + "/adapter_config.json", "{\"r\": 4, ");
-  });
+  const std::string m = ErrorAfter(
+      [](const std::string& dir) { WriteFileOrDie(dir + "/adapter_config.json", "{\"r\": 4, "); });
   EXPECT_HAS(m, "adapter_config.json");
   EXPECT_HAS(m, "not valid JSON");
 }
@@ -292,7 +289,9 @@ TEST(PeftIoTest, RejectsUnexpectedTensors) {
   }
   // A module that exists but is not in target_modules.
   const std::string m = ErrorAfter([](const std::string& dir) {
-    EditTensors(dir, [](auto& t) { t[PeftTensorName(0, LoraTarget::kK, true)] = at::zeros({4, 64}); });
+    EditTensors(dir, [](auto& t) {
+      t[PeftTensorName(0, LoraTarget::kK, true)] = at::zeros({4, 64});
+    });
   });
   EXPECT_HAS(m, "layers.0.self_attn.k_proj.lora_A.weight' is for module k_proj, which is not in");
 }
@@ -344,10 +343,11 @@ TEST(PeftBlobTest, SameBytesAsTheFilesAndBitIdenticalRoundTrip) {
 // Serializes a valid q/v adapter for the tiny model, lets `corrupt` damage the blob, and returns
 // ParsePeftAdapter's error message.
 template <typename F>
-std::string BlobErrorAfter(F corrupt, const runtime::ModelConfig& model = runtime::TinyLlamaConfig()) {
-  PeftBlob blob =
-      SerializePeftAdapter(RandomAdapter(runtime::TinyLlamaConfig(), {LoraTarget::kQ, LoraTarget::kV}))
-          .value();
+std::string BlobErrorAfter(F corrupt,
+                           const runtime::ModelConfig& model = runtime::TinyLlamaConfig()) {
+  PeftBlob blob = SerializePeftAdapter(
+                      RandomAdapter(runtime::TinyLlamaConfig(), {LoraTarget::kQ, LoraTarget::kV}))
+                      .value();
   corrupt(blob);
   auto parsed = ParsePeftAdapter(blob, model, "update from dev-7");
   EXPECT_FALSE(parsed.ok());
@@ -355,7 +355,8 @@ std::string BlobErrorAfter(F corrupt, const runtime::ModelConfig& model = runtim
 }
 
 TEST(PeftBlobTest, RejectsTruncatedBlobs) {
-  std::string m = BlobErrorAfter([](PeftBlob& b) { b.safetensors.resize(b.safetensors.size() - 5); });
+  std::string m =
+      BlobErrorAfter([](PeftBlob& b) { b.safetensors.resize(b.safetensors.size() - 5); });
   EXPECT_HAS(m, "update from dev-7");
   EXPECT_HAS(m, "adapter_model.safetensors");
   EXPECT_HAS(m, "truncated");
@@ -417,9 +418,8 @@ std::string Python() {
 // The Python reference's logits of `model_dir` with `adapter_dir` merged in, [T, V] float64.
 at::Tensor ReferenceLogits(const std::string& model_dir, const std::string& adapter_dir,
                            const std::vector<int32_t>& tokens) {
-  auto r = collm::testing::RunCommand(Python() + " logits --model '" + model_dir +
-                                      "' --adapter '" + adapter_dir + "' --tokens " +
-                                      absl::StrJoin(tokens, ","));
+  auto r = collm::testing::RunCommand(Python() + " logits --model '" + model_dir + "' --adapter '" +
+                                      adapter_dir + "' --tokens " + absl::StrJoin(tokens, ","));
   auto j = nlohmann::json::parse(r.out, nullptr, false);
   if (r.exit_code != 0 || j.is_discarded() || !j.contains("logits")) {
     ADD_FAILURE() << "reference failed (needs Debian's python3-torch and python3-numpy): "
@@ -427,8 +427,8 @@ at::Tensor ReferenceLogits(const std::string& model_dir, const std::string& adap
     return {};
   }
   auto rows = j["logits"].get<std::vector<std::vector<double>>>();
-  at::Tensor t = at::empty({static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows[0].size())},
-                           at::kDouble);
+  at::Tensor t = at::empty(
+      {static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows[0].size())}, at::kDouble);
   for (size_t i = 0; i < rows.size(); ++i) {
     std::memcpy(t[i].data_ptr<double>(), rows[i].data(), rows[i].size() * sizeof(double));
   }
@@ -489,8 +489,8 @@ TEST(PeftReferenceTest, OurAdapterMatchesMergedPythonReference) {
     ExpectMatchesReference(model_dir, dir, Tokens(40), 1e-4);
   }
   const std::string dir = MakeTempDir("collm-peft");
-  ASSERT_TRUE(WritePeftAdapter(dir, RandomAdapter(model, {LoraTarget::kV, LoraTarget::kDown}, 3,
-                                                  5, false, 4))
+  ASSERT_TRUE(WritePeftAdapter(
+                  dir, RandomAdapter(model, {LoraTarget::kV, LoraTarget::kDown}, 3, 5, false, 4))
                   .ok());
   ExpectMatchesReference(model_dir, dir, Tokens(25), 1e-4);
 }
@@ -533,7 +533,8 @@ TEST(PeftReferenceTest, Stories260KBothDirections) {
   ExpectMatchesReference(model_dir, ours, tokens, 1e-3);
   // HF-style -> ours.
   const std::string theirs = MakeTempDir("collm-peft");
-  PythonWriteAdapter(model_dir, theirs, "--r 8 --alpha 32 --targets q_proj,v_proj,down_proj --seed 10");
+  PythonWriteAdapter(model_dir, theirs,
+                     "--r 8 --alpha 32 --targets q_proj,v_proj,down_proj --seed 10");
   ExpectMatchesReference(model_dir, theirs, tokens, 1e-3);
 }
 

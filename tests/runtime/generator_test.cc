@@ -35,9 +35,10 @@ GenerationRequest Request(const Tokenizer& tok, const std::string& prompt, float
 TEST(GeneratorTest, SeededSamplingIsReproducibleAndBatchIndependent) {
   Fixture f = LoadTiny();
   Generator gen(f.model, f.tokenizer.get());
-  std::vector<GenerationRequest> reqs = {Request(*f.tokenizer, "Once upon a time", 1.0, 7, 20),
-                                         Request(*f.tokenizer, "The cat", 1.0, 8, 12),
-                                         Request(*f.tokenizer, "A dog ran to the park and", 0, 0, 16)};
+  std::vector<GenerationRequest> reqs = {
+      Request(*f.tokenizer, "Once upon a time", 1.0, 7, 20),
+      Request(*f.tokenizer, "The cat", 1.0, 8, 12),
+      Request(*f.tokenizer, "A dog ran to the park and", 0, 0, 16)};
   auto batched = gen.Generate(reqs).value();
   auto again = gen.Generate(reqs).value();
   for (size_t i = 0; i < reqs.size(); ++i) {
@@ -105,7 +106,8 @@ TEST(GeneratorTest, EosFinishesAndIsNotEmitted) {
   req.params.ignore_eos = false;
   auto r = gen2.Generate({req}).value()[0];
   EXPECT_EQ(r.finish_reason, FinishReason::kEos);
-  const size_t first_eos = std::find(base.tokens.begin(), base.tokens.end(), eos) - base.tokens.begin();
+  const size_t first_eos =
+      std::find(base.tokens.begin(), base.tokens.end(), eos) - base.tokens.begin();
   EXPECT_EQ(r.tokens, std::vector<int32_t>(base.tokens.begin(), base.tokens.begin() + first_eos));
 }
 

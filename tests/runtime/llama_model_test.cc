@@ -98,11 +98,13 @@ TEST(LlamaModelTest, BatchedStepEqualsEachSequenceAlone) {
     ForwardOptions options{reference};
     auto cache = KvCache::Create(model->config(), {4, 128, 0}, model->runtime()).value();
     std::vector<SequenceKv> kvs(seqs.size());
-    for (size_t i = 0; i < seqs.size(); ++i) ASSERT_TRUE(cache->Reserve(kvs[i], seqs[i].size()).ok());
+    for (size_t i = 0; i < seqs.size(); ++i)
+      ASSERT_TRUE(cache->Reserve(kvs[i], seqs[i].size()).ok());
     // One step prefills all prompts together.
     StepBatch prefill;
     for (size_t i = 0; i < seqs.size(); ++i) {
-      prefill.tokens.insert(prefill.tokens.end(), seqs[i].begin(), seqs[i].begin() + prompt_lengths[i]);
+      prefill.tokens.insert(prefill.tokens.end(), seqs[i].begin(),
+                            seqs[i].begin() + prompt_lengths[i]);
       prefill.sequences.push_back({&kvs[i], prompt_lengths[i], false});
     }
     auto batched = model->Forward(prefill, *cache, options);

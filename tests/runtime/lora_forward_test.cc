@@ -14,10 +14,9 @@ namespace collm::runtime {
 namespace {
 
 LoraFactors RandomFactors(const ModelConfig& c, int rank, double scale, uint64_t seed,
-                          std::vector<LoraTarget> targets = {LoraTarget::kQ, LoraTarget::kK,
-                                                             LoraTarget::kV, LoraTarget::kO,
-                                                             LoraTarget::kGate, LoraTarget::kUp,
-                                                             LoraTarget::kDown}) {
+                          std::vector<LoraTarget> targets = {
+                              LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV, LoraTarget::kO,
+                              LoraTarget::kGate, LoraTarget::kUp, LoraTarget::kDown}) {
   at::manual_seed(seed);
   LoraFactors f;
   f.scale = scale;
@@ -42,9 +41,8 @@ std::shared_ptr<const LlamaModel> MergedModel(const std::string& dir, const Lora
     ConvertToFloat32(v, t.data_ptr<float>());
     tensors[name] = t;
   }
-  const char* module_prefix[kNumLoraTargets] = {"self_attn.", "self_attn.", "self_attn.",
-                                                "self_attn.", "mlp.",       "mlp.",
-                                                "mlp."};
+  const char* module_prefix[kNumLoraTargets] = {
+      "self_attn.", "self_attn.", "self_attn.", "self_attn.", "mlp.", "mlp.", "mlp."};
   for (size_t l = 0; l < f.layers.size(); ++l) {
     for (int t = 0; t < kNumLoraTargets; ++t) {
       const auto& p = f.layers[l][t];
@@ -73,7 +71,9 @@ std::vector<int32_t> Tokens(int n, uint32_t seed) {
   return t;
 }
 
-double MaxDiff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+double MaxDiff(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
 
 TEST(LoraForwardTest, UnmergedEqualsMergedOnEveryTarget) {
   const std::string dir = collm::testing::TinyModelDir();
@@ -106,10 +106,11 @@ TEST(LoraForwardTest, MixedAdapterBatchEqualsEachRequestAlone) {
   auto model = LlamaModel::Load(collm::testing::TinyModelDir(), RuntimeOptions{}).value();
   const ModelConfig& c = model->config();
   std::vector<LoraWeights> adapters;
-  for (int i = 0; i < 3; ++i) adapters.push_back(FuseLora(c, RandomFactors(c, 2 + 2 * i, 1.0, 10 + i)).value());
+  for (int i = 0; i < 3; ++i)
+    adapters.push_back(FuseLora(c, RandomFactors(c, 2 + 2 * i, 1.0, 10 + i)).value());
   // Six sequences: adapters 0,1,0,none,2,1 — so groups are non-contiguous.
-  const std::vector<const LoraWeights*> use = {&adapters[0], &adapters[1], &adapters[0], nullptr,
-                                               &adapters[2], &adapters[1]};
+  const std::vector<const LoraWeights*> use = {&adapters[0], &adapters[1], &adapters[0],
+                                               nullptr,      &adapters[2], &adapters[1]};
   const std::vector<int> lengths = {5, 9, 1, 7, 12, 3};
   for (bool reference : {false, true}) {
     auto cache = KvCache::Create(c, {8, 64, 0}, model->runtime()).value();

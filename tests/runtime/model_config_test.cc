@@ -27,17 +27,28 @@ TEST(ModelConfigTest, ParsesDefaultsAndDerivedSizes) {
   EXPECT_EQ(c.kv_size(), 32);
   EXPECT_FALSE(c.qkv_bias);
   EXPECT_EQ(c.eos_token_ids, std::vector<int32_t>{2});
-  auto l3 = ModelConfig::FromJson(With(R"(,"eos_token_id":[2,3],"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192})")).value();
+  auto l3 =
+      ModelConfig::FromJson(
+          With(
+              R"(,"eos_token_id":[2,3],"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192})"))
+          .value();
   EXPECT_EQ(l3.eos_token_ids, (std::vector<int32_t>{2, 3}));
   EXPECT_EQ(l3.rope_scaling.type, "llama3");
 }
 
 TEST(ModelConfigTest, QwenHasQkvBiasMistralWindowCapsContext) {
-  auto q = ModelConfig::FromJson(With(R"(,"model_type":"qwen2","use_sliding_window":false,"sliding_window":64,"max_position_embeddings":1024)")).value();
+  auto q =
+      ModelConfig::FromJson(
+          With(
+              R"(,"model_type":"qwen2","use_sliding_window":false,"sliding_window":64,"max_position_embeddings":1024)"))
+          .value();
   EXPECT_TRUE(q.qkv_bias);
   EXPECT_FALSE(q.o_bias);
   EXPECT_EQ(q.max_position_embeddings, 1024);
-  auto m = ModelConfig::FromJson(With(R"(,"model_type":"mistral","sliding_window":256,"max_position_embeddings":1024)")).value();
+  auto m =
+      ModelConfig::FromJson(
+          With(R"(,"model_type":"mistral","sliding_window":256,"max_position_embeddings":1024)"))
+          .value();
   EXPECT_EQ(m.max_position_embeddings, 256);
 }
 

@@ -5,7 +5,6 @@
 #include <array>
 #include <cstdio>
 #include <memory>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_join.h"
@@ -40,8 +39,8 @@ at::Tensor ReferenceLogits(const std::string& model_dir, const std::vector<int32
     return {};
   }
   auto rows = j["logits"].get<std::vector<std::vector<double>>>();
-  at::Tensor t = at::empty({static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows[0].size())},
-                           at::kDouble);
+  at::Tensor t = at::empty(
+      {static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows[0].size())}, at::kDouble);
   for (size_t r = 0; r < rows.size(); ++r) {
     std::memcpy(t[r].data_ptr<double>(), rows[r].data(), rows[r].size() * sizeof(double));
   }
@@ -57,7 +56,8 @@ at::Tensor OurLogits(const LlamaModel& model, const std::vector<int32_t>& tokens
       .to(at::kDouble);
 }
 
-void ExpectMatchesReference(const std::string& dir, const std::vector<int32_t>& tokens, double tol) {
+void ExpectMatchesReference(const std::string& dir, const std::vector<int32_t>& tokens,
+                            double tol) {
   auto model = LlamaModel::Load(dir, RuntimeOptions{}).value();
   at::Tensor ref = ReferenceLogits(dir, tokens);
   ASSERT_TRUE(ref.defined());

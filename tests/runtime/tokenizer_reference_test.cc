@@ -2,9 +2,8 @@
 // from Debian), on real tokenizers and on the tiny tokenizer collm trains and serializes itself.
 #include <cstdio>
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "collm/runtime/tokenizer.h"
 #include "gtest/gtest.h"
@@ -22,10 +21,12 @@ const std::vector<std::string>& TrickyTexts() {
       "  two  leading and   inner spaces  ",
       "Tabs\tand\nnewlines\n\nhere",
       "Numbers 1234567 and 3.14159, dates 2023-11-16!",
-      "Unicode: caf\xC3\xA9 na\xC3\xAFve \xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E \xF0\x9F\x98\x80 emoji",
+      "Unicode: caf\xC3\xA9 na\xC3\xAFve \xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E \xF0\x9F\x98\x80 "
+      "emoji",
       "GSM8K: Natalia sold clips to 48 of her friends in April, and then she sold half as many "
       "clips in May. <<48/2=24>> #### 72",
-      "\xE2\x96\x81" "already escaped \xE2\x96\x81",
+      "\xE2\x96\x81"
+      "already escaped \xE2\x96\x81",
       "<s> literal control text </s> <unk>",
       "x",
       "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX!",
@@ -58,7 +59,8 @@ void CompareWithSentencePiece(const std::string& model_path, uint32_t seed) {
   auto out = nlohmann::json::parse(r.out);
   for (size_t i = 0; i < TrickyTexts().size(); ++i) {
     const auto expected = out["encode"][i].get<std::vector<int32_t>>();
-    EXPECT_EQ((*tok)->Encode(TrickyTexts()[i], false), expected) << "text: '" << TrickyTexts()[i] << "'";
+    EXPECT_EQ((*tok)->Encode(TrickyTexts()[i], false), expected)
+        << "text: '" << TrickyTexts()[i] << "'";
   }
   for (size_t i = 0; i < id_lists.size(); ++i) {
     EXPECT_EQ((*tok)->Decode(id_lists[i]), out["decode"][i].get<std::string>())

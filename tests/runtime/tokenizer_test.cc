@@ -68,8 +68,9 @@ bool EndsInsideUtf8Sequence(const std::string& text) {
 void CheckIncrementalMatchesDecode(const Tokenizer& tokenizer, uint64_t seed, int trials) {
   std::mt19937_64 rng(seed);
   auto pick = [&rng](size_t n) { return static_cast<size_t>(rng() % n); };
-  const std::vector<std::string> words = {"Once", " upon", " a time", ", said", " Mira", "\n",
-                                          " 42", "!", " ", "  two  spaces", "é", " 世界"};
+  const std::vector<std::string> words = {"Once", " upon", " a time", ", said", " Mira",
+                                          "\n",   " 42",   "!",       " ",      "  two  spaces",
+                                          "é",    " 世界"};
   const std::vector<std::string> chars = {"é", "ñ", "世", "界", "🙂", "🚀", "€", "ß", "한"};
   const int32_t space_id = PieceId(tokenizer, "\xE2\x96\x81");
   const int32_t vocab = tokenizer.vocab_size();

@@ -41,11 +41,11 @@ class ScriptedAggregator final : public fl_v1::FederationService::Service {
   std::mutex mu;
   std::map<int64_t, lora::PeftBlob> globals;  // version -> blob.
   std::optional<fl_v1::RoundTask> task;
-  std::map<std::string, int64_t> sessions;    // session -> device registrations.
+  std::map<std::string, int64_t> sessions;  // session -> device registrations.
   std::vector<Upload> uploads;
   std::vector<fl_v1::DeviceTelemetry> telemetry;
   std::vector<fl_v1::DeviceCapabilities> registered;
-  std::string reject_reason;                  // Non-empty: refuse uploads with it.
+  std::string reject_reason;  // Non-empty: refuse uploads with it.
   bool corrupt_sha = false;
   int64_t fetch_chunk = 700;
   int64_t fetches = 0;
@@ -117,7 +117,8 @@ class ScriptedAggregator final : public fl_v1::FederationService::Service {
       if (!globals.count(v)) return grpc::Status(grpc::StatusCode::NOT_FOUND, "no such version");
       blob = globals[v];
       head.mutable_header()->set_version(v);
-      head.mutable_header()->set_sha256(corrupt_sha ? std::string(64, '0') : federation::Sha256Hex(blob.safetensors));
+      head.mutable_header()->set_sha256(corrupt_sha ? std::string(64, '0')
+                                                    : federation::Sha256Hex(blob.safetensors));
       chunk_size = fetch_chunk;
     }
     head.mutable_header()->set_config_json(blob.config_json);
@@ -143,7 +144,8 @@ class Server {
   }
   ~Server() { Stop(); }
   void Stop() {
-    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+    if (server_)
+      server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
     server_.reset();
   }
   int port() const { return port_; }

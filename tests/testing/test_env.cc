@@ -83,8 +83,7 @@ std::string ResolveSharedPath(const char* env_var, const std::string& relative,
   }
   fs::path path = fs::path(root) / relative;
   if (!fs::exists(path)) {
-    *error = std::string(env_var) + "=" + root + " is set but " + path.string() +
-             " does not exist";
+    *error = std::string(env_var) + "=" + root + " is set but " + path.string() + " does not exist";
     return "";
   }
   return path.string();

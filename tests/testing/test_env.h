@@ -27,14 +27,13 @@ std::string ResolveSharedPath(const char* env_var, const std::string& relative,
 }  // namespace collm::testing
 
 // Declares `std::string var` = $COLLM_MODELS_DIR/relative, skipping or failing as described above.
-#define COLLM_REQUIRE_SHARED(var, env_var, relative)                                \
-  std::string var;                                                                  \
-  do {                                                                              \
-    std::string collm_skip_, collm_err_;                                            \
-    var = ::collm::testing::ResolveSharedPath(env_var, relative, &collm_skip_,      \
-                                              &collm_err_);                         \
-    if (!collm_err_.empty()) FAIL() << collm_err_;                                  \
-    if (!collm_skip_.empty()) GTEST_SKIP() << collm_skip_;                          \
+#define COLLM_REQUIRE_SHARED(var, env_var, relative)                                         \
+  std::string var;                                                                           \
+  do {                                                                                       \
+    std::string collm_skip_, collm_err_;                                                     \
+    var = ::collm::testing::ResolveSharedPath(env_var, relative, &collm_skip_, &collm_err_); \
+    if (!collm_err_.empty()) FAIL() << collm_err_;                                           \
+    if (!collm_skip_.empty()) GTEST_SKIP() << collm_skip_;                                   \
   } while (0)
 
 #define COLLM_REQUIRE_MODEL_FILE(var, relative) \

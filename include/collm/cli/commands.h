@@ -14,10 +14,10 @@
 namespace collm::cli {
 
 struct GenerateArgs {
-  std::string model_dir;  // Empty: the tiny random model (offline default).
-  std::string adapter_dir;  // PEFT adapter served unmerged; empty = base model.
-  std::string daemon;       // host:port of a running collmd: stream from it instead of locally.
-  std::string adapter_name; // With --daemon: the daemon's adapter to use ("" = its default).
+  std::string model_dir;     // Empty: the tiny random model (offline default).
+  std::string adapter_dir;   // PEFT adapter served unmerged; empty = base model.
+  std::string daemon;        // host:port of a running collmd: stream from it instead of locally.
+  std::string adapter_name;  // With --daemon: the daemon's adapter to use ("" = its default).
   std::string prompt = "Once upon a time";
   int max_tokens = 64;
   float temperature = 0.8f;
@@ -53,8 +53,8 @@ void AddRandomModelCommand(CLI::App& app, RandomModelArgs& args, int& exit_code)
 
 struct FinetuneArgs {
   std::string model_dir;
-  std::string data_path;       // JSONL (or JSON array) file.
-  std::string out_dir;         // PEFT adapter output.
+  std::string data_path;  // JSONL (or JSON array) file.
+  std::string out_dir;    // PEFT adapter output.
   int64_t steps = 100;
   int rank = 8;
   double alpha = 16;
@@ -78,23 +78,23 @@ struct FinetuneArgs {
   std::string text_field = "text";
   std::string messages_field = "messages";
   std::string prompt_template = "{prompt}\n";
-  std::string init_adapter;    // Start from this PEFT adapter instead of a fresh one.
-  bool progress = true;        // Progress bar on stderr.
+  std::string init_adapter;  // Start from this PEFT adapter instead of a fresh one.
+  bool progress = true;      // Progress bar on stderr.
 };
 
 // Trains a LoRA adapter locally; progress on `err`, held-out loss before/after on `out`.
 int RunFinetune(const FinetuneArgs& args, std::ostream& out, std::ostream& err);
 void AddFinetuneCommand(CLI::App& app, FinetuneArgs& args, int& exit_code);
 
-// `collmctl fed ...`: operator commands against a running collm-aggregator (FederationAdminService).
-// Verbs: status | devices | rounds | rounds watch | round show N | start | pause | resume |
-// policy set --rounds .. | adapter pull VERSION --out DIR. Human tables by default, --json for
-// scripts (the proto messages as JSON, field names as in federation.proto).
+// `collmctl fed ...`: operator commands against a running collm-aggregator
+// (FederationAdminService). Verbs: status | devices | rounds | rounds watch | round show N | start
+// | pause | resume | policy set --rounds .. | adapter pull VERSION --out DIR. Human tables by
+// default, --json for scripts (the proto messages as JSON, field names as in federation.proto).
 struct FedArgs {
   std::string aggregator = "127.0.0.1:7070";  // host:port.
-  std::string token;      // Admin token; "" = $COLLM_ADMIN_TOKEN.
-  std::string tls_ca;     // PEM CA to verify the aggregator; any TLS flag turns TLS on.
-  std::string tls_cert;   // Client certificate (mutual TLS).
+  std::string token;                          // Admin token; "" = $COLLM_ADMIN_TOKEN.
+  std::string tls_ca;    // PEM CA to verify the aggregator; any TLS flag turns TLS on.
+  std::string tls_cert;  // Client certificate (mutual TLS).
   std::string tls_key;
   bool json = false;
   double timeout_s = 10;  // Per unary call.

@@ -7,13 +7,13 @@ namespace collm::internal {
 [[noreturn]] void CheckFailed(const char* file, int line, const char* expr, const char* msg);
 }  // namespace collm::internal
 
-#define COLLM_CHECK(cond)                                                    \
-  do {                                                                       \
+#define COLLM_CHECK(cond)                                                       \
+  do {                                                                          \
     if (!(cond)) ::collm::internal::CheckFailed(__FILE__, __LINE__, #cond, ""); \
   } while (0)
 
-#define COLLM_CHECK_MSG(cond, msg)                                             \
-  do {                                                                         \
+#define COLLM_CHECK_MSG(cond, msg)                                               \
+  do {                                                                           \
     if (!(cond)) ::collm::internal::CheckFailed(__FILE__, __LINE__, #cond, msg); \
   } while (0)
 

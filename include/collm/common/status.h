@@ -13,10 +13,10 @@
 #define COLLM_CONCAT_(a, b) COLLM_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` yields a non-OK absl::Status.
-#define COLLM_RETURN_IF_ERROR(expr)                  \
-  do {                                               \
-    ::absl::Status collm_status_ = (expr);           \
-    if (!collm_status_.ok()) return collm_status_;   \
+#define COLLM_RETURN_IF_ERROR(expr)                \
+  do {                                             \
+    ::absl::Status collm_status_ = (expr);         \
+    if (!collm_status_.ok()) return collm_status_; \
   } while (0)
 
 // `COLLM_ASSIGN_OR_RETURN(auto x, MaybeX());` declares x from an OK StatusOr or returns its

@@ -33,13 +33,13 @@ struct AggregatorConfig {
   uint64_t seed = 0;                       // Fresh adapter init and participant sampling.
   int64_t heartbeat_interval_ms = 5000;
   int64_t offline_after_missed = 3;
-  int64_t max_update_bytes = 256 << 20;    // Largest accepted update payload.
-  int64_t tick_ms = 200;                   // How often deadlines and round openings are checked.
-  bool auto_start = false;                 // Start running rounds on a fresh state dir.
-  v1::FederationPolicy policy;             // Only the keys given are set (defaults fill the rest).
+  int64_t max_update_bytes = 256 << 20;  // Largest accepted update payload.
+  int64_t tick_ms = 200;                 // How often deadlines and round openings are checked.
+  bool auto_start = false;               // Start running rounds on a fresh state dir.
+  v1::FederationPolicy policy;           // Only the keys given are set (defaults fill the rest).
   AggregatorTlsConfig tls;
-  std::string admin_token;                 // Bearer token for admin calls ("" = none).
-  std::string admin_token_file;            // Read the token from this file instead.
+  std::string admin_token;       // Bearer token for admin calls ("" = none).
+  std::string admin_token_file;  // Read the token from this file instead.
   LoggingOptions logging;
   double shutdown_grace_seconds = 5;
 

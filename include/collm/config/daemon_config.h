@@ -26,10 +26,10 @@ struct TrainingConfig {
   // Local JSONL/JSON files (relative to the config file). Empty with enabled = feedback-only
   // training (examples from SubmitFeedback; then feedback_capacity must be > 0).
   std::vector<std::string> data;
-  engine::DatasetOptions dataset;      // Fields, template, max_length, held_out_fraction, seed.
-  lora::LoraConfig lora;               // Shadow adapter shape (when not starting from one).
-  std::string adapter_name = "live";   // Registry name the shadow publishes to.
-  std::string init_adapter;            // PEFT dir to start from; "" = fresh adapter.
+  engine::DatasetOptions dataset;     // Fields, template, max_length, held_out_fraction, seed.
+  lora::LoraConfig lora;              // Shadow adapter shape (when not starting from one).
+  std::string adapter_name = "live";  // Registry name the shadow publishes to.
+  std::string init_adapter;           // PEFT dir to start from; "" = fresh adapter.
   engine::TrainerOptions trainer;
   engine::PublishOptions publish;
   std::string checkpoint_dir;          // Shadow checkpoints (resume after restart); "" = none.
@@ -50,48 +50,49 @@ struct MetricsConfig {
 // Taking part in federated fine-tuning: collmd connects out to a collm-aggregator, trains its
 // shadow adapter for each round's budget and uploads the result (see federation/fl_client.h).
 struct FederationTlsConfig {
-  bool enabled = false;      // TLS to the aggregator; false = plaintext (loopback/testing only).
-  std::string ca;            // PEM CA bundle that signed the aggregator's certificate; "" = system roots.
-  std::string cert;          // PEM client certificate for mutual TLS; with `key`, or neither.
-  std::string key;           // PEM private key of `cert`.
-  std::string server_name;   // Name to verify in the aggregator's certificate; "" = the host.
+  bool enabled = false;  // TLS to the aggregator; false = plaintext (loopback/testing only).
+  std::string ca;    // PEM CA bundle that signed the aggregator's certificate; "" = system roots.
+  std::string cert;  // PEM client certificate for mutual TLS; with `key`, or neither.
+  std::string key;   // PEM private key of `cert`.
+  std::string server_name;  // Name to verify in the aggregator's certificate; "" = the host.
 };
 
 struct FederationConfig {
   bool enabled = false;
-  std::string aggregator;                 // host:port of collm-aggregator (required when enabled).
-  std::string device_id;                  // Stable id, [A-Za-z0-9._-]{1,64} (required when enabled).
+  std::string aggregator;  // host:port of collm-aggregator (required when enabled).
+  std::string device_id;   // Stable id, [A-Za-z0-9._-]{1,64} (required when enabled).
   FederationTlsConfig tls;
-  double heartbeat_seconds = 5;           // Until the aggregator says otherwise at Register; > 0.
-  double backoff_initial_seconds = 0.5;   // First retry delay after a failed call; > 0.
-  double backoff_max_seconds = 30;        // Retry delays double up to this (with jitter); >= initial.
-  double rpc_timeout_seconds = 30;        // Deadline of each unary call and of each transfer; > 0.
-  int64_t upload_chunk_bytes = 1 << 20;   // Adapter bytes per streamed message; (0, 64 MiB].
+  double heartbeat_seconds = 5;          // Until the aggregator says otherwise at Register; > 0.
+  double backoff_initial_seconds = 0.5;  // First retry delay after a failed call; > 0.
+  double backoff_max_seconds = 30;  // Retry delays double up to this (with jitter); >= initial.
+  double rpc_timeout_seconds = 30;  // Deadline of each unary call and of each transfer; > 0.
+  int64_t upload_chunk_bytes = 1 << 20;  // Adapter bytes per streamed message; (0, 64 MiB].
   std::string install_global = "shadow_and_live";  // "shadow": new global versions go into the
-                                          // shadow only; "shadow_and_live": also into the live
-                                          // adapter when it passes the quality gate.
-  double task_training_share = 0.5;       // Training share for a round task that names none; (0, 1].
+                                                   // shadow only; "shadow_and_live": also into the
+                                                   // live adapter when it passes the quality gate.
+  double task_training_share = 0.5;  // Training share for a round task that names none; (0, 1].
 };
 
 struct DaemonConfig {
-  std::string model_dir;                      // HF model directory (required).
+  std::string model_dir;  // HF model directory (required).
   runtime::RuntimeOptions runtime;
   engine::EngineOptions engine;
-  runtime::SamplingParams default_sampling;   // For fields a request leaves unset.
+  runtime::SamplingParams default_sampling;     // For fields a request leaves unset.
   std::map<std::string, std::string> adapters;  // name -> PEFT dir, loaded at start.
   TrainingConfig training;
   FederationConfig federation;
   ServerConfig server;
   MetricsConfig metrics;
   LoggingOptions logging;
-  double shutdown_grace_seconds = 10;         // Drain time on SIGTERM/SIGINT.
+  double shutdown_grace_seconds = 10;  // Drain time on SIGTERM/SIGINT.
 
   // Parses YAML text. Every value may use ${VAR} or ${VAR:-default} (an unset VAR without a
   // default is an error; "$${" is a literal "${"). Paths (model, adapters, training.data,
-  // training.init_adapter, training.checkpoint_dir, federation.tls.{ca,cert,key}) expand a leading "~/" to $HOME; relative ones
-  // resolve against `base_dir` ("" = leave them relative). Errors are InvalidArgument naming the
-  // key path; YAML syntax errors give "line L, column C" (1-based).
-  static absl::StatusOr<DaemonConfig> FromYaml(const std::string& yaml, const std::string& base_dir);
+  // training.init_adapter, training.checkpoint_dir, federation.tls.{ca,cert,key}) expand a leading
+  // "~/" to $HOME; relative ones resolve against `base_dir` ("" = leave them relative). Errors are
+  // InvalidArgument naming the key path; YAML syntax errors give "line L, column C" (1-based).
+  static absl::StatusOr<DaemonConfig> FromYaml(const std::string& yaml,
+                                               const std::string& base_dir);
   // FromYaml on the file's text with base_dir = the file's (absolute) directory; errors are
   // prefixed with "PATH: ". NotFound when the file does not exist.
   static absl::StatusOr<DaemonConfig> FromFile(const std::string& path);

@@ -46,8 +46,8 @@ struct EngineOptions {
   int64_t max_running = 32;       // Sequences in the running batch at most; > 0.
   int64_t max_queued = 128;       // Waiting requests at most; more are refused at once; > 0.
   runtime::KvCacheOptions kv_cache;
-  std::string default_adapter;    // Adapter for requests that name none; "" = base model.
-  SloTarget default_slo;          // For requests without an SLO class.
+  std::string default_adapter;  // Adapter for requests that name none; "" = base model.
+  SloTarget default_slo;        // For requests without an SLO class.
   std::map<std::string, SloTarget> slo_classes;
 
   // Co-execution (fast timescale). PEFT micro-steps on the shadow adapter run in the same loop
@@ -67,20 +67,20 @@ struct EngineOptions {
 // Where training examples come from: feedback from served requests first, then the dataset.
 struct TrainingSetup {
   std::unique_ptr<PeftTrainer> trainer;
-  std::vector<TrainingExample> dataset;          // Local training data (may be empty).
-  std::shared_ptr<InteractionBuffer> feedback;   // May be null.
-  std::unique_ptr<ShadowPublisher> publisher;    // May be null: never publish.
+  std::vector<TrainingExample> dataset;         // Local training data (may be empty).
+  std::shared_ptr<InteractionBuffer> feedback;  // May be null.
+  std::unique_ptr<ShadowPublisher> publisher;   // May be null: never publish.
   uint64_t seed = 0;
   std::string checkpoint_dir;          // Periodic shadow checkpoints go here ("" = none) ...
   int64_t checkpoint_every_steps = 0;  // ... every N optimizer steps (0 = never periodic).
 };
 
 struct EngineRequest {
-  std::vector<int32_t> prompt;     // Token ids (BOS included if wanted); non-empty.
+  std::vector<int32_t> prompt;  // Token ids (BOS included if wanted); non-empty.
   runtime::SamplingParams params;
-  std::string adapter;             // Registry name; "" = options.default_adapter.
-  std::string slo_class;           // "" = options.default_slo.
-  int64_t deadline_nanos = 0;      // Engine clock time after which the request is dropped; 0 = none.
+  std::string adapter;         // Registry name; "" = options.default_adapter.
+  std::string slo_class;       // "" = options.default_slo.
+  int64_t deadline_nanos = 0;  // Engine clock time after which the request is dropped; 0 = none.
 };
 
 struct RequestResult {
@@ -88,12 +88,12 @@ struct RequestResult {
   runtime::FinishReason finish_reason = runtime::FinishReason::kLength;
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
-  std::string adapter;        // "" = base model.
+  std::string adapter;  // "" = base model.
   int64_t adapter_version = 0;
-  double ttft_seconds = 0;    // Submit to first token.
-  double tpot_seconds = 0;    // Mean between output tokens after the first.
+  double ttft_seconds = 0;  // Submit to first token.
+  double tpot_seconds = 0;  // Mean between output tokens after the first.
   double e2e_seconds = 0;
-  bool slo_met = false;       // TTFT and TPOT within the request's SLO.
+  bool slo_met = false;  // TTFT and TPOT within the request's SLO.
 };
 
 // Receives one request's output, on the engine thread: implementations must not block.
@@ -122,17 +122,17 @@ struct EngineStats {
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
   // Training.
-  int64_t train_phases = 0;         // Micro-step phases run (one decoder layer forward/backward).
+  int64_t train_phases = 0;  // Micro-step phases run (one decoder layer forward/backward).
   int64_t train_micro_steps = 0;
   int64_t train_optimizer_steps = 0;
   int64_t train_examples = 0;
-  int64_t train_tokens = 0;         // Tokens forwarded by completed optimizer steps.
-  int64_t train_guard_blocked = 0;  // Phases not run because an SLO would be missed.
-  double train_loss = 0;            // Loss of the last optimizer step.
-  double train_time_share = 0;      // Measured share of busy time spent training (EWMA).
-  double train_step_seconds = 0;    // EWMA cost of one micro-step.
-  double infer_step_seconds = 0;    // EWMA cost of one inference step.
-  double training_share = 0;        // Current target share (EngineOptions or SetTrainingShare).
+  int64_t train_tokens = 0;           // Tokens forwarded by completed optimizer steps.
+  int64_t train_guard_blocked = 0;    // Phases not run because an SLO would be missed.
+  double train_loss = 0;              // Loss of the last optimizer step.
+  double train_time_share = 0;        // Measured share of busy time spent training (EWMA).
+  double train_step_seconds = 0;      // EWMA cost of one micro-step.
+  double infer_step_seconds = 0;      // EWMA cost of one inference step.
+  double training_share = 0;          // Current target share (EngineOptions or SetTrainingShare).
   bool training_task_active = false;  // A RunTrainingTask budget is being trained.
   PublishStats publish;
 };
@@ -165,10 +165,10 @@ struct InstallOptions {
 };
 
 struct InstallResult {
-  absl::Status status;          // Load or publish error; FailedPrecondition without training.
-  bool published = false;       // The quality gate let it go live.
-  std::string decision;         // The gate's reason.
-  double held_out_loss = -1;    // Of the installed adapter; < 0 = not measured.
+  absl::Status status;        // Load or publish error; FailedPrecondition without training.
+  bool published = false;     // The quality gate let it go live.
+  std::string decision;       // The gate's reason.
+  double held_out_loss = -1;  // Of the installed adapter; < 0 = not measured.
 };
 
 // Thread-safe: Submit, Cancel, Stats and Shutdown may be called from any thread.
@@ -280,25 +280,25 @@ class Engine {
   // Training state, engine thread only.
   TrainingSetup training_;
   std::unique_ptr<ExampleSampler> sampler_;
-  double infer_cost_ = 0;   // EWMA seconds per inference step.
-  double train_cost_ = 0;   // EWMA seconds per whole training micro-step (0 = not measured yet).
-  std::vector<double> phase_cost_;  // EWMA seconds per padded token of each phase (0 = unknown).
+  double infer_cost_ = 0;  // EWMA seconds per inference step.
+  double train_cost_ = 0;  // EWMA seconds per whole training micro-step (0 = not measured yet).
+  std::vector<double> phase_cost_;    // EWMA seconds per padded token of each phase (0 = unknown).
   std::deque<TrainingExample> pool_;  // Drawn examples waiting for a micro-step they fit.
-  double micro_step_seconds_ = 0;   // Spent on the micro-step in flight so far.
-  double eval_cost_ = 0;            // EWMA seconds per held-out example evaluated for a publish.
+  double micro_step_seconds_ = 0;     // Spent on the micro-step in flight so far.
+  double eval_cost_ = 0;              // EWMA seconds per held-out example evaluated for a publish.
   static constexpr int64_t kEvalSliceExamples = 8;  // Held-out examples per slice at most.
-  double ArrivalRate(int64_t now) const;  // Requests/s, recent; needs mu_.
-  double interarrival_ = 0;               // EWMA seconds between submits; guarded by mu_.
-  int64_t last_submit_nanos_ = 0;         // Guarded by mu_.
-  double busy_infer_ = 0;   // EWMA of inference seconds per loop iteration.
-  double busy_train_ = 0;   // EWMA of training seconds per loop iteration.
+  double ArrivalRate(int64_t now) const;            // Requests/s, recent; needs mu_.
+  double interarrival_ = 0;                         // EWMA seconds between submits; guarded by mu_.
+  int64_t last_submit_nanos_ = 0;                   // Guarded by mu_.
+  double busy_infer_ = 0;                           // EWMA of inference seconds per loop iteration.
+  double busy_train_ = 0;                           // EWMA of training seconds per loop iteration.
   double last_infer_seconds_ = 0;
   double last_train_seconds_ = 0;
 
   // Federation hooks: commands posted by other threads, run on the engine thread.
   struct ActiveTask;
   bool PostCommand(std::function<void()> command);  // False once Shutdown closed the queue.
-  void RunCommands();  // Engine thread.
+  void RunCommands();                               // Engine thread.
   void StartTask(TrainingTask task, std::shared_ptr<std::promise<TrainingReport>> promise);
   void EndTask(absl::Status status);  // Reports the active task (engine thread).
   // Called by MaybeTrain after each micro-step (engine thread).

@@ -20,15 +20,16 @@
 namespace collm::engine {
 
 struct TrainerOptions {
-  double lr = 2e-4;               // Peak learning rate; > 0.
-  std::string schedule = "constant";  // "constant" or "cosine" (to min_lr_ratio * lr at total_steps).
-  int64_t warmup_steps = 0;       // Linear warmup from 0 over this many optimizer steps.
-  int64_t total_steps = 0;        // Cosine horizon (optimizer steps); required for "cosine".
-  double min_lr_ratio = 0.1;      // Cosine floor as a fraction of lr.
-  double max_grad_norm = 1.0;     // Global-norm clipping; <= 0 = off.
-  int64_t micro_batch_size = 4;   // Examples per forward/backward.
-  int64_t grad_accum_steps = 1;   // Micro-batches per optimizer step.
-  uint64_t seed = 0;              // Data order and dropout.
+  double lr = 2e-4;  // Peak learning rate; > 0.
+  std::string schedule =
+      "constant";                // "constant" or "cosine" (to min_lr_ratio * lr at total_steps).
+  int64_t warmup_steps = 0;      // Linear warmup from 0 over this many optimizer steps.
+  int64_t total_steps = 0;       // Cosine horizon (optimizer steps); required for "cosine".
+  double min_lr_ratio = 0.1;     // Cosine floor as a fraction of lr.
+  double max_grad_norm = 1.0;    // Global-norm clipping; <= 0 = off.
+  int64_t micro_batch_size = 4;  // Examples per forward/backward.
+  int64_t grad_accum_steps = 1;  // Micro-batches per optimizer step.
+  uint64_t seed = 0;             // Data order and dropout.
   lora::AdamWOptions adamw;
   // FedProx (Li et al. 2020): while a proximal anchor is set (PeftTrainer::SetProximalAnchor), the
   // loss adds prox_mu / 2 * Σ ‖w − w_anchor‖² over all LoRA factors, keeping local training near
@@ -40,11 +41,11 @@ struct TrainerOptions {
 };
 
 struct StepStats {
-  int64_t step = 0;        // Optimizer steps done (after this one).
-  double loss = 0;         // Mean token loss over the step's micro-batches.
-  double lr = 0;           // Learning rate used.
-  double grad_norm = 0;    // Before clipping.
-  int64_t tokens = 0;      // Tokens forwarded.
+  int64_t step = 0;      // Optimizer steps done (after this one).
+  double loss = 0;       // Mean token loss over the step's micro-batches.
+  double lr = 0;         // Learning rate used.
+  double grad_norm = 0;  // Before clipping.
+  int64_t tokens = 0;    // Tokens forwarded.
   int64_t target_tokens = 0;
 };
 
@@ -102,18 +103,18 @@ class PeftTrainer {
   // never waits for more than one phase. MicroStep == Begin + Advance until finished; the phased
   // backward (one layer at a time, through detached layer boundaries) computes the same gradients.
   struct PhaseResult {
-    bool finished = false;            // The micro-step is complete (no phase left).
-    std::optional<StepStats> step;    // Set when finishing it applied an optimizer step.
+    bool finished = false;          // The micro-step is complete (no phase left).
+    std::optional<StepStats> step;  // Set when finishing it applied an optimizer step.
   };
   // FailedPrecondition while another micro-step is in flight; InvalidArgument for an empty batch
   // or one without targets.
   absl::Status BeginMicroStep(const std::vector<const TrainingExample*>& batch);
   absl::StatusOr<PhaseResult> AdvanceMicroStep();
   bool micro_step_active() const { return run_ != nullptr; }
-  int64_t micro_step_examples() const;     // Examples of the micro-step in flight (0 = none).
-  int64_t micro_step_tokens() const;       // Its padded input tokens (examples x length).
-  int64_t next_phase() const;              // Index of the phase AdvanceMicroStep runs next.
-  int64_t num_phases() const;              // Phases per micro-step: 2 * layers + 1.
+  int64_t micro_step_examples() const;  // Examples of the micro-step in flight (0 = none).
+  int64_t micro_step_tokens() const;    // Its padded input tokens (examples x length).
+  int64_t next_phase() const;           // Index of the phase AdvanceMicroStep runs next.
+  int64_t num_phases() const;           // Phases per micro-step: 2 * layers + 1.
   // Drops the micro-step in flight (its gradients never reach the parameters).
   void AbortMicroStep();
   // A whole optimizer step: grad_accum_steps micro-batches drawn from `sampler`.
@@ -156,8 +157,8 @@ class PeftTrainer {
   std::unique_ptr<lora::ShadowAdapter> shadow_;
   TrainerOptions options_;
   runtime::LoraFactors anchor_;  // FedProx anchor (CPU f32, no grad); empty layers = none.
-  int64_t micro_steps_ = 0;   // Micro-batches run so far (drives dropout seeds).
-  int64_t accumulated_ = 0;   // Micro-batches since the last optimizer step.
+  int64_t micro_steps_ = 0;      // Micro-batches run so far (drives dropout seeds).
+  int64_t accumulated_ = 0;      // Micro-batches since the last optimizer step.
   double accum_loss_ = 0;
   int64_t accum_tokens_ = 0, accum_targets_ = 0;
   std::unique_ptr<Run> run_;  // The phased micro-step in flight, if any.

@@ -27,11 +27,11 @@ struct PublishOptions {
 struct PublishStats {
   int64_t attempts = 0;
   int64_t published = 0;
-  int64_t rejected = 0;               // Refused by the quality gate.
-  int64_t live_version = 0;           // 0 = none published yet.
-  double live_loss = -1;              // Held-out loss of the live version (base model before).
+  int64_t rejected = 0;      // Refused by the quality gate.
+  int64_t live_version = 0;  // 0 = none published yet.
+  double live_loss = -1;     // Held-out loss of the live version (base model before).
   double last_candidate_loss = -1;
-  std::string last_decision;          // Human-readable reason of the last attempt.
+  std::string last_decision;  // Human-readable reason of the last attempt.
 };
 
 // Owned by the engine thread; not thread-safe. The registry is thread-safe and outlives it.

@@ -30,29 +30,31 @@ enum class Combine {
 };
 enum class ServerOptimizer { kNone, kFedAdam, kFedYogi };
 
-absl::StatusOr<Combine> ParseCombine(const std::string& name);  // fedavg|fedit|exact|trimmed_mean|median
+absl::StatusOr<Combine> ParseCombine(
+    const std::string& name);  // fedavg|fedit|exact|trimmed_mean|median
 std::string CombineName(Combine c);
-absl::StatusOr<ServerOptimizer> ParseServerOptimizer(const std::string& name);  // none|fedadam|fedyogi
+absl::StatusOr<ServerOptimizer> ParseServerOptimizer(
+    const std::string& name);  // none|fedadam|fedyogi
 std::string ServerOptimizerName(ServerOptimizer o);
 
 struct AggregationOptions {
   Combine combine = Combine::kFedAvg;
   ServerOptimizer server_optimizer = ServerOptimizer::kNone;
-  double server_lr = 1e-2;        // FedAdam/FedYogi step size.
+  double server_lr = 1e-2;                       // FedAdam/FedYogi step size.
   double beta1 = 0.9, beta2 = 0.99, tau = 1e-3;  // FedAdam/FedYogi (Reddi et al. 2021).
   // The delta of an update is measured over all its tensors: the factor difference
   // (A - A_g, B - B_g) for the factor-wise rules, the product difference s·B·A - s_g·B_g·A_g
   // (summed over modules, computed from small Gram matrices) for kExact, since that is what
   // kExact combines and its ranks may differ from the global's.
-  double clip_norm = 0;           // Clip each update's delta (update - global) to this L2 norm; 0 = off.
-  double max_update_norm = 0;     // Reject updates whose delta norm exceeds this; 0 = off.
-  double trim_ratio = 0.1;        // kTrimmedMean, in [0, 0.5).
+  double clip_norm = 0;  // Clip each update's delta (update - global) to this L2 norm; 0 = off.
+  double max_update_norm = 0;  // Reject updates whose delta norm exceeds this; 0 = off.
+  double trim_ratio = 0.1;     // kTrimmedMean, in [0, 0.5).
 };
 
 // One device's trained adapter for a round.
 struct ClientUpdate {
   std::string device_id;
-  int64_t num_samples = 0;   // FedAvg weight; > 0.
+  int64_t num_samples = 0;  // FedAvg weight; > 0.
   double train_loss = 0;
   lora::LoraAdapter adapter;
 };
@@ -72,7 +74,7 @@ struct ServerOptimizerState {
 };
 
 struct AggregationResult {
-  lora::LoraAdapter adapter;      // The new global adapter (global rank and config).
+  lora::LoraAdapter adapter;        // The new global adapter (global rank and config).
   std::vector<double> delta_norms;  // Per update, before clipping, in input order.
   std::vector<bool> clipped;
 };

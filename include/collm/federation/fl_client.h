@@ -29,43 +29,43 @@ class MetricsRegistry;
 namespace collm::federation {
 
 struct FlClientOptions {
-  std::string aggregator;             // host:port; required.
-  std::string device_id;              // [A-Za-z0-9._-]{1,64}; required.
+  std::string aggregator;  // host:port; required.
+  std::string device_id;   // [A-Za-z0-9._-]{1,64}; required.
   // Channel security. Files are read once, by Create.
-  bool tls = false;                   // false = plaintext.
-  std::string tls_ca_file;            // PEM roots; "" = system roots.
-  std::string tls_cert_file;          // PEM client certificate (mutual TLS); with tls_key_file.
+  bool tls = false;           // false = plaintext.
+  std::string tls_ca_file;    // PEM roots; "" = system roots.
+  std::string tls_cert_file;  // PEM client certificate (mutual TLS); with tls_key_file.
   std::string tls_key_file;
-  std::string tls_server_name;        // Name verified in the server certificate; "" = host.
-  double heartbeat_seconds = 5;       // Until Register returns the aggregator's interval; > 0.
+  std::string tls_server_name;           // Name verified in the server certificate; "" = host.
+  double heartbeat_seconds = 5;          // Until Register returns the aggregator's interval; > 0.
   double backoff_initial_seconds = 0.5;  // Retry delay after the first failure; > 0.
-  double backoff_max_seconds = 30;    // Doubling stops here; delays get +-25% jitter.
-  double rpc_timeout_seconds = 30;    // Per call (and per adapter transfer); > 0.
+  double backoff_max_seconds = 30;       // Doubling stops here; delays get +-25% jitter.
+  double rpc_timeout_seconds = 30;       // Per call (and per adapter transfer); > 0.
   int64_t upload_chunk_bytes = 1 << 20;  // Adapter bytes per UpdateChunk; > 0.
-  bool install_live = true;           // New global versions also go live (after the gate).
-  double task_training_share = 0.5;   // For tasks whose training_share is 0; (0, 1].
-  double deadline_margin_seconds = 1; // Cut training short this long before a round's deadline.
+  bool install_live = true;              // New global versions also go live (after the gate).
+  double task_training_share = 0.5;      // For tasks whose training_share is 0; (0, 1].
+  double deadline_margin_seconds = 1;    // Cut training short this long before a round's deadline.
   // Identity sent at Register.
-  std::string model_name;             // e.g. "llama h64 L5".
-  std::string model_fingerprint;      // sha256 of config.json (ModelFingerprint); required.
+  std::string model_name;         // e.g. "llama h64 L5".
+  std::string model_fingerprint;  // sha256 of config.json (ModelFingerprint); required.
   std::string accelerator = "cpu";
-  int64_t local_samples = 0;          // Local training examples.
-  uint64_t seed = 0;                  // Backoff jitter.
+  int64_t local_samples = 0;  // Local training examples.
+  uint64_t seed = 0;          // Backoff jitter.
 };
 
 // A snapshot of the client's progress, also exported as collm_fl_* metrics.
 struct FlClientStats {
-  std::string state = "idle";      // idle | connecting | connected | training | disconnected | stopped.
+  std::string state = "idle";  // idle | connecting | connected | training | disconnected | stopped.
   int64_t registrations = 0;
   int64_t heartbeats = 0;
-  int64_t failures = 0;            // Failed calls (each followed by a backoff or retry).
-  int64_t rounds_joined = 0;       // Tasks started.
+  int64_t failures = 0;       // Failed calls (each followed by a backoff or retry).
+  int64_t rounds_joined = 0;  // Tasks started.
   int64_t uploads_accepted = 0;
-  int64_t uploads_rejected = 0;    // Refused by the aggregator (reason logged).
-  int64_t tasks_failed = 0;        // Training or upload did not produce an accepted update.
-  int64_t global_version = 0;      // Newest global version installed into the shadow.
-  int64_t live_version = 0;        // Newest global version that went live (0 = none).
-  int64_t last_round = 0;          // Round of the last task finished (uploaded or given up).
+  int64_t uploads_rejected = 0;  // Refused by the aggregator (reason logged).
+  int64_t tasks_failed = 0;      // Training or upload did not produce an accepted update.
+  int64_t global_version = 0;    // Newest global version installed into the shadow.
+  int64_t live_version = 0;      // Newest global version that went live (0 = none).
+  int64_t last_round = 0;        // Round of the last task finished (uploaded or given up).
   std::string last_error;
 };
 

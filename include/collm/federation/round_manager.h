@@ -4,7 +4,8 @@
 // it samples up to max_clients of them (all when 0) as participants, fixes base_version = the
 // current global version and deadline = now + deadline_s. Participants get their RoundTask in
 // heartbeat replies. A round closes
-//   - early, on quorum: accepted updates >= (quorum > 0 ? min(quorum, participants) : participants);
+//   - early, on quorum: accepted updates >= (quorum > 0 ? min(quorum, participants) :
+//   participants);
 //   - at the deadline: it aggregates when accepted >= max(1, ceil(min_clients / 2)) (the "deadline
 //     quorum"), else it fails (global unchanged) and the next Tick opens a new round.
 // So a silent or dropped device never stalls a round beyond its deadline. Aggregation makes global
@@ -48,14 +49,14 @@
 namespace collm::federation {
 
 struct RoundManagerOptions {
-  runtime::ModelConfig model;           // Base model shape (its config.json is all that is needed).
-  std::string model_fingerprint;        // Devices must present this; "" = ModelFingerprint(model).
-  int64_t heartbeat_interval_ms = 5000; // Told to devices at registration.
-  int64_t offline_after_missed = 3;     // Heartbeat intervals without a call -> offline.
-  v1::FederationPolicy policy;          // Starting policy: unset fields take DefaultPolicy()'s;
-                                        // a policy persisted in the state dir wins.
-  bool auto_start = false;              // Start running on a fresh state dir (else idle).
-  uint64_t seed = 0;                    // Participant sampling (mixed with the round number).
+  runtime::ModelConfig model;     // Base model shape (its config.json is all that is needed).
+  std::string model_fingerprint;  // Devices must present this; "" = ModelFingerprint(model).
+  int64_t heartbeat_interval_ms = 5000;  // Told to devices at registration.
+  int64_t offline_after_missed = 3;      // Heartbeat intervals without a call -> offline.
+  v1::FederationPolicy policy;           // Starting policy: unset fields take DefaultPolicy()'s;
+                                         // a policy persisted in the state dir wins.
+  bool auto_start = false;               // Start running on a fresh state dir (else idle).
+  uint64_t seed = 0;                     // Participant sampling (mixed with the round number).
 };
 
 // Built-in defaults (every field set).
@@ -110,7 +111,7 @@ class RoundManager {
  private:
   struct Device {
     v1::DeviceInfo info;
-    std::string session;     // "" until registered in this process.
+    std::string session;  // "" until registered in this process.
     int64_t last_seen_ns = 0;
   };
 

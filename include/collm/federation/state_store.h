@@ -34,13 +34,13 @@ namespace collm::federation {
 
 // Everything Load() rebuilds.
 struct FederationState {
-  v1::FederationStatus status;              // Without policy.
+  v1::FederationStatus status;  // Without policy.
   v1::FederationPolicy policy;
   std::vector<v1::DeviceInfo> devices;
-  std::vector<v1::RoundInfo> rounds;        // Ascending by round number.
+  std::vector<v1::RoundInfo> rounds;  // Ascending by round number.
   // Adapters of the accepted updates of rounds still "collecting", by round and device.
   std::map<int64_t, std::map<std::string, lora::LoraAdapter>> open_updates;
-  lora::LoraAdapter global;                 // Version status.global_version().
+  lora::LoraAdapter global;  // Version status.global_version().
   ServerOptimizerState optimizer;
 };
 

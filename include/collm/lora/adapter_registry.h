@@ -24,12 +24,12 @@ namespace collm::lora {
 // One published adapter version. Immutable; shared by the registry and every request pinning it.
 struct AdapterSnapshot {
   std::string name;
-  int64_t version = 0;               // 1, 2, ... per name; never reused.
-  LoraAdapter adapter;               // CPU f32 factors (for saving, aggregation, rollback).
-  runtime::LoraWeights weights;      // Decoder layout on the model's device and dtype.
-  std::string source;                // Where it came from ("peft:/dir", "shadow step 120").
-  double held_out_loss = -1;         // < 0: unknown.
-  int64_t published_nanos = 0;       // Clock time of the publish.
+  int64_t version = 0;           // 1, 2, ... per name; never reused.
+  LoraAdapter adapter;           // CPU f32 factors (for saving, aggregation, rollback).
+  runtime::LoraWeights weights;  // Decoder layout on the model's device and dtype.
+  std::string source;            // Where it came from ("peft:/dir", "shadow step 120").
+  double held_out_loss = -1;     // < 0: unknown.
+  int64_t published_nanos = 0;   // Clock time of the publish.
 };
 
 struct AdapterInfo {

@@ -1,6 +1,7 @@
 // Hugging Face PEFT format: `adapter_config.json` + `adapter_model.safetensors` with tensor names
-// `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A, [r, in]) and `...lora_B.weight`
-// (B, [out, r]); mlp modules under `mlp.`. Adapters trained with HF PEFT load here and ours there.
+// `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A, [r, in]) and
+// `...lora_B.weight` (B, [out, r]); mlp modules under `mlp.`. Adapters trained with HF PEFT load
+// here and ours there.
 #ifndef COLLM_LORA_PEFT_IO_H_
 #define COLLM_LORA_PEFT_IO_H_
 
@@ -25,7 +26,7 @@ absl::Status WritePeftAdapter(const std::string& dir, const LoraAdapter& adapter
 // layer the model lacks, missing A or B, wrong shape for this base, rank different from "r",
 // NaN/Inf values, unexpected tensors. F16/BF16 files are converted to f32.
 absl::StatusOr<LoraAdapter> ReadPeftAdapter(const std::string& dir,
-                                           const runtime::ModelConfig& model);
+                                            const runtime::ModelConfig& model);
 
 // The same two files in memory, for sending adapters over the network (federation).
 struct PeftBlob {
@@ -35,8 +36,8 @@ struct PeftBlob {
 absl::StatusOr<PeftBlob> SerializePeftAdapter(const LoraAdapter& adapter);
 // Same checks as ReadPeftAdapter; `what` names the source in errors (e.g. "update from dev-1").
 absl::StatusOr<LoraAdapter> ParsePeftAdapter(const PeftBlob& blob,
-                                            const runtime::ModelConfig& model,
-                                            const std::string& what);
+                                             const runtime::ModelConfig& model,
+                                             const std::string& what);
 
 }  // namespace collm::lora
 

@@ -5,13 +5,13 @@
 #ifndef COLLM_LORA_SHADOW_ADAPTER_H_
 #define COLLM_LORA_SHADOW_ADAPTER_H_
 
+#include <ATen/core/TensorBody.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/core/TensorBody.h>
 
 #include "absl/status/statusor.h"
 #include "collm/lora/lora_adapter.h"

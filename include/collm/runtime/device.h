@@ -2,11 +2,11 @@
 #ifndef COLLM_RUNTIME_DEVICE_H_
 #define COLLM_RUNTIME_DEVICE_H_
 
-#include <string>
-
 #include <ATen/core/TensorBody.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
+
+#include <string>
 
 #include "absl/status/statusor.h"
 

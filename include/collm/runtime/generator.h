@@ -39,8 +39,8 @@ struct GenerationResult {
 };
 
 struct GeneratorOptions {
-  KvCacheOptions kv_cache;       // num_blocks 0 = sized for the requests.
-  int64_t prefill_chunk = 512;   // Max prompt tokens per step (long prompts are chunked).
+  KvCacheOptions kv_cache;      // num_blocks 0 = sized for the requests.
+  int64_t prefill_chunk = 512;  // Max prompt tokens per step (long prompts are chunked).
   ForwardOptions forward;
 };
 

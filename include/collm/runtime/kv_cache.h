@@ -5,11 +5,11 @@
 #ifndef COLLM_RUNTIME_KV_CACHE_H_
 #define COLLM_RUNTIME_KV_CACHE_H_
 
+#include <ATen/core/TensorBody.h>
+
 #include <cstdint>
 #include <memory>
 #include <vector>
-
-#include <ATen/core/TensorBody.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"

@@ -8,13 +8,13 @@
 #ifndef COLLM_RUNTIME_LLAMA_MODEL_H_
 #define COLLM_RUNTIME_LLAMA_MODEL_H_
 
+#include <ATen/core/TensorBody.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/core/TensorBody.h>
 
 #include "absl/status/statusor.h"
 #include "collm/runtime/device.h"

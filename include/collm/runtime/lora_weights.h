@@ -4,12 +4,12 @@
 #ifndef COLLM_RUNTIME_LORA_WEIGHTS_H_
 #define COLLM_RUNTIME_LORA_WEIGHTS_H_
 
+#include <ATen/core/TensorBody.h>
+
 #include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <ATen/core/TensorBody.h>
 
 #include "absl/status/statusor.h"
 #include "collm/runtime/model_config.h"

@@ -14,14 +14,14 @@
 namespace collm::runtime {
 
 struct RandomModelOptions {
-  ModelConfig config;                        // Shapes to write.
-  StoredDType dtype = StoredDType::kF32;     // Stored element type.
-  uint64_t seed = 0;                         // Same seed -> byte-identical files.
-  float init_std = 0.05f;                    // Normal std of projection weights; norms are ~1.
-  bool write_tokenizer = true;               // Train and write tokenizer.model (vocab must be
-                                             // in [300, 2000]).
-  bool write_untied_lm_head = false;         // Also store lm_head.weight when tied (as HF does
-                                             // for some checkpoints).
+  ModelConfig config;                     // Shapes to write.
+  StoredDType dtype = StoredDType::kF32;  // Stored element type.
+  uint64_t seed = 0;                      // Same seed -> byte-identical files.
+  float init_std = 0.05f;                 // Normal std of projection weights; norms are ~1.
+  bool write_tokenizer = true;            // Train and write tokenizer.model (vocab must be
+                                          // in [300, 2000]).
+  bool write_untied_lm_head = false;      // Also store lm_head.weight when tied (as HF does
+                                          // for some checkpoints).
 };
 
 // The tiny shape used by unit tests and the offline demo: 2 layers, hidden 64, 4 query heads

@@ -60,7 +60,7 @@ class SafetensorsFile {
   // The same format and the same validation for an image held in memory (e.g. received over the
   // network). The object keeps `bytes`; `what` stands in for the path in errors and in path().
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes,
-                                                                   const std::string& what);
+                                                                    const std::string& what);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -123,9 +123,10 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
                               const std::map<std::string, std::string>& metadata = {});
 // The exact bytes WriteSafetensors would write, in memory. Errors as WriteSafetensors, naming
 // `what` where it names the path.
-absl::StatusOr<std::string> SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
-                                                 const std::map<std::string, std::string>& metadata = {},
-                                                 const std::string& what = "safetensors image");
+absl::StatusOr<std::string> SerializeSafetensors(
+    const std::vector<TensorToWrite>& tensors,
+    const std::map<std::string, std::string>& metadata = {},
+    const std::string& what = "safetensors image");
 
 }  // namespace collm::runtime
 

@@ -22,11 +22,11 @@
 namespace collm::serving {
 
 struct FederationServiceOptions {
-  std::string admin_token;            // "" = admin calls are not authenticated (plaintext demos).
-  bool device_id_from_cert = false;   // mTLS: device_id must be the client certificate's CN.
+  std::string admin_token;           // "" = admin calls are not authenticated (plaintext demos).
+  bool device_id_from_cert = false;  // mTLS: device_id must be the client certificate's CN.
   int64_t max_update_bytes = 256 << 20;  // Largest accepted adapter payload.
-  int64_t chunk_bytes = 1 << 20;      // Data chunk size when sending adapters.
-  int64_t watch_poll_ms = 500;        // WatchRounds re-checks at least this often (offline devices).
+  int64_t chunk_bytes = 1 << 20;         // Data chunk size when sending adapters.
+  int64_t watch_poll_ms = 500;  // WatchRounds re-checks at least this often (offline devices).
 };
 
 class FederationServiceImpl final : public v1::FederationService::Service {
@@ -37,7 +37,8 @@ class FederationServiceImpl final : public v1::FederationService::Service {
                         v1::RegisterResponse* response) override;
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* request,
                          v1::HeartbeatResponse* response) override;
-  grpc::Status UploadUpdate(grpc::ServerContext* context, grpc::ServerReader<v1::UpdateChunk>* reader,
+  grpc::Status UploadUpdate(grpc::ServerContext* context,
+                            grpc::ServerReader<v1::UpdateChunk>* reader,
                             v1::UploadResponse* response) override;
   grpc::Status FetchGlobal(grpc::ServerContext* context, const v1::FetchGlobalRequest* request,
                            grpc::ServerWriter<v1::AdapterChunk>* writer) override;
