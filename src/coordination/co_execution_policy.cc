@@ -40,8 +40,8 @@ double CoExecutionPolicy::SloSlack(const ServingSnapshot& serving, int64_t now) 
   for (const RequestTiming& r : serving.requests) {
     if (r.first_token_nanos == 0) {
       if (r.slo.ttft_ms > 0) {
-        slack = std::min(slack, r.slo.ttft_ms * 1e-3 -
-                                    static_cast<double>(now - r.submit_nanos) * 1e-9 - infer);
+        slack = std::min(
+            slack, r.slo.ttft_ms * 1e-3 - static_cast<double>(now - r.submit_nanos) * 1e-9 - infer);
       }
     } else if (r.slo.tpot_ms > 0) {
       // The next token arrives after the training delay plus one inference step.
@@ -139,9 +139,9 @@ CoExecutionDecision CoExecutionPolicy::Decide(const ServingSnapshot& serving,
     return d;
   }
 
-  const bool go = !std::isfinite(budget) ||
-                  allowed(costs_.PhaseSecondsPerToken(trainer.next_phase) *
-                          static_cast<double>(trainer.micro_step_tokens));
+  const bool go =
+      !std::isfinite(budget) || allowed(costs_.PhaseSecondsPerToken(trainer.next_phase) *
+                                        static_cast<double>(trainer.micro_step_tokens));
   d.action = go ? Action::kRunPhase : Action::kBlocked;
   return d;
 }

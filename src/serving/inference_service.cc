@@ -49,9 +49,9 @@ void ToProto(const lora::AdapterInfo& info, collm::v1::AdapterInfo* out) {
   out->set_held_out_loss(info.held_out_loss);
 }
 
-// Request fields over the daemon's defaults, validated with the proto's field names.
-absl::StatusOr<runtime::SamplingParams> ResolveSampling(const collm::v1::SamplingParams& in,
-                                                        const runtime::SamplingParams& defaults) {
+// Request fields over the daemon's defaults (engine::ValidateRequest checks the result).
+runtime::SamplingParams ResolveSampling(const collm::v1::SamplingParams& in,
+                                        const runtime::SamplingParams& defaults) {
   runtime::SamplingParams p = defaults;
   if (in.has_temperature()) p.temperature = in.temperature();
   if (in.has_top_k()) p.top_k = in.top_k();
@@ -61,13 +61,7 @@ absl::StatusOr<runtime::SamplingParams> ResolveSampling(const collm::v1::Samplin
   if (in.has_seed()) p.seed = in.seed();
   if (in.has_max_tokens()) p.max_tokens = in.max_tokens();
   if (in.stop_size() > 0) p.stop.assign(in.stop().begin(), in.stop().end());
-  for (size_t i = 0; i < p.stop.size(); ++i) {
-    if (p.stop[i].empty())
-      return absl::InvalidArgumentError(absl::StrCat("sampling.stop[", i, "] is empty"));
-  }
   p.ignore_eos = p.ignore_eos || in.ignore_eos();
-  absl::Status valid = p.Validate();
-  if (!valid.ok()) return absl::InvalidArgumentError(absl::StrCat("sampling.", valid.message()));
   return p;
 }
 
@@ -298,15 +292,6 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
           reactor->Reject(InvalidArgument("prompt_tokens is empty"));
           return reactor;
         }
-        const int vocab = ctx_.tokenizer->vocab_size();
-        for (int i = 0; i < ids.size(); ++i) {
-          if (ids[i] < 0 || ids[i] >= vocab) {
-            reactor->Reject(
-                InvalidArgument(absl::StrCat("prompt_tokens.ids[", i, "] = ", ids[i],
-                                             " is outside the vocabulary [0, ", vocab, ")")));
-            return reactor;
-          }
-        }
         req.prompt.assign(ids.begin(), ids.end());
         break;
       }
@@ -314,12 +299,14 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
         reactor->Reject(InvalidArgument("prompt is empty: set prompt or prompt_tokens"));
         return reactor;
     }
-    auto params = ResolveSampling(request->sampling(), ctx_.default_sampling);
-    if (!params.ok()) {
-      reactor->Reject(ToGrpc(params.status()));
+    req.params = ResolveSampling(request->sampling(), ctx_.default_sampling);
+    const absl::Status valid = engine::ValidateRequest(
+        req, ctx_.engine->request_limits(),
+        request->input_case() == GenerateRequest::kPromptTokens ? "prompt_tokens.ids" : "prompt");
+    if (!valid.ok()) {
+      reactor->Reject(ToGrpc(valid));
       return reactor;
     }
-    req.params = *std::move(params);
     req.adapter = request->adapter();
     req.slo_class = request->slo_class();
     req.deadline_nanos = EngineDeadline(*context, *ctx_.clock);

@@ -155,7 +155,7 @@ TEST(CoExecutionPolicyTest, EvaluationSlicesFitTheSlack) {
   EXPECT_EQ(p.Decide(s, evaluating).action, Action::kBlocked);
   EXPECT_EQ(p.Decide(ServingSnapshot{}, evaluating).eval_examples,
             CoExecutionPolicy::kMaxEvalSliceExamples);  // Idle, no objective: a whole slice.
-  p.RecordEvaluation(0.090, 3);  // 30 ms per example.
+  p.RecordEvaluation(0.090, 3);                         // 30 ms per example.
   const CoExecutionDecision d = p.Decide(s, evaluating);
   EXPECT_EQ(d.action, Action::kEvaluate);
   EXPECT_EQ(d.eval_examples, 3);
@@ -168,8 +168,7 @@ TEST(CoExecutionPolicyTest, OptionsOutOfRangeNameTheField) {
             std::string::npos);
   o = CoExecutionOptions{};
   o.guard_safety = 0.5;
-  EXPECT_NE(ValidateCoExecutionOptions(o).message().find("engine.guard_safety"),
-            std::string::npos);
+  EXPECT_NE(ValidateCoExecutionOptions(o).message().find("engine.guard_safety"), std::string::npos);
   o = CoExecutionOptions{};
   o.guard_idle_risk = std::nan("");
   EXPECT_NE(ValidateCoExecutionOptions(o).message().find("engine.guard_idle_risk"),

@@ -9,61 +9,27 @@
 
 #include "collm/engine/engine.h"
 #include "gtest/gtest.h"
-#include "testing/pattern_examples.h"
+#include "testing/engine_fixture.h"
 #include "testing/test_env.h"
-#include "testing/tiny_model.h"
 
 namespace collm::engine {
 namespace {
 
-class Sink : public RequestSink {
- public:
-  void OnDelta(const std::string&, const std::vector<int32_t>& ids) override {
-    if (!ids.empty()) ids_.insert(ids_.end(), ids.begin(), ids.end());
-  }
-  void OnFinish(const RequestResult& r) override {
-    result_ = r;
-    done_.set_value();
-  }
-  bool Wait() { return future_.wait_for(std::chrono::seconds(60)) == std::future_status::ready; }
-  std::vector<int32_t> ids_;
-  RequestResult result_;
-  std::promise<void> done_;
-  std::future<void> future_ = done_.get_future();
-};
+using collm::testing::CollectingSink;
+using collm::testing::EnginePatternExamples;
 
 // Costs below are given per example: every pattern example has 8 input tokens.
 constexpr double kPerToken = 1.0 / 8;
 
-std::vector<TrainingExample> Pattern(int n, uint32_t seed) {
-  return collm::testing::FixedCompletionExamples(n, seed, 300, 5);
-}
-
-struct Env {
-  std::shared_ptr<const runtime::LlamaModel> model =
-      runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
-  std::unique_ptr<runtime::Tokenizer> tokenizer =
-      runtime::Tokenizer::Load(collm::testing::TinyModelDir() + "/tokenizer.model").value();
-  lora::AdapterRegistry registry{model->config(), model->runtime(), Clock::Real(), 1000};
+struct Env : collm::testing::EngineFixture {
+  Env() : EngineFixture(/*keep_versions=*/1000) {}
 
   TrainingSetup Setup(int64_t micro_batch, int64_t publish_every) {
-    lora::LoraConfig c;
-    c.rank = 4;
-    c.dropout = 0;
-    c.targets = {runtime::LoraTarget::kQ, runtime::LoraTarget::kV, runtime::LoraTarget::kDown};
-    TrainerOptions o;
-    o.lr = 1e-2;
-    o.micro_batch_size = micro_batch;
-    auto adapter = lora::LoraAdapter::Create(model->config(), c, 1).value();
-    EXPECT_TRUE(registry.Publish("live", adapter, "initial").ok());
-    TrainingSetup s;
-    s.trainer = PeftTrainer::Create(model, lora::ShadowAdapter::Create(adapter, o.adamw).value(), o)
-                    .value();
-    s.dataset = Pattern(64, 1);
+    TrainingSetup s = MakeTrainingSetup(micro_batch);
     if (publish_every > 0) {
       PublishOptions p;
       p.every_steps = publish_every;
-      s.publisher = std::make_unique<ShadowPublisher>(model, registry, "live", p, Pattern(8, 2));
+      s.publisher = MakePublisher(p);
     }
     return s;
   }
@@ -86,9 +52,9 @@ TEST(CoExecutionTest, TrainsAndPublishesWhileServingAndEveryRequestUsesOneVersio
   TrainingSetup setup = e.Setup(4, 3);  // Publishes the initial "live" version.
   auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o).value();
   ASSERT_TRUE(engine->EnableTraining(std::move(setup)).ok());
-  const double base_loss = EvaluateLoss(*e.model, nullptr, Pattern(8, 2)).value();
+  const double base_loss = EvaluateLoss(*e.model, nullptr, EnginePatternExamples(8, 2)).value();
   engine->Start();
-  std::vector<std::shared_ptr<Sink>> sinks;
+  std::vector<std::shared_ptr<CollectingSink>> sinks;
   std::vector<EngineRequest> reqs;
   for (int wave = 0; wave < 4; ++wave) {
     for (int i = 0; i < 3; ++i) {
@@ -98,7 +64,7 @@ TEST(CoExecutionTest, TrainsAndPublishesWhileServingAndEveryRequestUsesOneVersio
       r.params.max_tokens = 10;
       r.params.ignore_eos = true;
       reqs.push_back(r);
-      sinks.push_back(std::make_shared<Sink>());
+      sinks.push_back(std::make_shared<CollectingSink>());
       ASSERT_TRUE(engine->Submit(r, sinks.back()).ok());
     }
     for (size_t k = sinks.size() - 3; k < sinks.size(); ++k) ASSERT_TRUE(sinks[k]->Wait());
@@ -115,14 +81,14 @@ TEST(CoExecutionTest, TrainsAndPublishesWhileServingAndEveryRequestUsesOneVersio
   EXPECT_LT(st.publish.live_loss, base_loss - 0.5) << "held-out loss should fall while serving";
   int64_t last_version = 0;
   for (size_t i = 0; i < sinks.size(); ++i) {
-    const RequestResult& r = sinks[i]->result_;
+    const RequestResult& r = sinks[i]->result();
     ASSERT_TRUE(r.status.ok()) << r.status;
     EXPECT_EQ(r.adapter, "live");
     EXPECT_GE(r.adapter_version, last_version) << "versions only move forward";
     last_version = r.adapter_version;
     // Recompute the request alone with exactly the version it reported.
     auto snap = e.registry.GetVersion("live", r.adapter_version).value();
-    EXPECT_EQ(sinks[i]->ids_, Alone(e, reqs[i], &snap->weights)) << "request " << i;
+    EXPECT_EQ(sinks[i]->ids(), Alone(e, reqs[i], &snap->weights)) << "request " << i;
   }
   EXPECT_GT(last_version, 1) << "later requests should be served by a published version";
 }
@@ -143,7 +109,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   r.params.max_tokens = 60;
   r.params.ignore_eos = true;
   r.slo_class = "tight";
-  auto sink = std::make_shared<Sink>();
+  auto sink = std::make_shared<CollectingSink>();
   ASSERT_TRUE(engine->Submit(r, sink).ok());
   // Each inference step takes 10 ms of (fake) time and each training phase 25 ms per example.
   // "tight" asks for a 10 ms TPOT: there is never room for a single example's phase.
@@ -168,7 +134,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   // example's phase but not four, so the micro-step shrinks to one example, and it advances by
   // one phase per inference step (serving never waits for a whole micro-step).
   r.slo_class = "loose";
-  auto sink2 = std::make_shared<Sink>();
+  auto sink2 = std::make_shared<CollectingSink>();
   ASSERT_TRUE(engine->Submit(r, sink2).ok());
   for (int64_t i = 0; i < phases; ++i) {
     engine->SetCostEstimatesForTest(0.010, kPerToken * 0.025);
@@ -179,7 +145,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
     EXPECT_EQ(st.train_micro_steps, i + 1 < phases ? 1 : 2);
   }
   EXPECT_EQ(st.train_examples, 5);
-  EXPECT_EQ(sink2->ids_.size(), static_cast<size_t>(phases)) << "a token every step meanwhile";
+  EXPECT_EQ(sink2->ids().size(), static_cast<size_t>(phases)) << "a token every step meanwhile";
 }
 
 TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
@@ -208,7 +174,7 @@ TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
     EngineRequest r;
     r.prompt = e.tokenizer->Encode("hi", true);
     r.params.max_tokens = 1;
-    ASSERT_TRUE(engine->Submit(r, std::make_shared<Sink>()).ok());
+    ASSERT_TRUE(engine->Submit(r, std::make_shared<CollectingSink>()).ok());
     clock.AdvanceSeconds(0.010);
   }
   for (int i = 0; i < 3 && engine->Stats().completed < 3; ++i) {
@@ -235,7 +201,7 @@ TEST(CoExecutionTest, MetricsAndCheckpointResume) {
   r.prompt = e.tokenizer->Encode("metrics please", true);
   r.params.max_tokens = 6;
   r.params.ignore_eos = true;
-  auto sink = std::make_shared<Sink>();
+  auto sink = std::make_shared<CollectingSink>();
   ASSERT_TRUE(engine->Submit(r, sink).ok());
   for (int i = 0; i < 12; ++i) engine->StepForTest();
   ASSERT_TRUE(sink->Wait());

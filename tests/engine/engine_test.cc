@@ -8,62 +8,13 @@
 #include <thread>
 
 #include "gtest/gtest.h"
-#include "testing/tiny_model.h"
+#include "testing/engine_fixture.h"
 
 namespace collm::engine {
 namespace {
 
-// Collects one request's output; thread-safe to read after Wait().
-class CollectingSink : public RequestSink {
- public:
-  void OnDelta(const std::string& text, const std::vector<int32_t>& ids) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    text_ += text;
-    if (!ids.empty()) ids_.insert(ids_.end(), ids.begin(), ids.end());
-    ++deltas_;
-  }
-  void OnFinish(const RequestResult& result) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    result_ = result;
-    done_.set_value();
-  }
-  bool Wait(double seconds = 60) {
-    return future_.wait_for(std::chrono::duration<double>(seconds)) == std::future_status::ready;
-  }
-  std::string text() {
-    std::lock_guard<std::mutex> l(mu_);
-    return text_;
-  }
-  std::vector<int32_t> ids() {
-    std::lock_guard<std::mutex> l(mu_);
-    return ids_;
-  }
-  int deltas() {
-    std::lock_guard<std::mutex> l(mu_);
-    return deltas_;
-  }
-  RequestResult result() {
-    std::lock_guard<std::mutex> l(mu_);
-    return result_;
-  }
-
- private:
-  std::mutex mu_;
-  std::string text_;
-  std::vector<int32_t> ids_;
-  int deltas_ = 0;
-  RequestResult result_;
-  std::promise<void> done_;
-  std::future<void> future_ = done_.get_future();
-};
-
-struct Env {
-  std::shared_ptr<const runtime::LlamaModel> model =
-      runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
-  std::unique_ptr<runtime::Tokenizer> tokenizer =
-      runtime::Tokenizer::Load(collm::testing::TinyModelDir() + "/tokenizer.model").value();
-  lora::AdapterRegistry registry{model->config(), model->runtime()};
-};
+using collm::testing::CollectingSink;
+using Env = collm::testing::EngineFixture;
 
 EngineRequest Req(const runtime::Tokenizer& tok, const std::string& prompt, float temperature,
                   uint64_t seed, int max_tokens) {

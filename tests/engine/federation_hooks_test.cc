@@ -8,41 +8,23 @@
 
 #include "collm/engine/engine.h"
 #include "gtest/gtest.h"
-#include "testing/pattern_examples.h"
-#include "testing/tiny_model.h"
+#include "testing/engine_fixture.h"
 
 namespace collm::engine {
 namespace {
 
 constexpr auto kWait = std::chrono::seconds(120);
 
-std::vector<TrainingExample> Pattern(int n, uint32_t seed) {
-  return collm::testing::FixedCompletionExamples(n, seed, 300, 5);
-}
+using collm::testing::EnginePatternExamples;
 
-struct Env {
-  std::shared_ptr<const runtime::LlamaModel> model =
-      runtime::LlamaModel::Load(collm::testing::TinyModelDir(), runtime::RuntimeOptions{}).value();
-  lora::AdapterRegistry registry{model->config(), model->runtime(), Clock::Real(), 100};
-  lora::LoraAdapter initial;
+struct Env : collm::testing::EngineFixture {
+  Env() : EngineFixture(/*keep_versions=*/100) {}
 
   TrainingSetup Setup(bool quality_gate) {
-    lora::LoraConfig c;
-    c.rank = 4;
-    c.dropout = 0;
-    c.targets = {runtime::LoraTarget::kQ, runtime::LoraTarget::kV, runtime::LoraTarget::kDown};
-    TrainerOptions o;
-    o.lr = 1e-2;
-    o.micro_batch_size = 4;
-    initial = lora::LoraAdapter::Create(model->config(), c, 1).value();
-    EXPECT_TRUE(registry.Publish("live", initial, "initial").ok());
-    TrainingSetup s;
-    s.trainer = PeftTrainer::Create(model, lora::ShadowAdapter::Create(initial, o.adamw).value(), o)
-                    .value();
-    s.dataset = Pattern(64, 1);
+    TrainingSetup s = MakeTrainingSetup(/*micro_batch=*/4);
     PublishOptions p;  // every_steps = 0: only the hooks publish.
     p.quality_gate = quality_gate;
-    s.publisher = std::make_unique<ShadowPublisher>(model, registry, "live", p, Pattern(8, 2));
+    s.publisher = MakePublisher(p);
     return s;
   }
 
@@ -56,7 +38,7 @@ struct Env {
 
   double Loss(const lora::LoraAdapter& a) const {
     auto w = a.ToWeights(model->config(), model->runtime()).value();
-    return EvaluateLoss(*model, &w, Pattern(8, 2)).value();
+    return EvaluateLoss(*model, &w, EnginePatternExamples(8, 2)).value();
   }
 };
 

@@ -1,8 +1,8 @@
 // The fast-timescale co-execution controller: decides, at each engine step boundary, whether the
 // engine runs a training phase (or a slice of a publish's held-out evaluation) next, and how large
-// it may be, from a snapshot of serving and the costs it has learned. Pure policy: plain structs in,
-// a decision out, time from an injected Clock; no I/O, no threads, no tensors. The engine owns one
-// instance, feeds it measurements and acts on its decisions.
+// it may be, from a snapshot of serving and the costs it has learned. Pure policy: plain structs
+// in, a decision out, time from an injected Clock; no I/O, no threads, no tensors. The engine owns
+// one instance, feeds it measurements and acts on its decisions.
 #ifndef COLLM_COORDINATION_CO_EXECUTION_POLICY_H_
 #define COLLM_COORDINATION_CO_EXECUTION_POLICY_H_
 
@@ -57,10 +57,10 @@ struct ServingSnapshot {
 
 // The trainer at a step boundary.
 struct TrainerSnapshot {
-  bool evaluating = false;          // A publish's held-out evaluation is waiting for slices.
-  bool micro_step_active = false;   // A micro-step is in flight: its next phase is `next_phase`.
-  int64_t next_phase = 0;           // REQUIRES: in [0, num_phases) when micro_step_active.
-  int64_t micro_step_tokens = 0;    // Padded input tokens of the micro-step in flight.
+  bool evaluating = false;         // A publish's held-out evaluation is waiting for slices.
+  bool micro_step_active = false;  // A micro-step is in flight: its next phase is `next_phase`.
+  int64_t next_phase = 0;          // REQUIRES: in [0, num_phases) when micro_step_active.
+  int64_t micro_step_tokens = 0;   // Padded input tokens of the micro-step in flight.
 };
 
 struct CoExecutionDecision {

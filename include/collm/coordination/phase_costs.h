@@ -27,7 +27,7 @@ class PhaseCosts {
   void SetEstimates(double infer_step_seconds, double phase_seconds_per_token);
 
   int64_t num_phases() const { return static_cast<int64_t>(phase_.size()); }
-  double infer_step_seconds() const { return infer_; }  // 0 = not measured.
+  double infer_step_seconds() const { return infer_; }       // 0 = not measured.
   double micro_step_seconds() const { return micro_step_; }  // 0 = not measured.
   double eval_seconds_per_example() const { return eval_; }  // 0 = not measured.
   // Predicted seconds per padded input token of `phase`: its own estimate, else the costliest

@@ -1,9 +1,10 @@
-// The engine: one thread that owns the model's KV cache, the running sequences and (later) the
-// shadow-adapter trainer, and serves requests with continuous batching. Sequences join and leave
-// at every step; prompts are prefilled in chunks under a per-step token budget so long prompts do
-// not stall decoding; KV memory is bounded and a request is admitted only when its whole
-// sequence (prompt + max_tokens, capped by the context) fits. Other threads submit through a
-// bounded queue and receive output through a per-request sink.
+// The engine: the loop thread that owns the model's KV cache, the running sequences and the
+// shadow-adapter trainer, and composes the parts that do the work: continuous batching
+// (Sequence, PlanStep/ApplyStep in batch_planner.h), admission under a KV budget (a request
+// enters only when its whole sequence, prompt + max_tokens capped by the context, fits), the
+// co-execution policy (coordination::CoExecutionPolicy) that decides when training phases run,
+// and the federation hooks. Other threads submit through a bounded queue and receive output
+// through a per-request sink.
 #ifndef COLLM_ENGINE_ENGINE_H_
 #define COLLM_ENGINE_ENGINE_H_
 
@@ -15,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -22,8 +24,13 @@
 
 #include "absl/status/statusor.h"
 #include "collm/common/clock.h"
+#include "collm/coordination/arrival_rate.h"
+#include "collm/coordination/co_execution_policy.h"
 #include "collm/engine/dataset.h"
+#include "collm/engine/engine_metrics.h"
 #include "collm/engine/peft_trainer.h"
+#include "collm/engine/request.h"
+#include "collm/engine/sequence.h"
 #include "collm/engine/shadow_publisher.h"
 #include "collm/lora/adapter_registry.h"
 #include "collm/runtime/generator.h"
@@ -35,23 +42,21 @@
 
 namespace collm::engine {
 
-// Latency objectives of one request class; 0 = no objective.
-struct SloTarget {
-  double ttft_ms = 0;  // Time to first token, queueing included.
-  double tpot_ms = 0;  // Mean time per output token after the first.
-};
-
 struct EngineOptions {
-  int64_t max_step_tokens = 256;  // Tokens per step: decodes + prefill chunks; > 0.
-  int64_t max_running = 32;       // Sequences in the running batch at most; > 0.
-  int64_t max_queued = 128;       // Waiting requests at most; more are refused at once; > 0.
-  runtime::KvCacheOptions kv_cache;
-  std::string default_adapter;  // Adapter for requests that name none; "" = base model.
-  SloTarget default_slo;        // For requests without an SLO class.
+  int64_t max_step_tokens = 256;     // Tokens per step: decodes + prefill chunks; > 0.
+  int64_t max_running = 32;          // Sequences in the running batch at most; > 0.
+  int64_t max_queued = 128;          // Waiting requests at most; more are refused at once; > 0.
+  runtime::KvCacheOptions kv_cache;  // The paged KV pool (block size, blocks); admission holds a
+                                     // request until its whole sequence fits.
+  std::string default_adapter;       // Adapter for requests that name none; "" = base model.
+  SloTarget default_slo;             // For requests without an SLO class; {0, 0} = no objective.
+  // Named SLO classes a request picks with EngineRequest::slo_class; an unknown name is
+  // InvalidArgument. Their tightest TTFT bounds what an idle training phase may take.
   std::map<std::string, SloTarget> slo_classes;
 
-  // Co-execution (fast timescale). PEFT micro-steps on the shadow adapter run in the same loop
-  // as inference steps, once EnableTraining() attached a trainer.
+  // Co-execution (fast timescale; passed on as coordination::CoExecutionOptions). PEFT
+  // micro-steps on the shadow adapter run in the same loop as inference steps, once
+  // EnableTraining() attached a trainer.
   double training_share = 0.0;  // Target share of busy engine time spent training, in [0, 1].
                                 // Idle time is always used for training when > 0.
   bool slo_guard = true;        // Start a micro-step only if no queued or running request would
@@ -59,7 +64,8 @@ struct EngineOptions {
   double guard_safety = 1.2;    // Multiplier on predicted costs in the guard; >= 1.
   // Training granularity is one phase (a decoder layer's forward or backward) of one example; when
   // even that exceeds what an arriving request could wait, idle training still runs if the
-  // expected share of arrivals it delays (measured arrival rate x phase time) is at most this.
+  // expected share of arrivals it delays (measured arrival rate x phase time) is at most this,
+  // in [0, 1].
   // Without it a daemon whose SLO is tighter than a phase would never train.
   double guard_idle_risk = 0.02;
 };
@@ -70,41 +76,9 @@ struct TrainingSetup {
   std::vector<TrainingExample> dataset;         // Local training data (may be empty).
   std::shared_ptr<InteractionBuffer> feedback;  // May be null.
   std::unique_ptr<ShadowPublisher> publisher;   // May be null: never publish.
-  uint64_t seed = 0;
+  uint64_t seed = 0;                            // Seeds the dataset's example order.
   std::string checkpoint_dir;          // Periodic shadow checkpoints go here ("" = none) ...
   int64_t checkpoint_every_steps = 0;  // ... every N optimizer steps (0 = never periodic).
-};
-
-struct EngineRequest {
-  std::vector<int32_t> prompt;  // Token ids (BOS included if wanted); non-empty.
-  runtime::SamplingParams params;
-  std::string adapter;         // Registry name; "" = options.default_adapter.
-  std::string slo_class;       // "" = options.default_slo.
-  int64_t deadline_nanos = 0;  // Engine clock time after which the request is dropped; 0 = none.
-};
-
-struct RequestResult {
-  absl::Status status;  // OK, Cancelled, DeadlineExceeded, or Internal.
-  runtime::FinishReason finish_reason = runtime::FinishReason::kLength;
-  int64_t prompt_tokens = 0;
-  int64_t completion_tokens = 0;
-  std::string adapter;  // "" = base model.
-  int64_t adapter_version = 0;
-  double ttft_seconds = 0;  // Submit to first token.
-  double tpot_seconds = 0;  // Mean between output tokens after the first.
-  double e2e_seconds = 0;
-  bool slo_met = false;  // TTFT and TPOT within the request's SLO.
-};
-
-// Receives one request's output, on the engine thread: implementations must not block.
-class RequestSink {
- public:
-  virtual ~RequestSink() = default;
-  // New text (never part of a stop string; may be empty when a token completes no character)
-  // and the ids that produced it.
-  virtual void OnDelta(const std::string& text, const std::vector<int32_t>& ids) = 0;
-  // Called exactly once, last.
-  virtual void OnFinish(const RequestResult& result) = 0;
 };
 
 struct EngineStats {
@@ -117,7 +91,7 @@ struct EngineStats {
   int64_t expired = 0;
   int64_t rejected_queue_full = 0;
   int64_t slo_met = 0;
-  int64_t prompt_tokens = 0;
+  int64_t prompt_tokens = 0;  // Prompt tokens of admitted requests.
   int64_t generated_tokens = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
@@ -182,7 +156,10 @@ class Engine {
 
   // Starts the engine thread.
   void Start();
-  // Validates and enqueues. InvalidArgument naming the field, NotFound for an unknown adapter,
+  // What requests are validated against (ValidateRequest): the model's vocabulary and context.
+  RequestLimits request_limits() const;
+  // Validates (ValidateRequest, then the SLO class and adapter) and enqueues. InvalidArgument
+  // naming the field, NotFound for an unknown adapter,
   // ResourceExhausted at once when the queue is full or the request can never fit in the KV
   // cache. Returns the request id.
   absl::StatusOr<uint64_t> Submit(EngineRequest request, std::shared_ptr<RequestSink> sink);
@@ -207,7 +184,6 @@ class Engine {
   // daemon resumes training where it stopped. Only while the engine thread is not running (before
   // Start or after Shutdown). FailedPrecondition without training.
   absl::Status CheckpointTraining(const std::string& dir);
-  absl::Status CheckpointTrainingLocked(const std::string& dir);  // Engine thread or stopped.
   // Restores the data cursor saved by CheckpointTraining (the trainer itself is resumed with
   // PeftTrainer::Resume before EnableTraining).
   absl::Status RestoreTrainingCursor(const std::map<std::string, std::string>& state);
@@ -235,27 +211,53 @@ class Engine {
   void FinishTrainingTaskEarly();
 
  private:
-  struct Sequence;
   Engine() = default;
+
+  // --- The loop (engine.cc) ---
   void Loop();
-  bool Step();
+  bool Step();  // Commands, one inference step, then maybe training phases.
+  // Drops cancelled and expired sequences, admits from the queue, plans, runs and applies one
+  // batch (PlanStep / forward / ApplyStep), retires finished sequences.
   bool InferenceStep();
-  // Runs training phases (see PeftTrainer::AdvanceMicroStep) while the share target and the SLO
-  // guard allow; returns whether it ran any.
+  void Finish(Sequence& s, const absl::Status& status, runtime::FinishReason reason);
+  void RecordStepMetrics(int64_t batch_tokens);
+  // Serving as the co-execution policy sees it (queued and running requests, arrival rate).
+  coordination::ServingSnapshot ServingSnapshotNow() const;
+
+  // --- Training on the engine thread (engine_training.cc) ---
+  // Runs training phases (see PeftTrainer::AdvanceMicroStep) and publish evaluation slices while
+  // the co-execution policy allows; returns whether it ran any.
   bool MaybeTrain();
   enum class BeginResult { kStarted, kDoesNotFit, kNoData };
   // Starts a micro-step of at most `max_examples` whose padded input tokens fit `max_tokens`
   // (< 0: exactly one example, whatever its size).
   BeginResult BeginMicroStep(int64_t max_examples, double max_tokens);
-  bool RunTrainingPhase();                // Returns whether the micro-step finished.
+  bool RunTrainingPhase();  // Returns whether the micro-step finished.
+  void RunEvaluationSlice(int64_t examples);
   void PollPublisher(bool wait = false);  // Publishes once a background evaluation is done.
-  // Seconds a phase may take while idle: the tightest TTFT objective minus a prefill step.
-  double IdleBudget() const;
-  double PhaseCost(int64_t phase) const;  // Predicted seconds per padded input token.
-  // Seconds of delay the tightest SLO among queued and running requests can absorb before the
-  // next token (infinity when none has an objective).
-  double SloSlack(int64_t now) const;
-  void Finish(Sequence& s, absl::Status status, runtime::FinishReason reason);
+  // Saves the training checkpoint; engine thread, or any thread while the loop is stopped.
+  absl::Status SaveTrainingCheckpoint(const std::string& dir);
+  void CountGuardBlocked();
+
+  // --- Federation hooks: commands posted by other threads, run on the engine thread
+  // (engine_federation_hooks.cc) ---
+  // The running training task (RunTrainingTask) and its progress.
+  struct ActiveTask {
+    TrainingTask task;
+    std::shared_ptr<std::promise<TrainingReport>> promise;
+    int64_t steps = 0;
+    int64_t samples = 0;           // Examples in micro-steps so far.
+    int64_t samples_in_steps = 0;  // ... of which in completed optimizer steps.
+    double loss_sum = 0;
+  };
+  bool PostCommand(std::function<void()> command);  // False once Shutdown closed the queue.
+  void RunCommands();                               // Engine thread.
+  void StartTask(TrainingTask task, std::shared_ptr<std::promise<TrainingReport>> promise);
+  void EndTask(absl::Status status);  // Reports the active task (engine thread).
+  // Called by RunTrainingPhase after each micro-step (engine thread).
+  void OnTaskProgress(int64_t examples, const absl::Status& status,
+                      const std::optional<StepStats>& step);
+  void SetShare(double share);  // Policy and stats (engine thread).
 
   std::shared_ptr<const runtime::LlamaModel> model_;
   const runtime::Tokenizer* tokenizer_ = nullptr;
@@ -273,45 +275,23 @@ class Engine {
   bool stop_ = false;                            // Guarded by mu_.
   int64_t shutdown_deadline_nanos_ = 0;          // Guarded by mu_; 0 = not shutting down.
   EngineStats stats_;                            // Guarded by mu_.
+  coordination::ArrivalRateEstimator arrivals_;  // Guarded by mu_ (Submit records).
+  std::vector<std::function<void()>> commands_;  // Guarded by mu_.
+  bool commands_closed_ = false;                 // Guarded by mu_; set by Shutdown.
 
   std::vector<std::unique_ptr<Sequence>> running_;  // Engine thread only.
   std::thread thread_;
 
-  // Training state, engine thread only.
+  // Engine thread only.
+  std::unique_ptr<coordination::CoExecutionPolicy> policy_;  // When to train; learned costs.
   TrainingSetup training_;
   std::unique_ptr<ExampleSampler> sampler_;
-  double infer_cost_ = 0;  // EWMA seconds per inference step.
-  double train_cost_ = 0;  // EWMA seconds per whole training micro-step (0 = not measured yet).
-  std::vector<double> phase_cost_;    // EWMA seconds per padded token of each phase (0 = unknown).
   std::deque<TrainingExample> pool_;  // Drawn examples waiting for a micro-step they fit.
   double micro_step_seconds_ = 0;     // Spent on the micro-step in flight so far.
-  double eval_cost_ = 0;              // EWMA seconds per held-out example evaluated for a publish.
-  static constexpr int64_t kEvalSliceExamples = 8;  // Held-out examples per slice at most.
-  double ArrivalRate(int64_t now) const;            // Requests/s, recent; needs mu_.
-  double interarrival_ = 0;                         // EWMA seconds between submits; guarded by mu_.
-  int64_t last_submit_nanos_ = 0;                   // Guarded by mu_.
-  double busy_infer_ = 0;                           // EWMA of inference seconds per loop iteration.
-  double busy_train_ = 0;                           // EWMA of training seconds per loop iteration.
-  double last_infer_seconds_ = 0;
+  double last_infer_seconds_ = 0;     // This iteration's inference and training seconds.
   double last_train_seconds_ = 0;
-
-  // Federation hooks: commands posted by other threads, run on the engine thread.
-  struct ActiveTask;
-  bool PostCommand(std::function<void()> command);  // False once Shutdown closed the queue.
-  void RunCommands();                               // Engine thread.
-  void StartTask(TrainingTask task, std::shared_ptr<std::promise<TrainingReport>> promise);
-  void EndTask(absl::Status status);  // Reports the active task (engine thread).
-  // Called by MaybeTrain after each micro-step (engine thread).
-  void OnTaskProgress(int64_t examples, const absl::Status& status,
-                      const std::optional<StepStats>& step);
-  std::vector<std::function<void()>> commands_;  // Guarded by mu_.
-  bool commands_closed_ = false;                 // Guarded by mu_; set by Shutdown.
-  std::unique_ptr<ActiveTask> task_;             // Engine thread only.
-
-  // Metrics (null = none), engine thread only after Start.
-  struct Metrics;
-  std::unique_ptr<Metrics> metrics_;
-  void RecordStepMetrics(int64_t batch_tokens);
+  std::unique_ptr<ActiveTask> task_;
+  std::unique_ptr<EngineMetrics> metrics_;  // Null = none.
 };
 
 }  // namespace collm::engine
