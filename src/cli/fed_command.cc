@@ -10,13 +10,14 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "collm/cli/commands.h"
 #include "collm/common/file_io.h"
-#include "collm/federation/fingerprint.h"
+#include "collm/federation/adapter_stream.h"
 #include "collm/federation/state_store.h"
 #include "collm/v1/federation.grpc.pb.h"
 
@@ -277,22 +278,37 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     auto reader = stub->PullAdapter(ctx.get(), req);
     v1::AdapterChunk chunk;
     v1::AdapterBlobHeader header;
-    std::string payload;
-    bool have_header = false;
-    while (reader->Read(&chunk)) {
-      if (chunk.has_header()) {
+    std::optional<federation::AdapterReceiver> receiver;
+    absl::Status bad;
+    while (bad.ok() && reader->Read(&chunk)) {
+      if (receiver.has_value() == chunk.has_header()) {
+        bad = absl::DataLossError(chunk.has_header() ? "a second header in the stream"
+                                                     : "the first message has no header");
+      } else if (chunk.has_header()) {
         header = chunk.header();
-        have_header = true;
+        absl::StatusOr<federation::AdapterReceiver> r =
+            federation::AdapterReceiver::Begin(header, federation::kMaxReceivedAdapterBytes,
+                                               absl::StrCat("global version ", header.version()));
+        if (r.ok()) {
+          receiver.emplace(*std::move(r));
+        } else {
+          bad = r.status();
+        }
       } else {
-        payload += chunk.data();
+        bad = receiver->Add(chunk.data());
       }
     }
-    if (grpc::Status s = reader->Finish(); !s.ok()) return Report(s, args, err);
-    if (!have_header || static_cast<int64_t>(payload.size()) != header.safetensors_bytes() ||
-        federation::Sha256Hex(payload) != header.sha256()) {
-      err << "collmctl: the adapter arrived incomplete or corrupt (size or sha256 mismatch)\n";
+    if (!bad.ok()) ctx->TryCancel();
+    if (grpc::Status s = reader->Finish(); !s.ok() && bad.ok()) return Report(s, args, err);
+    if (bad.ok() && !receiver.has_value()) bad = absl::DataLossError("the stream was empty");
+    absl::StatusOr<lora::PeftBlob> blob =
+        bad.ok() ? std::move(*receiver).Finish() : absl::StatusOr<lora::PeftBlob>(bad);
+    if (!blob.ok()) {
+      err << "collmctl: the adapter arrived incomplete or corrupt: " << blob.status().message()
+          << "\n";
       return 1;
     }
+    const std::string& payload = blob->safetensors;
     std::error_code ec;
     std::filesystem::create_directories(args.out_dir, ec);
     absl::Status s = WriteFileAtomically(args.out_dir + "/adapter_model.safetensors", payload);

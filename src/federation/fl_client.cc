@@ -11,17 +11,18 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "collm/common/grpc_status.h"
 #include "collm/common/logging.h"
 #include "collm/common/status.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine.h"
-#include "collm/federation/fingerprint.h"
+#include "collm/federation/adapter_stream.h"
 #include "collm/lora/peft_io.h"
 #include "collm/telemetry/metrics.h"
 #include "collm/v1/federation.grpc.pb.h"
@@ -31,15 +32,6 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace v1 = ::collm::v1;
-
-// Aggregator-declared sizes are checked against this before anything is allocated.
-constexpr int64_t kMaxAdapterBytes = int64_t{1} << 30;
-
-absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      absl::StrCat(what, ": ", s.error_message()));
-}
 
 // Codes after which the same call can succeed later (the aggregator restarts, the network
 // recovers); the rest are refusals that retrying would only repeat.
@@ -268,7 +260,7 @@ absl::Status FlClient::Impl::Register() {
   c->set_local_samples(options.local_samples);
   v1::RegisterResponse resp;
   Call call(this, options.rpc_timeout_seconds);
-  COLLM_RETURN_IF_ERROR(FromGrpc(stub->Register(&call.ctx, req, &resp), "Register"));
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(stub->Register(&call.ctx, req, &resp), "Register"));
   session = resp.session();
   if (resp.heartbeat_interval_ms() > 0) heartbeat_seconds = resp.heartbeat_interval_ms() * 1e-3;
   Update([](FlClientStats& s) { ++s.registrations; });
@@ -320,7 +312,7 @@ absl::Status FlClient::Impl::Heartbeat(v1::HeartbeatResponse* response) {
   req.set_session(session);
   *req.mutable_telemetry() = Telemetry();
   Call call(this, options.rpc_timeout_seconds);
-  COLLM_RETURN_IF_ERROR(FromGrpc(stub->Heartbeat(&call.ctx, req, response), "Heartbeat"));
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(stub->Heartbeat(&call.ctx, req, response), "Heartbeat"));
   Update([](FlClientStats& s) { ++s.heartbeats; });
   return absl::OkStatus();
 }
@@ -335,33 +327,28 @@ absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> FlClient::Impl::Fetch(int64_t
   auto reader = stub->FetchGlobal(&call.ctx, req);
   v1::AdapterChunk chunk;
   v1::AdapterBlobHeader header;
-  bool have_header = false;
-  lora::PeftBlob blob;
+  std::optional<AdapterReceiver> receiver;
   absl::Status bad;
   while (bad.ok() && reader->Read(&chunk)) {
-    if (!have_header) {
+    if (!receiver.has_value()) {
       if (!chunk.has_header()) {
         bad = absl::DataLossError("FetchGlobal: the first message has no header");
         break;
       }
       header = chunk.header();
-      have_header = true;
-      if (header.safetensors_bytes() < 0 || header.safetensors_bytes() > kMaxAdapterBytes) {
-        bad = absl::DataLossError(
-            absl::StrCat("FetchGlobal: implausible adapter size ", header.safetensors_bytes()));
+      absl::StatusOr<AdapterReceiver> r = AdapterReceiver::Begin(
+          header, kMaxReceivedAdapterBytes, absl::StrCat("global version ", header.version()));
+      if (!r.ok()) {
+        bad = absl::DataLossError(r.status().message());
         break;
       }
-      blob.safetensors.reserve(static_cast<size_t>(header.safetensors_bytes()));
+      receiver.emplace(*std::move(r));
       continue;
     }
     if (chunk.has_header()) {
       bad = absl::DataLossError("FetchGlobal: a second header in the stream");
-    } else if (static_cast<int64_t>(blob.safetensors.size() + chunk.data().size()) >
-               header.safetensors_bytes()) {
-      bad = absl::DataLossError(absl::StrCat("FetchGlobal: more than the announced ",
-                                             header.safetensors_bytes(), " bytes"));
     } else {
-      blob.safetensors += chunk.data();
+      bad = receiver->Add(chunk.data());
     }
   }
   if (!bad.ok()) {
@@ -369,24 +356,14 @@ absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> FlClient::Impl::Fetch(int64_t
     reader->Finish();
     return bad;
   }
-  COLLM_RETURN_IF_ERROR(FromGrpc(reader->Finish(), "FetchGlobal"));
-  if (!have_header) return absl::DataLossError("FetchGlobal: empty stream");
-  const std::string what = absl::StrCat("global version ", header.version());
-  if (static_cast<int64_t>(blob.safetensors.size()) != header.safetensors_bytes()) {
-    return absl::DataLossError(absl::StrCat(what, ": got ", blob.safetensors.size(),
-                                            " bytes, the header announced ",
-                                            header.safetensors_bytes()));
-  }
-  const std::string digest = federation::Sha256Hex(blob.safetensors);
-  if (digest != absl::AsciiStrToLower(header.sha256())) {
-    return absl::DataLossError(absl::StrCat(what, ": sha256 mismatch (got ", digest,
-                                            ", the header says '", header.sha256(), "')"));
-  }
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), "FetchGlobal"));
+  if (!receiver.has_value()) return absl::DataLossError("FetchGlobal: empty stream");
+  COLLM_ASSIGN_OR_RETURN(lora::PeftBlob blob, std::move(*receiver).Finish());
   if (version > 0 && header.version() != version) {
     return absl::DataLossError(
         absl::StrCat("FetchGlobal: asked for version ", version, ", got ", header.version()));
   }
-  blob.config_json = header.config_json();
+  const std::string what = absl::StrCat("global version ", header.version());
   COLLM_ASSIGN_OR_RETURN(lora::LoraAdapter adapter, FromBlob(blob, model, what));
   *got_version = header.version();
   return std::make_unique<lora::LoraAdapter>(std::move(adapter));
@@ -422,7 +399,8 @@ absl::Status FlClient::Impl::Install(const lora::LoraAdapter& adapter, bool publ
 absl::Status FlClient::Impl::InstallNewGlobal(int64_t version) {
   int64_t got = 0;
   COLLM_ASSIGN_OR_RETURN(auto adapter, Fetch(version, &got));
-  COLLM_RETURN_IF_ERROR(Install(*adapter, options.install_live, got));
+  COLLM_RETURN_IF_ERROR(
+      Install(*adapter, options.install_global == InstallGlobal::kShadowAndLive, got));
   global = std::move(adapter);
   global_cached_version = got;
   if (metrics) metrics->global_version->Set(static_cast<double>(got));
@@ -564,23 +542,20 @@ absl::Status FlClient::Impl::Upload(const v1::RoundTask& task, const engine::Tra
   h->set_num_samples(report.num_samples);
   h->set_train_loss(report.mean_train_loss);
   h->set_held_out_loss(report.held_out_loss >= 0 ? report.held_out_loss : 0);
-  v1::AdapterBlobHeader* a = h->mutable_adapter();
-  a->set_config_json(blob.config_json);
-  a->set_safetensors_bytes(static_cast<int64_t>(blob.safetensors.size()));
-  a->set_sha256(federation::Sha256Hex(blob.safetensors));
+  *h->mutable_adapter() = DescribeAdapter(blob);
   Call call(this, options.rpc_timeout_seconds);
   v1::UploadResponse resp;
   auto writer = stub->UploadUpdate(&call.ctx, &resp);
-  bool open = writer->Write(first);
-  const size_t step = static_cast<size_t>(options.upload_chunk_bytes);
-  for (size_t off = 0; open && off < blob.safetensors.size(); off += step) {
-    v1::UpdateChunk chunk;
-    chunk.set_data(blob.safetensors.substr(off, step));
-    open = writer->Write(chunk);
-  }
+  const bool open =
+      writer->Write(first) &&
+      WriteAdapterChunks(blob.safetensors, options.upload_chunk_bytes, [&](std::string data) {
+        v1::UpdateChunk chunk;
+        chunk.set_data(std::move(data));
+        return writer->Write(chunk);
+      });
   if (open) writer->WritesDone();
   // When a write fails the server has already answered (or the call is dead); Finish says which.
-  COLLM_RETURN_IF_ERROR(FromGrpc(writer->Finish(), "UploadUpdate"));
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish(), "UploadUpdate"));
   if (!resp.accepted())
     *reason = resp.reason().empty() ? "rejected (no reason given)" : resp.reason();
   return absl::OkStatus();
@@ -618,26 +593,23 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
     return bad(absl::StrCat("federation.task_training_share must be in (0, 1], got ",
                             options.task_training_share));
   }
-  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+  if (options.tls.cert.empty() != options.tls.key.empty()) {
     return bad("federation.tls: cert and key must be set together (mutual TLS)");
   }
   std::shared_ptr<grpc::ChannelCredentials> creds;
   grpc::ChannelArguments args;
-  if (options.tls) {
+  if (options.tls.enabled) {
     grpc::SslCredentialsOptions ssl;
-    if (!options.tls_ca_file.empty()) {
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_root_certs,
-                             ReadFile(options.tls_ca_file, "federation.tls.ca"));
+    if (!options.tls.ca.empty()) {
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(options.tls.ca, "federation.tls.ca"));
     }
-    if (!options.tls_cert_file.empty()) {
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_cert_chain,
-                             ReadFile(options.tls_cert_file, "federation.tls.cert"));
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_private_key,
-                             ReadFile(options.tls_key_file, "federation.tls.key"));
+    if (!options.tls.cert.empty()) {
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadFile(options.tls.cert, "federation.tls.cert"));
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadFile(options.tls.key, "federation.tls.key"));
     }
     creds = grpc::SslCredentials(ssl);
-    if (!options.tls_server_name.empty()) {
-      args.SetSslTargetNameOverride(options.tls_server_name);
+    if (!options.tls.server_name.empty()) {
+      args.SetSslTargetNameOverride(options.tls.server_name);
     }
   } else {
     creds = grpc::InsecureChannelCredentials();

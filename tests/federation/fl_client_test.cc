@@ -341,13 +341,13 @@ TEST(FlClientTest, BadOptionsAreNamed) {
   auto c = FlClient::Create(o, *d.engine, d.model->config(), nullptr, nullptr);
   EXPECT_NE(std::string(c.status().message()).find("device_id"), std::string::npos);
   o = d.Options(1);
-  o.tls = true;
-  o.tls_ca_file = "/nonexistent/ca.pem";
+  o.tls.enabled = true;
+  o.tls.ca = "/nonexistent/ca.pem";
   c = FlClient::Create(o, *d.engine, d.model->config(), nullptr, nullptr);
   EXPECT_EQ(c.status().code(), absl::StatusCode::kNotFound);
   EXPECT_NE(std::string(c.status().message()).find("federation.tls.ca"), std::string::npos);
   o = d.Options(1);
-  o.tls_cert_file = "x.pem";
+  o.tls.cert = "x.pem";
   c = FlClient::Create(o, *d.engine, d.model->config(), nullptr, nullptr);
   EXPECT_NE(std::string(c.status().message()).find("cert and key"), std::string::npos);
 }

@@ -38,7 +38,11 @@ absl::StatusOr<ServerOptimizer> ParseServerOptimizer(
 std::string ServerOptimizerName(ServerOptimizer o);
 
 struct AggregationOptions {
+  // How the round's client adapters become one (see Combine); the policy's `strategy`
+  // (fedavg | fedit | exact | trimmed_mean | median, ParseCombine). Default kFedAvg.
   Combine combine = Combine::kFedAvg;
+  // Applied to the combined delta afterwards: none = take it as is; FedAdam/FedYogi keep moment
+  // state across rounds (ServerOptimizerState). The policy's `server_optimizer`. Default kNone.
   ServerOptimizer server_optimizer = ServerOptimizer::kNone;
   double server_lr = 1e-2;                       // FedAdam/FedYogi step size.
   double beta1 = 0.9, beta2 = 0.99, tau = 1e-3;  // FedAdam/FedYogi (Reddi et al. 2021).
