@@ -49,9 +49,14 @@ bool Retryable(const absl::Status& s) {
   }
 }
 
-int64_t UnixMillis() {
-  // Round deadlines are wall-clock times set by the aggregator (another machine); a steady clock
-  // cannot be compared with them.
+// How often a running task (and an adapter install) checks for Stop, the round's deadline and the
+// heartbeat: engine futures cannot be woken by Stop, so their waits are sliced.
+constexpr std::chrono::milliseconds kTaskPollInterval{50};
+// A FakeClock moves without waking anyone, so waits on a clock other than the real one re-read it
+// this often.
+constexpr std::chrono::milliseconds kFakeClockPollInterval{5};
+
+int64_t SystemUnixMillis() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
@@ -90,6 +95,12 @@ struct Metrics {
 
 struct FlClient::Impl {
   FlClientOptions options;
+  // Every time read and wait of the client goes through this clock (gRPC call deadlines aside,
+  // which gRPC measures itself).
+  Clock* clock = nullptr;
+  // Round deadlines are wall-clock times set by the aggregator (another machine): they are
+  // compared with the wall time at Create advanced by `clock`, so a fake clock drives them too.
+  int64_t unix_ms_at_clock_zero = 0;
   engine::Engine* engine = nullptr;
   runtime::ModelConfig model;
   std::shared_ptr<engine::InteractionBuffer> feedback;
@@ -106,7 +117,7 @@ struct FlClient::Impl {
   int64_t global_cached_version = 0;
   double idle_share = -1;  // Last no-task share applied (-1 = none yet).
   engine::EngineStats last_stats;
-  std::chrono::steady_clock::time_point last_stats_time;
+  int64_t last_stats_nanos = -1;  // Clock time of last_stats; -1 = none yet.
   int64_t samples_at_last_round = 0;
 
   mutable std::mutex mu;
@@ -120,10 +131,23 @@ struct FlClient::Impl {
     std::lock_guard<std::mutex> lock(mu);
     return stop;
   }
-  // Sleeps up to `seconds`; false when Stop interrupted it.
+  int64_t UnixMillis() const { return unix_ms_at_clock_zero + clock->NowNanos() / 1'000'000; }
+  // `seconds` from now on the clock, in its nanoseconds.
+  int64_t After(double seconds) const {
+    return clock->NowNanos() + static_cast<int64_t>(seconds * 1e9);
+  }
+  // Sleeps `seconds` of clock time; false when Stop interrupted it.
   bool SleepFor(double seconds) {
+    const int64_t until = After(seconds);
+    const bool real = clock == &Clock::Real();
     std::unique_lock<std::mutex> lock(mu);
-    return !wake.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return stop; });
+    while (!stop) {
+      const std::chrono::nanoseconds left(until - clock->NowNanos());
+      if (left.count() <= 0) return true;
+      wake.wait_for(lock,
+                    real ? left : std::min<std::chrono::nanoseconds>(left, kFakeClockPollInterval));
+    }
+    return false;
   }
   void SetState(const std::string& state) {
     std::lock_guard<std::mutex> lock(mu);
@@ -271,14 +295,14 @@ absl::Status FlClient::Impl::Register() {
 
 v1::DeviceTelemetry FlClient::Impl::Telemetry() {
   const engine::EngineStats st = engine->Stats();
-  const auto now = std::chrono::steady_clock::now();
-  const double dt = std::chrono::duration<double>(now - last_stats_time).count();
+  const int64_t now = clock->NowNanos();
+  const double dt = static_cast<double>(now - last_stats_nanos) * 1e-9;
   const engine::EngineStats& p = last_stats;
   auto arrived = [](const engine::EngineStats& s) {
     return s.completed + s.cancelled + s.expired + s.rejected_queue_full + s.queued + s.running;
   };
   v1::DeviceTelemetry t;
-  if (dt > 0 && last_stats_time.time_since_epoch().count() != 0) {
+  if (dt > 0 && last_stats_nanos >= 0) {
     t.set_arrival_rate(static_cast<double>(arrived(st) - arrived(p)) / dt);
     t.set_infer_tokens_per_s(static_cast<double>(st.generated_tokens + st.prompt_tokens -
                                                  p.generated_tokens - p.prompt_tokens) /
@@ -302,7 +326,7 @@ v1::DeviceTelemetry FlClient::Impl::Telemetry() {
     t.set_live_version(stats.live_version);
   }
   last_stats = st;
-  last_stats_time = now;
+  last_stats_nanos = now;
   return t;
 }
 
@@ -377,7 +401,7 @@ absl::Status FlClient::Impl::Install(const lora::LoraAdapter& adapter, bool publ
   auto future = engine->InstallAdapter(adapter.Clone(), io);
   // The engine applies it at its next step boundary; a step is milliseconds, an evaluation for
   // the gate seconds at most.
-  while (future.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
+  while (future.wait_for(kTaskPollInterval) != std::future_status::ready) {
     if (Stopping()) return absl::CancelledError("stopping");
   }
   engine::InstallResult r = future.get();
@@ -449,10 +473,9 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
   const int64_t deadline = task.deadline_unix_ms();
   const int64_t cut_ms =
       deadline > 0 ? deadline - static_cast<int64_t>(options.deadline_margin_seconds * 1e3) : 0;
-  auto next_heartbeat =
-      std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
+  int64_t next_heartbeat = After(heartbeat_seconds);
   bool cut = false;
-  while (future.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
+  while (future.wait_for(kTaskPollInterval) != std::future_status::ready) {
     if (Stopping()) {
       engine->FinishTrainingTaskEarly();
       return absl::CancelledError("stopping");
@@ -464,12 +487,11 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
       engine->FinishTrainingTaskEarly();
       cut = true;
     }
-    if (std::chrono::steady_clock::now() >= next_heartbeat) {
+    if (clock->NowNanos() >= next_heartbeat) {
       // Liveness while training; the aggregator may also have closed the round without us.
       v1::HeartbeatResponse hb;
       const absl::Status s = Heartbeat(&hb);
-      next_heartbeat =
-          std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
+      next_heartbeat = After(heartbeat_seconds);
       if (s.ok() && !cut && (hb.reregister() || !hb.has_task() || hb.task().round() != round)) {
         COLLM_LOG_INFO("federation: round {} closed before our update; stopping its training",
                        round);
@@ -567,7 +589,8 @@ FlClient::~FlClient() { Stop(); }
 
 absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
     FlClientOptions options, engine::Engine& engine, const runtime::ModelConfig& model,
-    std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics) {
+    std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics,
+    Clock& clock) {
   auto bad = [](const std::string& what) { return absl::InvalidArgumentError(what); };
   if (options.aggregator.empty()) return bad("federation.aggregator must not be empty");
   if (options.device_id.empty()) return bad("federation.device_id must not be empty");
@@ -626,6 +649,8 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
               static_cast<int>(std::max(20.0, options.backoff_initial_seconds * 1e3)));
   auto impl = std::make_unique<Impl>();
+  impl->clock = &clock;
+  impl->unix_ms_at_clock_zero = SystemUnixMillis() - clock.NowNanos() / 1'000'000;
   impl->channel = grpc::CreateCustomChannel(options.aggregator, creds, args);
   impl->stub = v1::FederationService::NewStub(impl->channel);
   impl->heartbeat_seconds = options.heartbeat_seconds;

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "collm/common/clock.h"
 #include "collm/runtime/model_config.h"
 
 namespace collm::engine {
@@ -86,10 +87,13 @@ class FlClient {
  public:
   // Reads the TLS files and builds the channel (connecting is lazy). InvalidArgument naming the
   // option for bad options; NotFound for an unreadable TLS file. `feedback` and `metrics` may be
-  // null.
+  // null. Heartbeat and backoff sleeps, telemetry rates and round deadlines all follow `clock`
+  // (borrowed; must outlive the client); a round deadline (wall time) is compared with the wall
+  // time at Create advanced by `clock`.
   static absl::StatusOr<std::unique_ptr<FlClient>> Create(
       FlClientOptions options, engine::Engine& engine, const runtime::ModelConfig& model,
-      std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics);
+      std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics,
+      Clock& clock = Clock::Real());
   ~FlClient();
 
   // Starts the client thread.
