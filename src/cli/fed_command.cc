@@ -11,7 +11,6 @@
 #include <functional>
 #include <iomanip>
 #include <iostream>
-#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -322,32 +321,14 @@ int RunAdapterPull(const Connection& conn, const FedArgs& args, std::ostream& ou
   auto ctx = conn.Context(true);
   auto reader = conn.stub->PullAdapter(ctx.get(), req);
   v1::AdapterChunk chunk;
-  v1::AdapterBlobHeader header;
-  std::optional<federation::AdapterReceiver> receiver;
+  federation::AdapterChunkReader stream("PullAdapter", federation::kMaxReceivedAdapterBytes);
   absl::Status bad;
-  while (bad.ok() && reader->Read(&chunk)) {
-    if (receiver.has_value() == chunk.has_header()) {
-      bad = absl::DataLossError(chunk.has_header() ? "a second header in the stream"
-                                                   : "the first message has no header");
-    } else if (chunk.has_header()) {
-      header = chunk.header();
-      absl::StatusOr<federation::AdapterReceiver> r =
-          federation::AdapterReceiver::Begin(header, federation::kMaxReceivedAdapterBytes,
-                                             absl::StrCat("global version ", header.version()));
-      if (r.ok()) {
-        receiver.emplace(*std::move(r));
-      } else {
-        bad = r.status();
-      }
-    } else {
-      bad = receiver->Add(chunk.data());
-    }
-  }
+  while (bad.ok() && reader->Read(&chunk)) bad = stream.Add(chunk);
   if (!bad.ok()) ctx->TryCancel();
   if (grpc::Status s = reader->Finish(); !s.ok() && bad.ok()) return Report(s, args, err);
-  if (bad.ok() && !receiver.has_value()) bad = absl::DataLossError("the stream was empty");
+  const v1::AdapterBlobHeader header = stream.header();
   absl::StatusOr<lora::PeftBlob> blob =
-      bad.ok() ? std::move(*receiver).Finish() : absl::StatusOr<lora::PeftBlob>(bad);
+      bad.ok() ? std::move(stream).Finish() : absl::StatusOr<lora::PeftBlob>(bad);
   if (!blob.ok()) {
     err << "collmctl: the adapter arrived incomplete or corrupt: " << blob.status().message()
         << "\n";

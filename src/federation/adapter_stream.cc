@@ -67,4 +67,24 @@ absl::StatusOr<lora::PeftBlob> AdapterReceiver::Finish() && {
   return std::move(blob_);
 }
 
+absl::Status AdapterChunkReader::Add(const v1::AdapterChunk& chunk) {
+  if (receiver_.has_value()) {
+    if (chunk.has_header()) return absl::DataLossError(call_ + ": a second header in the stream");
+    return receiver_->Add(chunk.data());
+  }
+  if (!chunk.has_header()) return absl::DataLossError(call_ + ": the first message has no header");
+  header_ = chunk.header();
+  absl::StatusOr<AdapterReceiver> r = AdapterReceiver::Begin(
+      header_, max_bytes_, absl::StrCat("global version ", header_.version()));
+  // The peer sent an impossible size: a broken transfer like any other, for the reader.
+  if (!r.ok()) return absl::DataLossError(r.status().message());
+  receiver_.emplace(*std::move(r));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<lora::PeftBlob> AdapterChunkReader::Finish() && {
+  if (!receiver_.has_value()) return absl::DataLossError(call_ + ": empty stream");
+  return std::move(*receiver_).Finish();
+}
+
 }  // namespace collm::federation

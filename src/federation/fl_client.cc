@@ -11,7 +11,6 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
-#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -350,39 +349,17 @@ absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> FlClient::Impl::Fetch(int64_t
   Call call(this, options.rpc_timeout_seconds);
   auto reader = stub->FetchGlobal(&call.ctx, req);
   v1::AdapterChunk chunk;
-  v1::AdapterBlobHeader header;
-  std::optional<AdapterReceiver> receiver;
+  AdapterChunkReader stream("FetchGlobal", kMaxReceivedAdapterBytes);
   absl::Status bad;
-  while (bad.ok() && reader->Read(&chunk)) {
-    if (!receiver.has_value()) {
-      if (!chunk.has_header()) {
-        bad = absl::DataLossError("FetchGlobal: the first message has no header");
-        break;
-      }
-      header = chunk.header();
-      absl::StatusOr<AdapterReceiver> r = AdapterReceiver::Begin(
-          header, kMaxReceivedAdapterBytes, absl::StrCat("global version ", header.version()));
-      if (!r.ok()) {
-        bad = absl::DataLossError(r.status().message());
-        break;
-      }
-      receiver.emplace(*std::move(r));
-      continue;
-    }
-    if (chunk.has_header()) {
-      bad = absl::DataLossError("FetchGlobal: a second header in the stream");
-    } else {
-      bad = receiver->Add(chunk.data());
-    }
-  }
+  while (bad.ok() && reader->Read(&chunk)) bad = stream.Add(chunk);
   if (!bad.ok()) {
     call.ctx.TryCancel();
     reader->Finish();
     return bad;
   }
   COLLM_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), "FetchGlobal"));
-  if (!receiver.has_value()) return absl::DataLossError("FetchGlobal: empty stream");
-  COLLM_ASSIGN_OR_RETURN(lora::PeftBlob blob, std::move(*receiver).Finish());
+  const v1::AdapterBlobHeader header = stream.header();
+  COLLM_ASSIGN_OR_RETURN(lora::PeftBlob blob, std::move(stream).Finish());
   if (version > 0 && header.version() != version) {
     return absl::DataLossError(
         absl::StrCat("FetchGlobal: asked for version ", version, ", got ", header.version()));

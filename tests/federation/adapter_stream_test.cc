@@ -123,5 +123,51 @@ TEST(AdapterStreamTest, AnEmptyPayloadRoundTripsWithoutChunks) {
   EXPECT_FALSE(r->Add("x").ok());
 }
 
+std::vector<v1::AdapterChunk> Stream(const lora::PeftBlob& blob, int64_t version,
+                                     int64_t chunk_bytes) {
+  std::vector<v1::AdapterChunk> out(1);
+  *out[0].mutable_header() = DescribeAdapter(blob);
+  out[0].mutable_header()->set_version(version);
+  for (std::string& data : Split(blob, chunk_bytes)) {
+    out.emplace_back().set_data(std::move(data));
+  }
+  return out;
+}
+
+TEST(AdapterChunkReaderTest, ReadsAHeaderThenData) {
+  const lora::PeftBlob blob = MakeBlob(3000);
+  AdapterChunkReader reader("FetchGlobal", 1 << 20);
+  for (const v1::AdapterChunk& c : Stream(blob, 4, 1000)) ASSERT_TRUE(reader.Add(c).ok());
+  EXPECT_EQ(reader.header().version(), 4);
+  absl::StatusOr<lora::PeftBlob> got = std::move(reader).Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->safetensors, blob.safetensors);
+}
+
+TEST(AdapterChunkReaderTest, AStreamOutOfOrderOrTooLargeIsDataLoss) {
+  const lora::PeftBlob blob = MakeBlob(3000);
+  std::vector<v1::AdapterChunk> chunks = Stream(blob, 4, 1000);
+
+  AdapterChunkReader data_first("PullAdapter", 1 << 20);
+  absl::Status s = data_first.Add(chunks[1]);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(s.message(), "PullAdapter: the first message has no header");
+
+  AdapterChunkReader two_headers("PullAdapter", 1 << 20);
+  ASSERT_TRUE(two_headers.Add(chunks[0]).ok());
+  s = two_headers.Add(chunks[0]);
+  EXPECT_EQ(s.message(), "PullAdapter: a second header in the stream");
+
+  AdapterChunkReader small("FetchGlobal", 100);
+  s = small.Add(chunks[0]);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(s.message(), "global version 4: the header announces 3000 bytes; the limit is 100");
+
+  AdapterChunkReader empty("FetchGlobal", 100);
+  absl::StatusOr<lora::PeftBlob> got = std::move(empty).Finish();
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(got.status().message(), "FetchGlobal: empty stream");
+}
+
 }  // namespace
 }  // namespace collm::federation

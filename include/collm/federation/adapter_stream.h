@@ -10,7 +10,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -64,6 +66,29 @@ class AdapterReceiver {
   int64_t announced_ = 0;
   std::string sha256_;
   lora::PeftBlob blob_;
+};
+
+// Reads a stream of AdapterChunk (FetchGlobal, PullAdapter: a global version going to a device or
+// to collmctl): the first message must be the header, every later one data. Errors are DataLoss:
+// "`call`: ..." for a stream out of order, "global version V: ..." for the bytes (AdapterReceiver's
+// checks, the size limit included). Owned by the reading thread; not thread-safe.
+class AdapterChunkReader {
+ public:
+  // `call` names the RPC in errors ("FetchGlobal"). REQUIRES: max_bytes >= 0.
+  AdapterChunkReader(std::string call, int64_t max_bytes)
+      : call_(std::move(call)), max_bytes_(max_bytes) {}
+
+  absl::Status Add(const v1::AdapterChunk& chunk);
+  // The blob once the stream is complete and checked; DataLoss for an empty stream.
+  absl::StatusOr<lora::PeftBlob> Finish() &&;
+  // The header (default until the first message).
+  const v1::AdapterBlobHeader& header() const { return header_; }
+
+ private:
+  std::string call_;
+  int64_t max_bytes_;
+  v1::AdapterBlobHeader header_;
+  std::optional<AdapterReceiver> receiver_;
 };
 
 }  // namespace collm::federation
