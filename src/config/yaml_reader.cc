@@ -268,9 +268,11 @@ absl::Status Section::StringList(const std::string& key, std::vector<std::string
 absl::Status Section::Int(const std::string& key, int64_t* out) const {
   if (!Has(key)) return absl::OkStatus();
   COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "an integer"));
-  if (!absl::SimpleAtoi(s, out)) {
+  int64_t v = 0;  // SimpleAtoi writes on failure too; a bad value leaves *out as it was.
+  if (!absl::SimpleAtoi(s, &v)) {
     return InvalidValue(PathOf(key), absl::StrCat("must be an integer, got '", s, "'"));
   }
+  *out = v;
   return absl::OkStatus();
 }
 
@@ -287,9 +289,11 @@ absl::Status Section::Int(const std::string& key, int* out) const {
 absl::Status Section::Uint(const std::string& key, uint64_t* out) const {
   if (!Has(key)) return absl::OkStatus();
   COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "an integer >= 0"));
-  if (absl::StartsWith(absl::StripAsciiWhitespace(s), "-") || !absl::SimpleAtoi(s, out)) {
+  uint64_t v = 0;
+  if (absl::StartsWith(absl::StripAsciiWhitespace(s), "-") || !absl::SimpleAtoi(s, &v)) {
     return InvalidValue(PathOf(key), absl::StrCat("must be an integer >= 0, got '", s, "'"));
   }
+  *out = v;
   return absl::OkStatus();
 }
 

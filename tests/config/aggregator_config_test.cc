@@ -63,7 +63,7 @@ TEST(AggregatorConfigTest, UnknownKeysAreNamedWithASuggestion) {
   EXPECT_PRED_FORMAT2(Contains, ErrorOf("policy:\n  lrr: 1\n"),
                       "policy.lrr: unknown key (known: rounds, ");
   EXPECT_PRED_FORMAT2(Contains, ErrorOf("policy:\n  lrr: 1\n"), "did you mean lr?");
-  EXPECT_PRED_FORMAT2(Contains, ErrorOf("tick: 5\n"), "did you mean tick_ms?");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf("tickms: 5\n"), "did you mean tick_ms?");
   EXPECT_PRED_FORMAT2(Contains, ErrorOf("tls: {cert_file: a}\n"), "tls.cert_file: unknown key");
 }
 
