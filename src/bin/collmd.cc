@@ -203,21 +203,8 @@ int main(int argc, char** argv) {
   if (cfg->federation.enabled) {
     const auto& f = cfg->federation;
     const collm::runtime::ModelConfig& mc = (*model)->config();
-    collm::federation::FlClientOptions o;
-    o.aggregator = f.aggregator;
-    o.device_id = f.device_id;
-    o.tls = f.tls.enabled;
-    o.tls_ca_file = f.tls.ca;
-    o.tls_cert_file = f.tls.cert;
-    o.tls_key_file = f.tls.key;
-    o.tls_server_name = f.tls.server_name;
-    o.heartbeat_seconds = f.heartbeat_seconds;
-    o.backoff_initial_seconds = f.backoff_initial_seconds;
-    o.backoff_max_seconds = f.backoff_max_seconds;
-    o.rpc_timeout_seconds = f.rpc_timeout_seconds;
-    o.upload_chunk_bytes = f.upload_chunk_bytes;
-    o.install_live = f.install_global == "shadow_and_live";
-    o.task_training_share = f.task_training_share;
+    // The YAML gave the connection options; the identity comes from the loaded model.
+    collm::federation::FlClientOptions o = f;
     o.model_name = mc.model_type + " h" + std::to_string(mc.hidden_size) + " L" +
                    std::to_string(mc.num_hidden_layers) + " v" + std::to_string(mc.vocab_size);
     // The aggregator computes the same digest of its model's parsed config.json.

@@ -8,15 +8,18 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "collm/cli/commands.h"
 #include "collm/common/file_io.h"
-#include "collm/federation/fingerprint.h"
+#include "collm/federation/adapter_stream.h"
 #include "collm/federation/state_store.h"
 #include "collm/v1/federation.grpc.pb.h"
 
@@ -121,14 +124,31 @@ std::string WatchLine(const v1::FederationStatus& s) {
       s.updates_rejected(), " rejected");
 }
 
-}  // namespace
+// What every verb talks through: the admin stub and the call metadata (token, deadline).
+struct Connection {
+  std::unique_ptr<v1::FederationAdminService::Stub> stub;
+  std::string token;
+  double timeout_s = 10;
 
-int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std::ostream& err) {
+  // Unary calls get the --timeout deadline; streams run until they end or are cancelled.
+  std::unique_ptr<grpc::ClientContext> Context(bool streaming) const {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+    if (!streaming) {
+      ctx->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+    }
+    return ctx;
+  }
+};
+
+// Builds the channel from the TLS flags; exit code 2 (message on `err`) for bad flags.
+std::optional<Connection> Connect(const FedArgs& args, std::ostream& err) {
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
   if (!args.tls_ca.empty() || !args.tls_cert.empty() || !args.tls_key.empty()) {
     if (args.tls_cert.empty() != args.tls_key.empty()) {
       err << "collmctl: --tls-cert and --tls-key go together\n";
-      return 2;
+      return std::nullopt;
     }
     grpc::SslCredentialsOptions ssl;
     std::string error;
@@ -137,214 +157,286 @@ int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std:
     if (!args.tls_key.empty()) ssl.pem_private_key = ReadFile(args.tls_key, &error);
     if (!error.empty()) {
       err << "collmctl: " << error << "\n";
-      return 2;
+      return std::nullopt;
     }
     creds = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(64 << 20);
-  auto stub = v1::FederationAdminService::NewStub(
+  Connection conn;
+  conn.stub = v1::FederationAdminService::NewStub(
       grpc::CreateCustomChannel(args.aggregator, creds, channel_args));
-  std::string token = args.token;
-  if (token.empty()) {
-    if (const char* env = std::getenv("COLLM_ADMIN_TOKEN")) token = env;
+  conn.token = args.token;
+  if (conn.token.empty()) {
+    if (const char* env = std::getenv("COLLM_ADMIN_TOKEN")) conn.token = env;
   }
-  auto context = [&](bool streaming) {
-    auto ctx = std::make_unique<grpc::ClientContext>();
-    if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
-    if (!streaming) {
-      ctx->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 1000)));
-    }
-    return ctx;
-  };
+  conn.timeout_s = args.timeout_s;
+  return conn;
+}
 
-  if (verb == "status" || verb == "start" || verb == "pause" || verb == "resume" ||
-      verb == "policy set") {
-    v1::FederationStatus status;
-    grpc::Status s;
-    auto ctx = context(false);
-    if (verb == "status") {
-      s = stub->GetStatus(ctx.get(), v1::GetStatusRequest(), &status);
-    } else if (verb == "start") {
-      s = stub->Start(ctx.get(), v1::ControlRequest(), &status);
-    } else if (verb == "pause") {
-      s = stub->Pause(ctx.get(), v1::ControlRequest(), &status);
-    } else if (verb == "resume") {
-      s = stub->Resume(ctx.get(), v1::ControlRequest(), &status);
-    } else {
-      v1::SetPolicyRequest req;
-      auto* p = req.mutable_policy();
-      if (args.rounds) p->set_rounds(*args.rounds);
-      if (args.local_steps) p->set_local_steps(*args.local_steps);
-      if (args.lr) p->set_lr(*args.lr);
-      if (args.min_clients) p->set_min_clients(*args.min_clients);
-      if (args.max_clients) p->set_max_clients(*args.max_clients);
-      if (args.quorum) p->set_quorum(*args.quorum);
-      if (args.deadline_s) p->set_deadline_s(*args.deadline_s);
-      if (args.strategy) p->set_strategy(*args.strategy);
-      if (args.server_optimizer) p->set_server_optimizer(*args.server_optimizer);
-      if (args.server_lr) p->set_server_lr(*args.server_lr);
-      if (args.prox_mu) p->set_prox_mu(*args.prox_mu);
-      if (args.clip_norm) p->set_clip_norm(*args.clip_norm);
-      if (args.max_update_norm) p->set_max_update_norm(*args.max_update_norm);
-      if (args.trim_ratio) p->set_trim_ratio(*args.trim_ratio);
-      if (args.training_share) p->set_training_share(*args.training_share);
-      if (p->ByteSizeLong() == 0) {
-        err << "collmctl: policy set needs at least one of --rounds, --local-steps, --lr, "
-               "--min-clients, --max-clients, --quorum, --deadline, --strategy, ...\n";
-        return 2;
-      }
-      s = stub->SetPolicy(ctx.get(), req, &status);
-    }
-    if (!s.ok()) return Report(s, args, err);
-    if (args.json) {
-      out << Json(status) << "\n";
-    } else {
-      PrintStatus(status, out);
-    }
-    return 0;
+// The verbs that answer with the federation status (status, start, pause, resume, policy set).
+using StatusCall =
+    std::function<grpc::Status(const Connection&, grpc::ClientContext*, v1::FederationStatus*)>;
+int PrintStatusReply(const Connection& conn, const FedArgs& args, std::ostream& out,
+                     std::ostream& err, const StatusCall& call) {
+  v1::FederationStatus status;
+  auto ctx = conn.Context(false);
+  if (grpc::Status s = call(conn, ctx.get(), &status); !s.ok()) return Report(s, args, err);
+  if (args.json) {
+    out << Json(status) << "\n";
+  } else {
+    PrintStatus(status, out);
   }
-  if (verb == "devices") {
-    v1::ListDevicesResponse resp;
-    auto ctx = context(false);
-    if (grpc::Status s = stub->ListDevices(ctx.get(), v1::ListDevicesRequest(), &resp); !s.ok()) {
-      return Report(s, args, err);
-    }
-    if (args.json) {
-      out << Json(resp) << "\n";
-      return 0;
-    }
-    out << std::left << std::setw(20) << "DEVICE" << std::setw(10) << "STATE" << std::setw(8)
-        << "ROUNDS" << std::setw(10) << "REJECTED" << std::setw(10) << "SAMPLES" << std::setw(10)
-        << "LIVE_V"
-        << "LAST_SEEN\n";
-    for (const auto& d : resp.devices()) {
-      out << std::left << std::setw(20) << d.device_id() << std::setw(10) << d.state()
-          << std::setw(8) << d.rounds_participated() << std::setw(10) << d.updates_rejected()
-          << std::setw(10) << d.capabilities().local_samples() << std::setw(10)
-          << d.telemetry().live_version() << Time(d.last_seen_unix_ms()) << "\n";
-    }
-    return 0;
+  return 0;
+}
+
+int RunStatus(const Connection& conn, const FedArgs& args, std::ostream& out, std::ostream& err) {
+  return PrintStatusReply(conn, args, out, err, [](const Connection& c, auto* ctx, auto* status) {
+    return c.stub->GetStatus(ctx, v1::GetStatusRequest(), status);
+  });
+}
+
+int RunStart(const Connection& conn, const FedArgs& args, std::ostream& out, std::ostream& err) {
+  return PrintStatusReply(conn, args, out, err, [](const Connection& c, auto* ctx, auto* status) {
+    return c.stub->Start(ctx, v1::ControlRequest(), status);
+  });
+}
+
+int RunPause(const Connection& conn, const FedArgs& args, std::ostream& out, std::ostream& err) {
+  return PrintStatusReply(conn, args, out, err, [](const Connection& c, auto* ctx, auto* status) {
+    return c.stub->Pause(ctx, v1::ControlRequest(), status);
+  });
+}
+
+int RunResume(const Connection& conn, const FedArgs& args, std::ostream& out, std::ostream& err) {
+  return PrintStatusReply(conn, args, out, err, [](const Connection& c, auto* ctx, auto* status) {
+    return c.stub->Resume(ctx, v1::ControlRequest(), status);
+  });
+}
+
+int RunPolicySet(const Connection& conn, const FedArgs& args, std::ostream& out,
+                 std::ostream& err) {
+  v1::SetPolicyRequest req;
+  auto* p = req.mutable_policy();
+  if (args.rounds) p->set_rounds(*args.rounds);
+  if (args.local_steps) p->set_local_steps(*args.local_steps);
+  if (args.lr) p->set_lr(*args.lr);
+  if (args.min_clients) p->set_min_clients(*args.min_clients);
+  if (args.max_clients) p->set_max_clients(*args.max_clients);
+  if (args.quorum) p->set_quorum(*args.quorum);
+  if (args.deadline_s) p->set_deadline_s(*args.deadline_s);
+  if (args.strategy) p->set_strategy(*args.strategy);
+  if (args.server_optimizer) p->set_server_optimizer(*args.server_optimizer);
+  if (args.server_lr) p->set_server_lr(*args.server_lr);
+  if (args.prox_mu) p->set_prox_mu(*args.prox_mu);
+  if (args.clip_norm) p->set_clip_norm(*args.clip_norm);
+  if (args.max_update_norm) p->set_max_update_norm(*args.max_update_norm);
+  if (args.trim_ratio) p->set_trim_ratio(*args.trim_ratio);
+  if (args.training_share) p->set_training_share(*args.training_share);
+  if (p->ByteSizeLong() == 0) {
+    err << "collmctl: policy set needs at least one of --rounds, --local-steps, --lr, "
+           "--min-clients, --max-clients, --quorum, --deadline, --strategy, ...\n";
+    return 2;
   }
-  if (verb == "rounds") {
-    v1::ListRoundsRequest req;
-    req.set_limit(args.limit);
-    v1::ListRoundsResponse resp;
-    auto ctx = context(false);
-    if (grpc::Status s = stub->ListRounds(ctx.get(), req, &resp); !s.ok())
-      return Report(s, args, err);
-    if (args.json) {
-      out << Json(resp) << "\n";
-      return 0;
-    }
-    out << std::left << std::setw(7) << "ROUND" << std::setw(12) << "STATE" << std::setw(10)
-        << "VERSIONS" << std::setw(9) << "UPDATES" << std::setw(10) << "REJECTED" << std::setw(12)
-        << "TRAIN_LOSS"
-        << "NOTE\n";
-    for (const auto& r : resp.rounds()) {
-      out << std::left << std::setw(7) << r.round() << std::setw(12) << r.state() << std::setw(10)
-          << absl::StrCat(r.base_version(), "->",
-                          r.result_version() ? absl::StrCat(r.result_version()) : std::string("-"))
-          << std::setw(9) << absl::StrCat(r.updates_size(), "/", r.participants_size())
-          << std::setw(10) << r.rejected_size() << std::setw(12) << r.mean_train_loss() << r.note()
-          << "\n";
-    }
-    return 0;
-  }
-  if (verb == "round show") {
-    v1::GetRoundRequest req;
-    req.set_round(args.round);
-    v1::RoundInfo round;
-    auto ctx = context(false);
-    if (grpc::Status s = stub->GetRound(ctx.get(), req, &round); !s.ok())
-      return Report(s, args, err);
-    if (args.json) {
-      out << Json(round) << "\n";
-    } else {
-      PrintRound(round, out);
-    }
-    return 0;
-  }
-  if (verb == "adapter pull") {
-    if (args.out_dir.empty()) {
-      err << "collmctl: adapter pull needs --out DIR\n";
-      return 2;
-    }
-    v1::PullAdapterRequest req;
-    req.set_version(args.version);
-    auto ctx = context(true);
-    auto reader = stub->PullAdapter(ctx.get(), req);
-    v1::AdapterChunk chunk;
-    v1::AdapterBlobHeader header;
-    std::string payload;
-    bool have_header = false;
-    while (reader->Read(&chunk)) {
-      if (chunk.has_header()) {
-        header = chunk.header();
-        have_header = true;
-      } else {
-        payload += chunk.data();
-      }
-    }
-    if (grpc::Status s = reader->Finish(); !s.ok()) return Report(s, args, err);
-    if (!have_header || static_cast<int64_t>(payload.size()) != header.safetensors_bytes() ||
-        federation::Sha256Hex(payload) != header.sha256()) {
-      err << "collmctl: the adapter arrived incomplete or corrupt (size or sha256 mismatch)\n";
-      return 1;
-    }
-    std::error_code ec;
-    std::filesystem::create_directories(args.out_dir, ec);
-    absl::Status s = WriteFileAtomically(args.out_dir + "/adapter_model.safetensors", payload);
-    if (s.ok())
-      s = WriteFileAtomically(args.out_dir + "/adapter_config.json", header.config_json());
-    if (!s.ok()) {
-      err << "collmctl: " << s.message() << "\n";
-      return 1;
-    }
-    if (args.json) {
-      out << "{\"version\": " << header.version() << ", \"dir\": \"" << args.out_dir
-          << "\", \"bytes\": " << payload.size() << ", \"sha256\": \"" << header.sha256()
-          << "\"}\n";
-    } else {
-      out << "global version " << header.version() << " -> " << args.out_dir << " ("
-          << payload.size() << " bytes, sha256 " << header.sha256() << ")\n";
-    }
-    return 0;
-  }
-  if (verb == "rounds watch") {
-    auto ctx = context(true);
-    auto reader = stub->WatchRounds(ctx.get(), v1::WatchRequest());
-    // On a terminal the line is redrawn in place; piped, one line per change.
-    const bool tty = &out == &std::cout && ::isatty(STDOUT_FILENO);
-    v1::FederationStatus status;
-    bool finished = false;
-    while (reader->Read(&status)) {
-      if (args.json) {
-        std::string line;
-        google::protobuf::util::JsonPrintOptions o;
-        o.preserve_proto_field_names = true;
-        (void)google::protobuf::util::MessageToJsonString(status, &line, o);
-        out << line << "\n";
-      } else if (tty) {
-        out << "\r\033[K" << WatchLine(status) << std::flush;
-      } else {
-        out << WatchLine(status) << "\n";
-      }
-      out.flush();
-      if (status.state() == "finished") {
-        finished = true;
-        ctx->TryCancel();
-        break;
-      }
-    }
-    if (tty) out << "\n";
-    grpc::Status s = reader->Finish();
-    if (finished || s.ok()) return 0;
+  return PrintStatusReply(conn, args, out, err,
+                          [&req](const Connection& c, auto* ctx, auto* status) {
+                            return c.stub->SetPolicy(ctx, req, status);
+                          });
+}
+
+int RunDevices(const Connection& conn, const FedArgs& args, std::ostream& out, std::ostream& err) {
+  v1::ListDevicesResponse resp;
+  auto ctx = conn.Context(false);
+  if (grpc::Status s = conn.stub->ListDevices(ctx.get(), v1::ListDevicesRequest(), &resp);
+      !s.ok()) {
     return Report(s, args, err);
   }
-  err << "collmctl: unknown fed command '" << verb << "'\n";
-  return 2;
+  if (args.json) {
+    out << Json(resp) << "\n";
+    return 0;
+  }
+  out << std::left << std::setw(20) << "DEVICE" << std::setw(10) << "STATE" << std::setw(8)
+      << "ROUNDS" << std::setw(10) << "REJECTED" << std::setw(10) << "SAMPLES" << std::setw(10)
+      << "LIVE_V"
+      << "LAST_SEEN\n";
+  for (const auto& d : resp.devices()) {
+    out << std::left << std::setw(20) << d.device_id() << std::setw(10) << d.state() << std::setw(8)
+        << d.rounds_participated() << std::setw(10) << d.updates_rejected() << std::setw(10)
+        << d.capabilities().local_samples() << std::setw(10) << d.telemetry().live_version()
+        << Time(d.last_seen_unix_ms()) << "\n";
+  }
+  return 0;
+}
+
+int RunRounds(const Connection& conn, const FedArgs& args, std::ostream& out, std::ostream& err) {
+  v1::ListRoundsRequest req;
+  req.set_limit(args.limit);
+  v1::ListRoundsResponse resp;
+  auto ctx = conn.Context(false);
+  if (grpc::Status s = conn.stub->ListRounds(ctx.get(), req, &resp); !s.ok())
+    return Report(s, args, err);
+  if (args.json) {
+    out << Json(resp) << "\n";
+    return 0;
+  }
+  out << std::left << std::setw(7) << "ROUND" << std::setw(12) << "STATE" << std::setw(10)
+      << "VERSIONS" << std::setw(9) << "UPDATES" << std::setw(10) << "REJECTED" << std::setw(12)
+      << "TRAIN_LOSS"
+      << "NOTE\n";
+  for (const auto& r : resp.rounds()) {
+    out << std::left << std::setw(7) << r.round() << std::setw(12) << r.state() << std::setw(10)
+        << absl::StrCat(r.base_version(), "->",
+                        r.result_version() ? absl::StrCat(r.result_version()) : std::string("-"))
+        << std::setw(9) << absl::StrCat(r.updates_size(), "/", r.participants_size())
+        << std::setw(10) << r.rejected_size() << std::setw(12) << r.mean_train_loss() << r.note()
+        << "\n";
+  }
+  return 0;
+}
+
+int RunRoundShow(const Connection& conn, const FedArgs& args, std::ostream& out,
+                 std::ostream& err) {
+  v1::GetRoundRequest req;
+  req.set_round(args.round);
+  v1::RoundInfo round;
+  auto ctx = conn.Context(false);
+  if (grpc::Status s = conn.stub->GetRound(ctx.get(), req, &round); !s.ok())
+    return Report(s, args, err);
+  if (args.json) {
+    out << Json(round) << "\n";
+  } else {
+    PrintRound(round, out);
+  }
+  return 0;
+}
+
+int RunAdapterPull(const Connection& conn, const FedArgs& args, std::ostream& out,
+                   std::ostream& err) {
+  if (args.out_dir.empty()) {
+    err << "collmctl: adapter pull needs --out DIR\n";
+    return 2;
+  }
+  v1::PullAdapterRequest req;
+  req.set_version(args.version);
+  auto ctx = conn.Context(true);
+  auto reader = conn.stub->PullAdapter(ctx.get(), req);
+  v1::AdapterChunk chunk;
+  federation::AdapterChunkReader stream("PullAdapter", federation::kMaxReceivedAdapterBytes);
+  absl::Status bad;
+  while (bad.ok() && reader->Read(&chunk)) bad = stream.Add(chunk);
+  if (!bad.ok()) ctx->TryCancel();
+  if (grpc::Status s = reader->Finish(); !s.ok() && bad.ok()) return Report(s, args, err);
+  const v1::AdapterBlobHeader header = stream.header();
+  absl::StatusOr<lora::PeftBlob> blob =
+      bad.ok() ? std::move(stream).Finish() : absl::StatusOr<lora::PeftBlob>(bad);
+  if (!blob.ok()) {
+    err << "collmctl: the adapter arrived incomplete or corrupt: " << blob.status().message()
+        << "\n";
+    return 1;
+  }
+  const std::string& payload = blob->safetensors;
+  std::error_code ec;
+  std::filesystem::create_directories(args.out_dir, ec);
+  absl::Status s = WriteFileAtomically(args.out_dir + "/adapter_model.safetensors", payload);
+  if (s.ok()) s = WriteFileAtomically(args.out_dir + "/adapter_config.json", header.config_json());
+  if (!s.ok()) {
+    err << "collmctl: " << s.message() << "\n";
+    return 1;
+  }
+  if (args.json) {
+    out << "{\"version\": " << header.version() << ", \"dir\": \"" << args.out_dir
+        << "\", \"bytes\": " << payload.size() << ", \"sha256\": \"" << header.sha256() << "\"}\n";
+  } else {
+    out << "global version " << header.version() << " -> " << args.out_dir << " (" << payload.size()
+        << " bytes, sha256 " << header.sha256() << ")\n";
+  }
+  return 0;
+}
+
+int RunRoundsWatch(const Connection& conn, const FedArgs& args, std::ostream& out,
+                   std::ostream& err) {
+  auto ctx = conn.Context(true);
+  auto reader = conn.stub->WatchRounds(ctx.get(), v1::WatchRequest());
+  // On a terminal the line is redrawn in place; piped, one line per change.
+  const bool tty = &out == &std::cout && ::isatty(STDOUT_FILENO);
+  v1::FederationStatus status;
+  bool finished = false;
+  while (reader->Read(&status)) {
+    if (args.json) {
+      std::string line;
+      google::protobuf::util::JsonPrintOptions o;
+      o.preserve_proto_field_names = true;
+      (void)google::protobuf::util::MessageToJsonString(status, &line, o);
+      out << line << "\n";
+    } else if (tty) {
+      out << "\r\033[K" << WatchLine(status) << std::flush;
+    } else {
+      out << WatchLine(status) << "\n";
+    }
+    out.flush();
+    if (status.state() == "finished") {
+      finished = true;
+      ctx->TryCancel();
+      break;
+    }
+  }
+  if (tty) out << "\n";
+  grpc::Status s = reader->Finish();
+  if (finished || s.ok()) return 0;
+  return Report(s, args, err);
+}
+
+// Every fed verb: its name (words separated by spaces), what it does (collmctl's help text), and
+// its handler.
+struct FedVerb {
+  const char* name;
+  const char* usage;
+  int (*run)(const Connection&, const FedArgs&, std::ostream& out, std::ostream& err);
+};
+
+constexpr FedVerb kFedVerbs[] = {
+    {"status", "Federation state, counters and policy", RunStatus},
+    {"devices", "Registered devices", RunDevices},
+    {"start", "Start running rounds", RunStart},
+    {"pause", "Open no new rounds (the open one completes)", RunPause},
+    {"resume", "Resume a paused federation", RunResume},
+    {"rounds", "Round log, newest first (rounds watch: live)", RunRounds},
+    {"rounds watch", "Live progress until finished or Ctrl-C", RunRoundsWatch},
+    {"round show", "Participants, updates, rejections of round N", RunRoundShow},
+    {"policy set", "Set the given fields (from the next round)", RunPolicySet},
+    {"adapter pull", "Download a global version in PEFT format", RunAdapterPull},
+};
+
+const FedVerb* FindVerb(const std::string& name) {
+  for (const FedVerb& v : kFedVerbs) {
+    if (name == v.name) return &v;
+  }
+  return nullptr;
+}
+
+std::string KnownVerbs() {
+  std::vector<std::string> names;
+  for (const FedVerb& v : kFedVerbs) names.push_back(v.name);
+  return absl::StrJoin(names, ", ");
+}
+
+// The help text of a verb in the table (AddFedCommand wires the CLI tree from these).
+std::string Usage(const std::string& name) {
+  const FedVerb* v = FindVerb(name);
+  return v != nullptr ? v->usage : "";
+}
+
+}  // namespace
+
+int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std::ostream& err) {
+  const FedVerb* v = FindVerb(verb);
+  if (v == nullptr) {
+    err << "collmctl: unknown fed command '" << verb << "' (known: " << KnownVerbs() << ")\n";
+    return 2;
+  }
+  std::optional<Connection> conn = Connect(args, err);
+  if (!conn.has_value()) return 2;
+  return v->run(*conn, args, out, err);
 }
 
 void AddFedCommand(CLI::App& app, FedArgs& args, int& exit_code) {
@@ -363,27 +455,24 @@ void AddFedCommand(CLI::App& app, FedArgs& args, int& exit_code) {
   auto run = [&args, &exit_code](const std::string& verb) {
     return [&args, &exit_code, verb] { exit_code = RunFed(args, verb, std::cout, std::cerr); };
   };
-  fed->add_subcommand("status", "Federation state, counters and policy")->callback(run("status"));
-  fed->add_subcommand("devices", "Registered devices")->callback(run("devices"));
-  fed->add_subcommand("start", "Start running rounds")->callback(run("start"));
-  fed->add_subcommand("pause", "Open no new rounds (the open one completes)")
-      ->callback(run("pause"));
-  fed->add_subcommand("resume", "Resume a paused federation")->callback(run("resume"));
-  CLI::App* rounds = fed->add_subcommand("rounds", "Round log, newest first (rounds watch: live)");
+  for (const char* verb : {"status", "devices", "start", "pause", "resume"}) {
+    fed->add_subcommand(verb, Usage(verb))->callback(run(verb));
+  }
+  CLI::App* rounds = fed->add_subcommand("rounds", Usage("rounds"));
   rounds->add_option("--limit", args.limit, "Newest N rounds (0 = all)");
-  CLI::App* watch = rounds->add_subcommand("watch", "Live progress until finished or Ctrl-C");
+  CLI::App* watch = rounds->add_subcommand("watch", Usage("rounds watch"));
   watch->callback(run("rounds watch"));
   rounds->final_callback([&args, &exit_code, watch] {
     if (!watch->parsed()) exit_code = RunFed(args, "rounds", std::cout, std::cerr);
   });
   CLI::App* round = fed->add_subcommand("round", "One round");
   round->require_subcommand(1);
-  CLI::App* show = round->add_subcommand("show", "Participants, updates, rejections of round N");
+  CLI::App* show = round->add_subcommand("show", Usage("round show"));
   show->add_option("N", args.round, "Round number")->required();
   show->callback(run("round show"));
   CLI::App* policy = fed->add_subcommand("policy", "Change the policy");
   policy->require_subcommand(1);
-  CLI::App* set = policy->add_subcommand("set", "Set the given fields (from the next round)");
+  CLI::App* set = policy->add_subcommand("set", Usage("policy set"));
   set->add_option("--rounds", args.rounds, "Rounds in total (0 = until paused)");
   set->add_option("--local-steps", args.local_steps, "Local optimizer steps per round");
   set->add_option("--lr", args.lr, "Local learning rate");
@@ -402,7 +491,7 @@ void AddFedCommand(CLI::App& app, FedArgs& args, int& exit_code) {
   set->callback(run("policy set"));
   CLI::App* adapter = fed->add_subcommand("adapter", "Global adapter versions");
   adapter->require_subcommand(1);
-  CLI::App* pull = adapter->add_subcommand("pull", "Download a global version in PEFT format");
+  CLI::App* pull = adapter->add_subcommand("pull", Usage("adapter pull"));
   pull->add_option("VERSION", args.version, "Global version (0 = newest)")->required();
   pull->add_option("--out,-o", args.out_dir, "Output directory")->required();
   pull->callback(run("adapter pull"));

@@ -1,6 +1,7 @@
 #include <cmath>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <ostream>
 #include <sstream>
 
@@ -161,7 +162,12 @@ void AddFinetuneCommand(CLI::App& app, FinetuneArgs& a, int& exit_code) {
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--lr", a.lr, "Peak learning rate")->capture_default_str();
-  cmd->add_option("--schedule", a.schedule, "constant or cosine")->capture_default_str();
+  // Parsed here, once: a misspelt schedule fails with the option and the allowed values.
+  const std::map<std::string, engine::LrSchedule> schedules = {
+      {"constant", engine::LrSchedule::kConstant}, {"cosine", engine::LrSchedule::kCosine}};
+  cmd->add_option("--schedule", a.schedule,
+                  "Learning-rate schedule after warmup: constant or cosine (default cosine)")
+      ->transform(CLI::CheckedTransformer(schedules));
   cmd->add_option("--warmup", a.warmup, "Warmup steps")->capture_default_str();
   cmd->add_option("--batch", a.batch, "Micro-batch size (examples)")->capture_default_str();
   cmd->add_option("--accum", a.accum, "Gradient accumulation steps")->capture_default_str();

@@ -3,13 +3,8 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <limits>
-#include <set>
-#include <sstream>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -21,6 +16,8 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "collm/common/status.h"
+#include "collm/config/shared_sections.h"
+#include "collm/config/yaml_reader.h"
 #include "collm/runtime/lora_weights.h"
 
 namespace collm::config {
@@ -28,349 +25,19 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string JoinPath(const std::string& path, const std::string& key) {
-  return path.empty() ? key : absl::StrCat(path, ".", key);
-}
-
-absl::Status Invalid(const std::string& path, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(path, " ", what));
-}
-
-// How a node that has the wrong shape reads in an error message.
-std::string Describe(const YAML::Node& node) {
-  if (!node.IsDefined() || node.IsNull()) return "null";
-  if (node.IsMap()) return "a map";
-  if (node.IsSequence()) return "a list";
-  return absl::StrCat("'", node.Scalar(), "'");
-}
-
-size_t EditDistance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
-
-// ${VAR} and ${VAR:-default} (default also when VAR is set but empty, as in sh); "$${" is a
-// literal "${". An unset variable without a default is an error rather than "", so a missing
-// COLLM_MODEL is reported instead of becoming an empty (or relative) path.
-absl::StatusOr<std::string> ExpandEnv(const std::string& text, const std::string& path) {
-  std::string out;
-  size_t i = 0;
-  while (i < text.size()) {
-    if (text.compare(i, 3, "$${") == 0) {
-      out += "${";
-      i += 3;
-      continue;
-    }
-    if (text.compare(i, 2, "${") != 0) {
-      out += text[i++];
-      continue;
-    }
-    const size_t close = text.find('}', i + 2);
-    if (close == std::string::npos) {
-      return Invalid(path, absl::StrCat("has an unterminated ${ in '", text, "'"));
-    }
-    const std::string inner = text.substr(i + 2, close - i - 2);
-    const size_t sep = inner.find(":-");
-    const std::string name = inner.substr(0, sep);
-    const bool valid_name = !name.empty() &&
-                            !absl::ascii_isdigit(static_cast<unsigned char>(name[0])) &&
-                            std::all_of(name.begin(), name.end(), [](char c) {
-                              return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_';
-                            });
-    if (!valid_name) {
-      return Invalid(path, absl::StrCat("has a bad variable reference '${", inner,
-                                        "}' (expected ${NAME} or ${NAME:-default})"));
-    }
-    const char* value = std::getenv(name.c_str());
-    if (value != nullptr && *value != '\0') {
-      out += value;
-    } else if (sep != std::string::npos) {
-      out += inner.substr(sep + 2);
-    } else {
-      return Invalid(path, absl::StrCat("refers to environment variable ", name,
-                                        ", which is not set (write ${", name,
-                                        ":-default} to give a default)"));
-    }
-    i = close + 1;
-  }
-  return out;
-}
-
-// "~" or "~/..." -> $HOME; then relative paths are taken against base_dir.
-absl::StatusOr<std::string> ResolvePath(const std::string& value, const std::string& path,
-                                        const std::string& base_dir) {
-  if (value.empty()) return value;
-  std::string p = value;
-  if (p == "~" || absl::StartsWith(p, "~/")) {
-    const char* home = std::getenv("HOME");
-    if (home == nullptr || *home == '\0') {
-      return Invalid(path, absl::StrCat("starts with ~ but HOME is not set, got '", value, "'"));
-    }
-    p = std::string(home) + p.substr(1);
-  }
-  fs::path resolved(p);
-  if (resolved.is_relative() && !base_dir.empty()) resolved = fs::path(base_dir) / resolved;
-  std::string out = resolved.lexically_normal().string();
-  if (out.size() > 1 && out.back() == '/') out.pop_back();
-  return out;
-}
-
-// Integers or strings with a unit: "512MiB", "2 GiB", "1.5GB", "4096".
-absl::StatusOr<int64_t> ParseBytes(const std::string& text, const std::string& path) {
-  static const std::pair<const char*, double> kUnits[] = {
-      {"", 1},      {"b", 1},        {"kb", 1e3},     {"mb", 1e6},     {"gb", 1e9},
-      {"tb", 1e12}, {"kib", 0x1p10}, {"mib", 0x1p20}, {"gib", 0x1p30}, {"tib", 0x1p40}};
-  const std::string s(absl::StripAsciiWhitespace(text));
-  size_t split = 0;
-  while (split < s.size() &&
-         (absl::ascii_isdigit(static_cast<unsigned char>(s[split])) || s[split] == '.')) {
-    ++split;
-  }
-  const std::string number = s.substr(0, split);
-  const std::string unit =
-      absl::AsciiStrToLower(absl::StripAsciiWhitespace(absl::string_view(s).substr(split)));
-  auto bad = [&] {
-    return Invalid(path, absl::StrCat("must be a byte size (an integer, or a number with a unit: "
-                                      "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got '",
-                                      text, "'"));
-  };
-  double value = 0;
-  if (number.empty() || !absl::SimpleAtod(number, &value)) return bad();
-  for (const auto& [name, scale] : kUnits) {
-    if (unit != name) continue;
-    const double bytes = value * scale;
-    if (!(bytes < 0x1p63)) return Invalid(path, absl::StrCat("is too large, got '", text, "'"));
-    return static_cast<int64_t>(std::llround(bytes));
-  }
-  return bad();
-}
-
-// One YAML map of the schema. Opening it rejects unknown and duplicate keys; the typed readers
-// leave their output untouched when the key is absent, so struct defaults stand.
-class Section {
- public:
-  static absl::StatusOr<Section> Open(YAML::Node node, std::string path,
-                                      std::vector<std::string> known, std::string base_dir) {
-    if (node.IsDefined() && !node.IsNull() && !node.IsMap()) {
-      return absl::InvalidArgumentError(
-          path.empty()
-              ? absl::StrCat("the configuration must be a map of keys, got ", Describe(node))
-              : absl::StrCat(path, " must be a map, got ", Describe(node)));
-    }
-    Section s(std::move(node), std::move(path), std::move(known), std::move(base_dir));
-    COLLM_RETURN_IF_ERROR(s.CheckKeys());
-    return s;
-  }
-
-  const std::string& path() const { return path_; }
-  std::string PathOf(const std::string& key) const { return JoinPath(path_, key); }
-  bool Has(const std::string& key) const { return IsMap() && node_[key].IsDefined(); }
-  YAML::Node Get(const std::string& key) const { return IsMap() ? node_[key] : YAML::Node(); }
-
-  // Names and values of a map whose keys are the user's (adapters, SLO classes).
-  std::vector<std::pair<std::string, YAML::Node>> Entries() const {
-    std::vector<std::pair<std::string, YAML::Node>> out;
-    if (!IsMap()) return out;
-    for (const auto& kv : node_) out.emplace_back(kv.first.Scalar(), kv.second);
-    return out;
-  }
-
-  absl::StatusOr<Section> Sub(const std::string& key, std::vector<std::string> known) const {
-    return Open(Get(key), PathOf(key), std::move(known), base_dir_);
-  }
-
-  absl::Status String(const std::string& key, std::string* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(*out, StringAt(Get(key), PathOf(key)));
-    return absl::OkStatus();
-  }
-
-  absl::Status Path(const std::string& key, std::string* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(std::string s, StringAt(Get(key), PathOf(key)));
-    COLLM_ASSIGN_OR_RETURN(*out, ResolvePath(s, PathOf(key), base_dir_));
-    return absl::OkStatus();
-  }
-
-  absl::Status StringList(const std::string& key, std::vector<std::string>* out,
-                          bool paths = false) const {
-    if (!Has(key)) return absl::OkStatus();
-    const YAML::Node list = Get(key);
-    const std::string path = PathOf(key);
-    out->clear();
-    if (list.IsNull()) return absl::OkStatus();
-    if (!list.IsSequence()) {
-      return Invalid(path, absl::StrCat("must be a list of strings, got ", Describe(list)));
-    }
-    for (size_t i = 0; i < list.size(); ++i) {
-      const std::string item_path = absl::StrCat(path, "[", i, "]");
-      COLLM_ASSIGN_OR_RETURN(std::string s, StringAt(list[i], item_path));
-      if (paths) {
-        COLLM_ASSIGN_OR_RETURN(s, ResolvePath(s, item_path, base_dir_));
-      }
-      out->push_back(std::move(s));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status Int(const std::string& key, int64_t* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "an integer"));
-    if (!absl::SimpleAtoi(s, out)) {
-      return Invalid(PathOf(key), absl::StrCat("must be an integer, got '", s, "'"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status Int(const std::string& key, int* out) const {
-    int64_t v = *out;
-    COLLM_RETURN_IF_ERROR(Int(key, &v));
-    if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) {
-      return Invalid(PathOf(key), absl::StrCat("is out of range, got ", v));
-    }
-    *out = static_cast<int>(v);
-    return absl::OkStatus();
-  }
-
-  absl::Status Uint(const std::string& key, uint64_t* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "an integer >= 0"));
-    if (absl::StartsWith(absl::StripAsciiWhitespace(s), "-") || !absl::SimpleAtoi(s, out)) {
-      return Invalid(PathOf(key), absl::StrCat("must be an integer >= 0, got '", s, "'"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status Double(const std::string& key, double* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "a number"));
-    double v = 0;
-    if (!absl::SimpleAtod(s, &v) || !std::isfinite(v)) {
-      return Invalid(PathOf(key), absl::StrCat("must be a finite number, got '", s, "'"));
-    }
-    *out = v;
-    return absl::OkStatus();
-  }
-
-  absl::Status Float(const std::string& key, float* out) const {
-    double v = *out;
-    COLLM_RETURN_IF_ERROR(Double(key, &v));
-    *out = static_cast<float>(v);
-    return absl::OkStatus();
-  }
-
-  absl::Status Bool(const std::string& key, bool* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "true or false"));
-    const std::string lower = absl::AsciiStrToLower(absl::StripAsciiWhitespace(s));
-    if (lower == "true" || lower == "yes" || lower == "on") {
-      *out = true;
-    } else if (lower == "false" || lower == "no" || lower == "off") {
-      *out = false;
-    } else {
-      return Invalid(PathOf(key), absl::StrCat("must be true or false, got '", s, "'"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status Bytes(const std::string& key, int64_t* out) const {
-    if (!Has(key)) return absl::OkStatus();
-    COLLM_ASSIGN_OR_RETURN(std::string s, ScalarAt(Get(key), PathOf(key), "a byte size"));
-    COLLM_ASSIGN_OR_RETURN(*out, ParseBytes(s, PathOf(key)));
-    return absl::OkStatus();
-  }
-
- private:
-  Section(YAML::Node node, std::string path, std::vector<std::string> known, std::string base_dir)
-      : node_(std::move(node)),
-        path_(std::move(path)),
-        known_(std::move(known)),
-        base_dir_(std::move(base_dir)) {}
-
-  bool IsMap() const { return node_.IsDefined() && node_.IsMap(); }
-
-  absl::Status CheckKeys() const {
-    if (!IsMap()) return absl::OkStatus();
-    std::set<std::string> seen;
-    for (const auto& kv : node_) {
-      if (!kv.first.IsScalar()) {
-        return absl::InvalidArgumentError(absl::StrCat(path_.empty() ? "the configuration" : path_,
-                                                       " has a key that is not a string"));
-      }
-      const std::string key = kv.first.Scalar();
-      const std::string key_path = JoinPath(path_, key);
-      if (!seen.insert(key).second) {
-        return absl::InvalidArgumentError(absl::StrCat(key_path, ": duplicate key"));
-      }
-      if (known_.empty() || std::find(known_.begin(), known_.end(), key) != known_.end()) continue;
-      std::string message =
-          absl::StrCat(key_path, ": unknown key (known: ", absl::StrJoin(known_, ", "), ")");
-      const std::string* best = nullptr;
-      size_t best_distance = 3;  // Suggest only close misspellings.
-      for (const std::string& k : known_) {
-        const size_t d = EditDistance(key, k);
-        if (d < best_distance) best_distance = d, best = &k;
-      }
-      if (best != nullptr) absl::StrAppend(&message, "; did you mean ", *best, "?");
-      return absl::InvalidArgumentError(message);
-    }
-    return absl::OkStatus();
-  }
-
-  // A scalar, with environment variables expanded.
-  static absl::StatusOr<std::string> ScalarAt(const YAML::Node& node, const std::string& path,
-                                              absl::string_view expected) {
-    if (!node.IsScalar()) {
-      return Invalid(path, absl::StrCat("must be ", expected, ", got ", Describe(node)));
-    }
-    return ExpandEnv(node.Scalar(), path);
-  }
-
-  // Strings: null (an empty value) reads as "".
-  static absl::StatusOr<std::string> StringAt(const YAML::Node& node, const std::string& path) {
-    if (node.IsNull()) return std::string();
-    return ScalarAt(node, path, "a string");
-  }
-
-  YAML::Node node_;
-  std::string path_;
-  std::vector<std::string> known_;  // Empty: any key (user-named entries).
-  std::string base_dir_;
-};
-
-// Prefixes a module's own Validate() message with where its struct sits in the file: the message
-// names the field, possibly after the module's own prefix ("lora.rank ...").
-absl::Status Prefixed(const absl::Status& status, absl::string_view own_prefix,
-                      absl::string_view path) {
-  if (status.ok()) return status;
-  absl::string_view message = status.message();
-  absl::ConsumePrefix(&message, own_prefix);
-  return absl::Status(status.code(), absl::StrCat(path, ".", message));
-}
-
 absl::Status CheckPositive(const std::string& path, int64_t value) {
   if (value > 0) return absl::OkStatus();
-  return Invalid(path, absl::StrCat("must be > 0, got ", value));
+  return InvalidValue(path, absl::StrCat("must be > 0, got ", value));
 }
 
 absl::Status CheckNonNegative(const std::string& path, double value) {
   if (value >= 0) return absl::OkStatus();
-  return Invalid(path, absl::StrCat("must be >= 0, got ", value));
+  return InvalidValue(path, absl::StrCat("must be >= 0, got ", value));
 }
 
 absl::Status CheckNonEmpty(const std::string& path, const std::string& value) {
   if (!value.empty()) return absl::OkStatus();
-  return Invalid(path, "must not be empty");
+  return InvalidValue(path, "must not be empty");
 }
 
 absl::Status ParseRuntime(const Section& root, runtime::RuntimeOptions& out) {
@@ -387,15 +54,16 @@ absl::Status ParseRuntime(const Section& root, runtime::RuntimeOptions& out) {
     device_ok = absl::SimpleAtoi(d.substr(5), &index) && index >= 0;
   }
   if (!device_ok) {
-    return Invalid(s.PathOf("device"), absl::StrCat("must be cpu, cuda or cuda:N, got '", d, "'"));
+    return InvalidValue(s.PathOf("device"),
+                        absl::StrCat("must be cpu, cuda or cuda:N, got '", d, "'"));
   }
   const std::string& t = out.dtype;
   if (t != "auto" && t != "f32" && t != "bf16" && t != "f16") {
-    return Invalid(s.PathOf("dtype"),
-                   absl::StrCat("must be auto, f32, bf16 or f16, got '", t, "'"));
+    return InvalidValue(s.PathOf("dtype"),
+                        absl::StrCat("must be auto, f32, bf16 or f16, got '", t, "'"));
   }
   if (out.num_threads < 0) {
-    return Invalid(s.PathOf("threads"), absl::StrCat("must be >= 0, got ", out.num_threads));
+    return InvalidValue(s.PathOf("threads"), absl::StrCat("must be >= 0, got ", out.num_threads));
   }
   return absl::OkStatus();
 }
@@ -425,15 +93,16 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_running"), out.max_running));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_queued"), out.max_queued));
   if (!(out.training_share >= 0 && out.training_share <= 1)) {
-    return Invalid(s.PathOf("training_share"),
-                   absl::StrCat("must be in [0, 1], got ", out.training_share));
+    return InvalidValue(s.PathOf("training_share"),
+                        absl::StrCat("must be in [0, 1], got ", out.training_share));
   }
   if (!(out.guard_safety >= 1)) {
-    return Invalid(s.PathOf("guard_safety"), absl::StrCat("must be >= 1, got ", out.guard_safety));
+    return InvalidValue(s.PathOf("guard_safety"),
+                        absl::StrCat("must be >= 1, got ", out.guard_safety));
   }
   if (!(out.guard_idle_risk >= 0 && out.guard_idle_risk <= 1)) {
-    return Invalid(s.PathOf("guard_idle_risk"),
-                   absl::StrCat("must be in [0, 1], got ", out.guard_idle_risk));
+    return InvalidValue(s.PathOf("guard_idle_risk"),
+                        absl::StrCat("must be in [0, 1], got ", out.guard_idle_risk));
   }
 
   COLLM_ASSIGN_OR_RETURN(Section kv, s.Sub("kv_cache", {"block_size", "num_blocks", "max_bytes"}));
@@ -443,10 +112,12 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   COLLM_RETURN_IF_ERROR(kv.Bytes("max_bytes", &cache.max_bytes));
   COLLM_RETURN_IF_ERROR(CheckPositive(kv.PathOf("block_size"), cache.block_size));
   if (cache.num_blocks < 0) {
-    return Invalid(kv.PathOf("num_blocks"), absl::StrCat("must be >= 0, got ", cache.num_blocks));
+    return InvalidValue(kv.PathOf("num_blocks"),
+                        absl::StrCat("must be >= 0, got ", cache.num_blocks));
   }
   if (cache.num_blocks > std::numeric_limits<int32_t>::max()) {
-    return Invalid(kv.PathOf("num_blocks"), absl::StrCat("is too large, got ", cache.num_blocks));
+    return InvalidValue(kv.PathOf("num_blocks"),
+                        absl::StrCat("is too large, got ", cache.num_blocks));
   }
   if (cache.num_blocks == 0)
     COLLM_RETURN_IF_ERROR(CheckPositive(kv.PathOf("max_bytes"), cache.max_bytes));
@@ -519,51 +190,21 @@ absl::Status ParseDataset(const Section& training, engine::DatasetOptions& out) 
   COLLM_RETURN_IF_ERROR(s.Int("max_examples", &out.max_examples));
   // The same rules as the dataset loader's, reported at load time instead of at first use.
   if (!absl::StrContains(f.prompt_template, "{prompt}")) {
-    return Invalid(s.PathOf("prompt_template"),
-                   absl::StrCat("must contain {prompt}, got '", f.prompt_template, "'"));
+    return InvalidValue(s.PathOf("prompt_template"),
+                        absl::StrCat("must contain {prompt}, got '", f.prompt_template, "'"));
   }
   if (out.max_length < 2) {
-    return Invalid(s.PathOf("max_length"), absl::StrCat("must be >= 2, got ", out.max_length));
+    return InvalidValue(s.PathOf("max_length"), absl::StrCat("must be >= 2, got ", out.max_length));
   }
   if (!(out.held_out_fraction >= 0 && out.held_out_fraction < 1)) {
-    return Invalid(s.PathOf("held_out_fraction"),
-                   absl::StrCat("must be in [0, 1), got ", out.held_out_fraction));
+    return InvalidValue(s.PathOf("held_out_fraction"),
+                        absl::StrCat("must be in [0, 1), got ", out.held_out_fraction));
   }
   if (out.max_examples < 0) {
-    return Invalid(s.PathOf("max_examples"), absl::StrCat("must be >= 0, got ", out.max_examples));
+    return InvalidValue(s.PathOf("max_examples"),
+                        absl::StrCat("must be >= 0, got ", out.max_examples));
   }
   return absl::OkStatus();
-}
-
-absl::Status ParseLora(const Section& training, lora::LoraConfig& out) {
-  COLLM_ASSIGN_OR_RETURN(
-      Section s, training.Sub("lora", {"rank", "alpha", "dropout", "use_rslora", "targets"}));
-  COLLM_RETURN_IF_ERROR(s.Int("rank", &out.rank));
-  COLLM_RETURN_IF_ERROR(s.Double("alpha", &out.alpha));
-  COLLM_RETURN_IF_ERROR(s.Double("dropout", &out.dropout));
-  COLLM_RETURN_IF_ERROR(s.Bool("use_rslora", &out.use_rslora));
-  if (s.Has("targets")) {
-    const std::string path = s.PathOf("targets");
-    std::vector<std::string> names;
-    const YAML::Node node = s.Get("targets");
-    if (node.IsScalar() && node.Scalar() == "all-linear") {
-      for (int i = 0; i < runtime::kNumLoraTargets; ++i) {
-        names.push_back(runtime::LoraTargetName(static_cast<runtime::LoraTarget>(i)));
-      }
-    } else {
-      COLLM_RETURN_IF_ERROR(s.StringList("targets", &names));
-    }
-    out.targets.clear();
-    for (size_t i = 0; i < names.size(); ++i) {
-      absl::StatusOr<runtime::LoraTarget> target = runtime::ParseLoraTarget(names[i]);
-      if (!target.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, "[", i, "]: ", target.status().message()));
-      }
-      out.targets.push_back(*target);
-    }
-  }
-  return Prefixed(out.Validate(), "lora.", s.path());
 }
 
 absl::Status ParseTrainer(const Section& training, engine::TrainerOptions& out) {
@@ -572,7 +213,10 @@ absl::Status ParseTrainer(const Section& training, engine::TrainerOptions& out) 
                                           "min_lr_ratio", "max_grad_norm", "micro_batch_size",
                                           "grad_accum_steps", "seed", "weight_decay"}));
   COLLM_RETURN_IF_ERROR(s.Double("lr", &out.lr));
-  COLLM_RETURN_IF_ERROR(s.String("schedule", &out.schedule));
+  COLLM_RETURN_IF_ERROR(
+      s.Enum("schedule",
+             {{"constant", engine::LrSchedule::kConstant}, {"cosine", engine::LrSchedule::kCosine}},
+             &out.schedule));
   COLLM_RETURN_IF_ERROR(s.Int("warmup_steps", &out.warmup_steps));
   COLLM_RETURN_IF_ERROR(s.Int("total_steps", &out.total_steps));
   COLLM_RETURN_IF_ERROR(s.Double("min_lr_ratio", &out.min_lr_ratio));
@@ -584,7 +228,8 @@ absl::Status ParseTrainer(const Section& training, engine::TrainerOptions& out) 
   // Checked here because Validate() would name it by its struct path (adamw.weight_decay).
   COLLM_RETURN_IF_ERROR(CheckNonNegative(s.PathOf("weight_decay"), out.adamw.weight_decay));
   if (out.total_steps < 0) {
-    return Invalid(s.PathOf("total_steps"), absl::StrCat("must be >= 0, got ", out.total_steps));
+    return InvalidValue(s.PathOf("total_steps"),
+                        absl::StrCat("must be >= 0, got ", out.total_steps));
   }
   return Prefixed(out.Validate(), "training.", s.path());
 }
@@ -596,7 +241,8 @@ absl::Status ParsePublish(const Section& training, engine::PublishOptions& out) 
   COLLM_RETURN_IF_ERROR(s.Bool("quality_gate", &out.quality_gate));
   COLLM_RETURN_IF_ERROR(s.Double("min_improvement", &out.min_improvement));
   if (out.every_steps < 0) {
-    return Invalid(s.PathOf("every_steps"), absl::StrCat("must be >= 0, got ", out.every_steps));
+    return InvalidValue(s.PathOf("every_steps"),
+                        absl::StrCat("must be >= 0, got ", out.every_steps));
   }
   return CheckNonNegative(s.PathOf("min_improvement"), out.min_improvement);
 }
@@ -622,17 +268,17 @@ absl::Status ParseTraining(const Section& root, TrainingConfig& out) {
   COLLM_RETURN_IF_ERROR(s.Int("checkpoint_every_steps", &out.checkpoint_every_steps));
   COLLM_RETURN_IF_ERROR(s.Int("feedback_capacity", &out.feedback_capacity));
   if (out.checkpoint_every_steps < 0) {
-    return Invalid(s.PathOf("checkpoint_every_steps"),
-                   absl::StrCat("must be >= 0, got ", out.checkpoint_every_steps));
+    return InvalidValue(s.PathOf("checkpoint_every_steps"),
+                        absl::StrCat("must be >= 0, got ", out.checkpoint_every_steps));
   }
   if (out.feedback_capacity < 0) {
-    return Invalid(s.PathOf("feedback_capacity"),
-                   absl::StrCat("must be >= 0, got ", out.feedback_capacity));
+    return InvalidValue(s.PathOf("feedback_capacity"),
+                        absl::StrCat("must be >= 0, got ", out.feedback_capacity));
   }
   // Empty data is feedback-only training (examples arrive through SubmitFeedback), which needs
   // somewhere to buffer them.
   if (out.enabled && out.data.empty() && out.feedback_capacity == 0) {
-    return Invalid(
+    return InvalidValue(
         s.PathOf("enabled"),
         "is true but there is nothing to train on: training.data is empty (feedback-only) "
         "and training.feedback_capacity is 0");
@@ -643,7 +289,7 @@ absl::Status ParseTraining(const Section& root, TrainingConfig& out) {
 absl::Status CheckFileExists(const std::string& path, const std::string& file) {
   std::error_code ec;
   if (file.empty() || fs::is_regular_file(file, ec)) return absl::OkStatus();
-  return Invalid(path, absl::StrCat("must name a readable file, got '", file, "'"));
+  return InvalidValue(path, absl::StrCat("must name a readable file, got '", file, "'"));
 }
 
 absl::Status ParseFederation(const Section& root, const TrainingConfig& training,
@@ -669,43 +315,42 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
   COLLM_RETURN_IF_ERROR(backoff.Double("max_seconds", &out.backoff_max_seconds));
   COLLM_RETURN_IF_ERROR(s.Double("rpc_timeout_seconds", &out.rpc_timeout_seconds));
   COLLM_RETURN_IF_ERROR(s.Bytes("upload_chunk_bytes", &out.upload_chunk_bytes));
-  COLLM_RETURN_IF_ERROR(s.String("install_global", &out.install_global));
+  COLLM_RETURN_IF_ERROR(s.Enum("install_global",
+                               {{"shadow", federation::InstallGlobal::kShadow},
+                                {"shadow_and_live", federation::InstallGlobal::kShadowAndLive}},
+                               &out.install_global));
   COLLM_RETURN_IF_ERROR(s.Double("task_training_share", &out.task_training_share));
 
   auto positive = [&](const Section& sec, const std::string& key, double v) {
     return v > 0 ? absl::OkStatus()
-                 : Invalid(sec.PathOf(key), absl::StrCat("must be > 0, got ", v));
+                 : InvalidValue(sec.PathOf(key), absl::StrCat("must be > 0, got ", v));
   };
   COLLM_RETURN_IF_ERROR(positive(s, "heartbeat_seconds", out.heartbeat_seconds));
   COLLM_RETURN_IF_ERROR(positive(backoff, "initial_seconds", out.backoff_initial_seconds));
   if (!(out.backoff_max_seconds >= out.backoff_initial_seconds)) {
-    return Invalid(backoff.PathOf("max_seconds"),
-                   absl::StrCat("must be >= ", backoff.PathOf("initial_seconds"), " (",
-                                out.backoff_initial_seconds, "), got ", out.backoff_max_seconds));
+    return InvalidValue(
+        backoff.PathOf("max_seconds"),
+        absl::StrCat("must be >= ", backoff.PathOf("initial_seconds"), " (",
+                     out.backoff_initial_seconds, "), got ", out.backoff_max_seconds));
   }
   COLLM_RETURN_IF_ERROR(positive(s, "rpc_timeout_seconds", out.rpc_timeout_seconds));
   if (out.upload_chunk_bytes <= 0 || out.upload_chunk_bytes > (int64_t{64} << 20)) {
-    return Invalid(s.PathOf("upload_chunk_bytes"),
-                   absl::StrCat("must be in (0, 64MiB], got ", out.upload_chunk_bytes));
-  }
-  if (out.install_global != "shadow" && out.install_global != "shadow_and_live") {
-    return Invalid(
-        s.PathOf("install_global"),
-        absl::StrCat("must be shadow or shadow_and_live, got '", out.install_global, "'"));
+    return InvalidValue(s.PathOf("upload_chunk_bytes"),
+                        absl::StrCat("must be in (0, 64MiB], got ", out.upload_chunk_bytes));
   }
   if (!(out.task_training_share > 0 && out.task_training_share <= 1)) {
-    return Invalid(s.PathOf("task_training_share"),
-                   absl::StrCat("must be in (0, 1], got ", out.task_training_share));
+    return InvalidValue(s.PathOf("task_training_share"),
+                        absl::StrCat("must be in (0, 1], got ", out.task_training_share));
   }
   if (out.tls.cert.empty() != out.tls.key.empty()) {
     const bool no_cert = out.tls.cert.empty();
-    return Invalid(tls.PathOf(no_cert ? "key" : "cert"),
-                   absl::StrCat("is set but ", tls.PathOf(no_cert ? "cert" : "key"),
-                                " is not: mutual TLS needs both"));
+    return InvalidValue(tls.PathOf(no_cert ? "key" : "cert"),
+                        absl::StrCat("is set but ", tls.PathOf(no_cert ? "cert" : "key"),
+                                     " is not: mutual TLS needs both"));
   }
   if (!out.tls.enabled && (!out.tls.ca.empty() || !out.tls.cert.empty())) {
-    return Invalid(tls.PathOf("enabled"),
-                   "is false but tls.ca/tls.cert are set: set enabled: true to use them");
+    return InvalidValue(tls.PathOf("enabled"),
+                        "is false but tls.ca/tls.cert are set: set enabled: true to use them");
   }
   COLLM_RETURN_IF_ERROR(CheckFileExists(tls.PathOf("ca"), out.tls.ca));
   COLLM_RETURN_IF_ERROR(CheckFileExists(tls.PathOf("cert"), out.tls.cert));
@@ -719,13 +364,14 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
                               c == '_' || c == '-';
                      });
   if (!id_ok) {
-    return Invalid(
+    return InvalidValue(
         s.PathOf("device_id"),
         absl::StrCat("must be 1-64 characters of [A-Za-z0-9._-], got '", out.device_id, "'"));
   }
   if (!training.enabled) {
-    return Invalid(s.PathOf("enabled"),
-                   "is true but training.enabled is false: federation trains the shadow adapter");
+    return InvalidValue(
+        s.PathOf("enabled"),
+        "is true but training.enabled is false: federation trains the shadow adapter");
   }
   return absl::OkStatus();
 }
@@ -738,8 +384,8 @@ absl::Status ParseServer(const Section& root, ServerConfig& out) {
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_message_bytes"), out.max_message_bytes));
   if (out.max_message_bytes > std::numeric_limits<int32_t>::max()) {
     // gRPC takes message limits as int.
-    return Invalid(s.PathOf("max_message_bytes"),
-                   absl::StrCat("must be < 2GiB, got ", out.max_message_bytes));
+    return InvalidValue(s.PathOf("max_message_bytes"),
+                        absl::StrCat("must be < 2GiB, got ", out.max_message_bytes));
   }
   return absl::OkStatus();
 }
@@ -749,19 +395,6 @@ absl::Status ParseMetrics(const Section& root, MetricsConfig& out) {
   COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
   COLLM_RETURN_IF_ERROR(s.String("address", &out.address));
   return CheckNonEmpty(s.PathOf("address"), out.address);
-}
-
-absl::Status ParseLogging(const Section& root, LoggingOptions& out) {
-  COLLM_ASSIGN_OR_RETURN(Section s, root.Sub("logging", {"level", "json"}));
-  COLLM_RETURN_IF_ERROR(s.String("level", &out.level));
-  COLLM_RETURN_IF_ERROR(s.Bool("json", &out.json));
-  static const char* const kLevels[] = {"trace", "debug",    "info", "warn",
-                                        "error", "critical", "off"};
-  if (std::find(std::begin(kLevels), std::end(kLevels), out.level) == std::end(kLevels)) {
-    return Invalid(s.PathOf("level"), absl::StrCat("must be one of ", absl::StrJoin(kLevels, ", "),
-                                                   ", got '", out.level, "'"));
-  }
-  return absl::OkStatus();
 }
 
 absl::StatusOr<DaemonConfig> Parse(const YAML::Node& doc, const std::string& base_dir) {
@@ -791,16 +424,7 @@ absl::StatusOr<DaemonConfig> Parse(const YAML::Node& doc, const std::string& bas
 }
 
 absl::StatusOr<DaemonConfig> ParseText(const std::string& yaml, const std::string& base_dir) {
-  YAML::Node doc;
-  try {
-    doc = YAML::Load(yaml);
-  } catch (const YAML::ParserException& e) {
-    // Marks are 0-based; editors count from 1.
-    return absl::InvalidArgumentError(absl::StrCat("line ", e.mark.line + 1, ", column ",
-                                                   e.mark.column + 1, ": invalid YAML: ", e.msg));
-  } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("invalid YAML: ", e.what()));
-  }
+  COLLM_ASSIGN_OR_RETURN(YAML::Node doc, LoadYaml(yaml));
   try {
     return Parse(doc, base_dir);
   } catch (const YAML::Exception& e) {
@@ -817,24 +441,9 @@ absl::StatusOr<DaemonConfig> DaemonConfig::FromYaml(const std::string& yaml,
 }
 
 absl::StatusOr<DaemonConfig> DaemonConfig::FromFile(const std::string& path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) {
-    if (fs::exists(path, ec)) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-    }
-    return absl::NotFoundError(absl::StrCat("config file not found: ", path));
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in.is_open()) return absl::NotFoundError(absl::StrCat("cannot open config file: ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  // Absolute, so the daemon's paths do not depend on its working directory.
-  const std::string base_dir = fs::absolute(fs::path(path), ec).parent_path().string();
-  absl::StatusOr<DaemonConfig> config = ParseText(text.str(), base_dir);
-  if (!config.ok()) {
-    return absl::Status(config.status().code(),
-                        absl::StrCat(path, ": ", config.status().message()));
-  }
+  COLLM_ASSIGN_OR_RETURN(ConfigFileText file, ReadConfigFile(path));
+  absl::StatusOr<DaemonConfig> config = ParseText(file.text, file.base_dir);
+  if (!config.ok()) return Annotate(config.status(), path);
   return config;
 }
 

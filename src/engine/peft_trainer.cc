@@ -65,10 +65,8 @@ absl::Status TrainerOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("training.", field, " ", what));
   };
   if (!(lr > 0) || !std::isfinite(lr)) return bad("lr", absl::StrCat("must be > 0, got ", lr));
-  if (schedule != "constant" && schedule != "cosine") {
-    return bad("schedule", absl::StrCat("must be constant or cosine, got '", schedule, "'"));
-  }
-  if (schedule == "cosine" && total_steps <= 0) return bad("total_steps", "must be > 0 for cosine");
+  if (schedule == LrSchedule::kCosine && total_steps <= 0)
+    return bad("total_steps", "must be > 0 for cosine");
   if (warmup_steps < 0)
     return bad("warmup_steps", absl::StrCat("must be >= 0, got ", warmup_steps));
   if (!(min_lr_ratio >= 0 && min_lr_ratio <= 1)) return bad("min_lr_ratio", "must be in [0, 1]");
@@ -183,7 +181,7 @@ double PeftTrainer::LearningRate(int64_t step) const {
   if (o.warmup_steps > 0 && step <= o.warmup_steps) {
     return o.lr * static_cast<double>(step) / static_cast<double>(o.warmup_steps);
   }
-  if (o.schedule == "constant") return o.lr;
+  if (o.schedule == LrSchedule::kConstant) return o.lr;
   const double span = std::max<int64_t>(1, o.total_steps - o.warmup_steps);
   const double progress = std::min(1.0, static_cast<double>(step - o.warmup_steps) / span);
   const double cosine = 0.5 * (1 + std::cos(M_PI * progress));

@@ -15,13 +15,13 @@
 #include <sstream>
 #include <thread>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "collm/common/grpc_status.h"
 #include "collm/common/logging.h"
 #include "collm/common/status.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine.h"
-#include "collm/federation/fingerprint.h"
+#include "collm/federation/adapter_stream.h"
 #include "collm/lora/peft_io.h"
 #include "collm/telemetry/metrics.h"
 #include "collm/v1/federation.grpc.pb.h"
@@ -31,15 +31,6 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace v1 = ::collm::v1;
-
-// Aggregator-declared sizes are checked against this before anything is allocated.
-constexpr int64_t kMaxAdapterBytes = int64_t{1} << 30;
-
-absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      absl::StrCat(what, ": ", s.error_message()));
-}
 
 // Codes after which the same call can succeed later (the aggregator restarts, the network
 // recovers); the rest are refusals that retrying would only repeat.
@@ -57,9 +48,14 @@ bool Retryable(const absl::Status& s) {
   }
 }
 
-int64_t UnixMillis() {
-  // Round deadlines are wall-clock times set by the aggregator (another machine); a steady clock
-  // cannot be compared with them.
+// How often a running task (and an adapter install) checks for Stop, the round's deadline and the
+// heartbeat: engine futures cannot be woken by Stop, so their waits are sliced.
+constexpr std::chrono::milliseconds kTaskPollInterval{50};
+// A FakeClock moves without waking anyone, so waits on a clock other than the real one re-read it
+// this often.
+constexpr std::chrono::milliseconds kFakeClockPollInterval{5};
+
+int64_t SystemUnixMillis() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
@@ -98,6 +94,12 @@ struct Metrics {
 
 struct FlClient::Impl {
   FlClientOptions options;
+  // Every time read and wait of the client goes through this clock (gRPC call deadlines aside,
+  // which gRPC measures itself).
+  Clock* clock = nullptr;
+  // Round deadlines are wall-clock times set by the aggregator (another machine): they are
+  // compared with the wall time at Create advanced by `clock`, so a fake clock drives them too.
+  int64_t unix_ms_at_clock_zero = 0;
   engine::Engine* engine = nullptr;
   runtime::ModelConfig model;
   std::shared_ptr<engine::InteractionBuffer> feedback;
@@ -114,7 +116,7 @@ struct FlClient::Impl {
   int64_t global_cached_version = 0;
   double idle_share = -1;  // Last no-task share applied (-1 = none yet).
   engine::EngineStats last_stats;
-  std::chrono::steady_clock::time_point last_stats_time;
+  int64_t last_stats_nanos = -1;  // Clock time of last_stats; -1 = none yet.
   int64_t samples_at_last_round = 0;
 
   mutable std::mutex mu;
@@ -128,10 +130,23 @@ struct FlClient::Impl {
     std::lock_guard<std::mutex> lock(mu);
     return stop;
   }
-  // Sleeps up to `seconds`; false when Stop interrupted it.
+  int64_t UnixMillis() const { return unix_ms_at_clock_zero + clock->NowNanos() / 1'000'000; }
+  // `seconds` from now on the clock, in its nanoseconds.
+  int64_t After(double seconds) const {
+    return clock->NowNanos() + static_cast<int64_t>(seconds * 1e9);
+  }
+  // Sleeps `seconds` of clock time; false when Stop interrupted it.
   bool SleepFor(double seconds) {
+    const int64_t until = After(seconds);
+    const bool real = clock == &Clock::Real();
     std::unique_lock<std::mutex> lock(mu);
-    return !wake.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return stop; });
+    while (!stop) {
+      const std::chrono::nanoseconds left(until - clock->NowNanos());
+      if (left.count() <= 0) return true;
+      wake.wait_for(lock,
+                    real ? left : std::min<std::chrono::nanoseconds>(left, kFakeClockPollInterval));
+    }
+    return false;
   }
   void SetState(const std::string& state) {
     std::lock_guard<std::mutex> lock(mu);
@@ -268,7 +283,7 @@ absl::Status FlClient::Impl::Register() {
   c->set_local_samples(options.local_samples);
   v1::RegisterResponse resp;
   Call call(this, options.rpc_timeout_seconds);
-  COLLM_RETURN_IF_ERROR(FromGrpc(stub->Register(&call.ctx, req, &resp), "Register"));
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(stub->Register(&call.ctx, req, &resp), "Register"));
   session = resp.session();
   if (resp.heartbeat_interval_ms() > 0) heartbeat_seconds = resp.heartbeat_interval_ms() * 1e-3;
   Update([](FlClientStats& s) { ++s.registrations; });
@@ -279,14 +294,14 @@ absl::Status FlClient::Impl::Register() {
 
 v1::DeviceTelemetry FlClient::Impl::Telemetry() {
   const engine::EngineStats st = engine->Stats();
-  const auto now = std::chrono::steady_clock::now();
-  const double dt = std::chrono::duration<double>(now - last_stats_time).count();
+  const int64_t now = clock->NowNanos();
+  const double dt = static_cast<double>(now - last_stats_nanos) * 1e-9;
   const engine::EngineStats& p = last_stats;
   auto arrived = [](const engine::EngineStats& s) {
     return s.completed + s.cancelled + s.expired + s.rejected_queue_full + s.queued + s.running;
   };
   v1::DeviceTelemetry t;
-  if (dt > 0 && last_stats_time.time_since_epoch().count() != 0) {
+  if (dt > 0 && last_stats_nanos >= 0) {
     t.set_arrival_rate(static_cast<double>(arrived(st) - arrived(p)) / dt);
     t.set_infer_tokens_per_s(static_cast<double>(st.generated_tokens + st.prompt_tokens -
                                                  p.generated_tokens - p.prompt_tokens) /
@@ -310,7 +325,7 @@ v1::DeviceTelemetry FlClient::Impl::Telemetry() {
     t.set_live_version(stats.live_version);
   }
   last_stats = st;
-  last_stats_time = now;
+  last_stats_nanos = now;
   return t;
 }
 
@@ -320,7 +335,7 @@ absl::Status FlClient::Impl::Heartbeat(v1::HeartbeatResponse* response) {
   req.set_session(session);
   *req.mutable_telemetry() = Telemetry();
   Call call(this, options.rpc_timeout_seconds);
-  COLLM_RETURN_IF_ERROR(FromGrpc(stub->Heartbeat(&call.ctx, req, response), "Heartbeat"));
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(stub->Heartbeat(&call.ctx, req, response), "Heartbeat"));
   Update([](FlClientStats& s) { ++s.heartbeats; });
   return absl::OkStatus();
 }
@@ -334,59 +349,22 @@ absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> FlClient::Impl::Fetch(int64_t
   Call call(this, options.rpc_timeout_seconds);
   auto reader = stub->FetchGlobal(&call.ctx, req);
   v1::AdapterChunk chunk;
-  v1::AdapterBlobHeader header;
-  bool have_header = false;
-  lora::PeftBlob blob;
+  AdapterChunkReader stream("FetchGlobal", kMaxReceivedAdapterBytes);
   absl::Status bad;
-  while (bad.ok() && reader->Read(&chunk)) {
-    if (!have_header) {
-      if (!chunk.has_header()) {
-        bad = absl::DataLossError("FetchGlobal: the first message has no header");
-        break;
-      }
-      header = chunk.header();
-      have_header = true;
-      if (header.safetensors_bytes() < 0 || header.safetensors_bytes() > kMaxAdapterBytes) {
-        bad = absl::DataLossError(
-            absl::StrCat("FetchGlobal: implausible adapter size ", header.safetensors_bytes()));
-        break;
-      }
-      blob.safetensors.reserve(static_cast<size_t>(header.safetensors_bytes()));
-      continue;
-    }
-    if (chunk.has_header()) {
-      bad = absl::DataLossError("FetchGlobal: a second header in the stream");
-    } else if (static_cast<int64_t>(blob.safetensors.size() + chunk.data().size()) >
-               header.safetensors_bytes()) {
-      bad = absl::DataLossError(absl::StrCat("FetchGlobal: more than the announced ",
-                                             header.safetensors_bytes(), " bytes"));
-    } else {
-      blob.safetensors += chunk.data();
-    }
-  }
+  while (bad.ok() && reader->Read(&chunk)) bad = stream.Add(chunk);
   if (!bad.ok()) {
     call.ctx.TryCancel();
     reader->Finish();
     return bad;
   }
-  COLLM_RETURN_IF_ERROR(FromGrpc(reader->Finish(), "FetchGlobal"));
-  if (!have_header) return absl::DataLossError("FetchGlobal: empty stream");
-  const std::string what = absl::StrCat("global version ", header.version());
-  if (static_cast<int64_t>(blob.safetensors.size()) != header.safetensors_bytes()) {
-    return absl::DataLossError(absl::StrCat(what, ": got ", blob.safetensors.size(),
-                                            " bytes, the header announced ",
-                                            header.safetensors_bytes()));
-  }
-  const std::string digest = federation::Sha256Hex(blob.safetensors);
-  if (digest != absl::AsciiStrToLower(header.sha256())) {
-    return absl::DataLossError(absl::StrCat(what, ": sha256 mismatch (got ", digest,
-                                            ", the header says '", header.sha256(), "')"));
-  }
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish(), "FetchGlobal"));
+  const v1::AdapterBlobHeader header = stream.header();
+  COLLM_ASSIGN_OR_RETURN(lora::PeftBlob blob, std::move(stream).Finish());
   if (version > 0 && header.version() != version) {
     return absl::DataLossError(
         absl::StrCat("FetchGlobal: asked for version ", version, ", got ", header.version()));
   }
-  blob.config_json = header.config_json();
+  const std::string what = absl::StrCat("global version ", header.version());
   COLLM_ASSIGN_OR_RETURN(lora::LoraAdapter adapter, FromBlob(blob, model, what));
   *got_version = header.version();
   return std::make_unique<lora::LoraAdapter>(std::move(adapter));
@@ -400,7 +378,7 @@ absl::Status FlClient::Impl::Install(const lora::LoraAdapter& adapter, bool publ
   auto future = engine->InstallAdapter(adapter.Clone(), io);
   // The engine applies it at its next step boundary; a step is milliseconds, an evaluation for
   // the gate seconds at most.
-  while (future.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
+  while (future.wait_for(kTaskPollInterval) != std::future_status::ready) {
     if (Stopping()) return absl::CancelledError("stopping");
   }
   engine::InstallResult r = future.get();
@@ -422,7 +400,8 @@ absl::Status FlClient::Impl::Install(const lora::LoraAdapter& adapter, bool publ
 absl::Status FlClient::Impl::InstallNewGlobal(int64_t version) {
   int64_t got = 0;
   COLLM_ASSIGN_OR_RETURN(auto adapter, Fetch(version, &got));
-  COLLM_RETURN_IF_ERROR(Install(*adapter, options.install_live, got));
+  COLLM_RETURN_IF_ERROR(
+      Install(*adapter, options.install_global == InstallGlobal::kShadowAndLive, got));
   global = std::move(adapter);
   global_cached_version = got;
   if (metrics) metrics->global_version->Set(static_cast<double>(got));
@@ -471,10 +450,9 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
   const int64_t deadline = task.deadline_unix_ms();
   const int64_t cut_ms =
       deadline > 0 ? deadline - static_cast<int64_t>(options.deadline_margin_seconds * 1e3) : 0;
-  auto next_heartbeat =
-      std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
+  int64_t next_heartbeat = After(heartbeat_seconds);
   bool cut = false;
-  while (future.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
+  while (future.wait_for(kTaskPollInterval) != std::future_status::ready) {
     if (Stopping()) {
       engine->FinishTrainingTaskEarly();
       return absl::CancelledError("stopping");
@@ -486,12 +464,11 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
       engine->FinishTrainingTaskEarly();
       cut = true;
     }
-    if (std::chrono::steady_clock::now() >= next_heartbeat) {
+    if (clock->NowNanos() >= next_heartbeat) {
       // Liveness while training; the aggregator may also have closed the round without us.
       v1::HeartbeatResponse hb;
       const absl::Status s = Heartbeat(&hb);
-      next_heartbeat =
-          std::chrono::steady_clock::now() + std::chrono::duration<double>(heartbeat_seconds);
+      next_heartbeat = After(heartbeat_seconds);
       if (s.ok() && !cut && (hb.reregister() || !hb.has_task() || hb.task().round() != round)) {
         COLLM_LOG_INFO("federation: round {} closed before our update; stopping its training",
                        round);
@@ -564,23 +541,20 @@ absl::Status FlClient::Impl::Upload(const v1::RoundTask& task, const engine::Tra
   h->set_num_samples(report.num_samples);
   h->set_train_loss(report.mean_train_loss);
   h->set_held_out_loss(report.held_out_loss >= 0 ? report.held_out_loss : 0);
-  v1::AdapterBlobHeader* a = h->mutable_adapter();
-  a->set_config_json(blob.config_json);
-  a->set_safetensors_bytes(static_cast<int64_t>(blob.safetensors.size()));
-  a->set_sha256(federation::Sha256Hex(blob.safetensors));
+  *h->mutable_adapter() = DescribeAdapter(blob);
   Call call(this, options.rpc_timeout_seconds);
   v1::UploadResponse resp;
   auto writer = stub->UploadUpdate(&call.ctx, &resp);
-  bool open = writer->Write(first);
-  const size_t step = static_cast<size_t>(options.upload_chunk_bytes);
-  for (size_t off = 0; open && off < blob.safetensors.size(); off += step) {
-    v1::UpdateChunk chunk;
-    chunk.set_data(blob.safetensors.substr(off, step));
-    open = writer->Write(chunk);
-  }
+  const bool open =
+      writer->Write(first) &&
+      WriteAdapterChunks(blob.safetensors, options.upload_chunk_bytes, [&](std::string data) {
+        v1::UpdateChunk chunk;
+        chunk.set_data(std::move(data));
+        return writer->Write(chunk);
+      });
   if (open) writer->WritesDone();
   // When a write fails the server has already answered (or the call is dead); Finish says which.
-  COLLM_RETURN_IF_ERROR(FromGrpc(writer->Finish(), "UploadUpdate"));
+  COLLM_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish(), "UploadUpdate"));
   if (!resp.accepted())
     *reason = resp.reason().empty() ? "rejected (no reason given)" : resp.reason();
   return absl::OkStatus();
@@ -592,7 +566,8 @@ FlClient::~FlClient() { Stop(); }
 
 absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
     FlClientOptions options, engine::Engine& engine, const runtime::ModelConfig& model,
-    std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics) {
+    std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics,
+    Clock& clock) {
   auto bad = [](const std::string& what) { return absl::InvalidArgumentError(what); };
   if (options.aggregator.empty()) return bad("federation.aggregator must not be empty");
   if (options.device_id.empty()) return bad("federation.device_id must not be empty");
@@ -618,26 +593,23 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
     return bad(absl::StrCat("federation.task_training_share must be in (0, 1], got ",
                             options.task_training_share));
   }
-  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+  if (options.tls.cert.empty() != options.tls.key.empty()) {
     return bad("federation.tls: cert and key must be set together (mutual TLS)");
   }
   std::shared_ptr<grpc::ChannelCredentials> creds;
   grpc::ChannelArguments args;
-  if (options.tls) {
+  if (options.tls.enabled) {
     grpc::SslCredentialsOptions ssl;
-    if (!options.tls_ca_file.empty()) {
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_root_certs,
-                             ReadFile(options.tls_ca_file, "federation.tls.ca"));
+    if (!options.tls.ca.empty()) {
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(options.tls.ca, "federation.tls.ca"));
     }
-    if (!options.tls_cert_file.empty()) {
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_cert_chain,
-                             ReadFile(options.tls_cert_file, "federation.tls.cert"));
-      COLLM_ASSIGN_OR_RETURN(ssl.pem_private_key,
-                             ReadFile(options.tls_key_file, "federation.tls.key"));
+    if (!options.tls.cert.empty()) {
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadFile(options.tls.cert, "federation.tls.cert"));
+      COLLM_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadFile(options.tls.key, "federation.tls.key"));
     }
     creds = grpc::SslCredentials(ssl);
-    if (!options.tls_server_name.empty()) {
-      args.SetSslTargetNameOverride(options.tls_server_name);
+    if (!options.tls.server_name.empty()) {
+      args.SetSslTargetNameOverride(options.tls.server_name);
     }
   } else {
     creds = grpc::InsecureChannelCredentials();
@@ -654,6 +626,8 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
               static_cast<int>(std::max(20.0, options.backoff_initial_seconds * 1e3)));
   auto impl = std::make_unique<Impl>();
+  impl->clock = &clock;
+  impl->unix_ms_at_clock_zero = SystemUnixMillis() - clock.NowNanos() / 1'000'000;
   impl->channel = grpc::CreateCustomChannel(options.aggregator, creds, args);
   impl->stub = v1::FederationService::NewStub(impl->channel);
   impl->heartbeat_seconds = options.heartbeat_seconds;

@@ -5,32 +5,24 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "collm/federation/fingerprint.h"
+#include "collm/common/grpc_status.h"
+#include "collm/federation/adapter_stream.h"
 
 namespace collm::serving {
 namespace {
-
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
 
 // Sends a PEFT blob as a header then data chunks; false when the client went away.
 bool SendBlob(int64_t version, const lora::PeftBlob& blob, int64_t chunk_bytes,
               grpc::ServerWriter<v1::AdapterChunk>* writer) {
   v1::AdapterChunk first;
-  v1::AdapterBlobHeader* h = first.mutable_header();
-  h->set_version(version);
-  h->set_config_json(blob.config_json);
-  h->set_safetensors_bytes(static_cast<int64_t>(blob.safetensors.size()));
-  h->set_sha256(federation::Sha256Hex(blob.safetensors));
+  *first.mutable_header() = federation::DescribeAdapter(blob);
+  first.mutable_header()->set_version(version);
   if (!writer->Write(first)) return false;
-  for (size_t off = 0; off < blob.safetensors.size(); off += static_cast<size_t>(chunk_bytes)) {
+  return federation::WriteAdapterChunks(blob.safetensors, chunk_bytes, [&](std::string data) {
     v1::AdapterChunk c;
-    c.set_data(blob.safetensors.substr(off, static_cast<size_t>(chunk_bytes)));
-    if (!writer->Write(c)) return false;
-  }
-  return true;
+    c.set_data(std::move(data));
+    return writer->Write(c);
+  });
 }
 
 // Constant time in the token's length, so timing does not reveal a matching prefix.
@@ -67,7 +59,7 @@ grpc::Status FederationServiceImpl::Register(grpc::ServerContext* context,
                                              v1::RegisterResponse* response) {
   if (grpc::Status s = CheckIdentity(context, request->device_id()); !s.ok()) return s;
   auto r = manager_.Register(*request, context->peer());
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -77,7 +69,7 @@ grpc::Status FederationServiceImpl::Heartbeat(grpc::ServerContext* context,
                                               v1::HeartbeatResponse* response) {
   if (grpc::Status s = CheckIdentity(context, request->device_id()); !s.ok()) return s;
   auto r = manager_.Heartbeat(*request, context->peer());
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -97,7 +89,7 @@ grpc::Status FederationServiceImpl::UploadUpdate(grpc::ServerContext* context,
   if (grpc::Status s = CheckIdentity(context, header.device_id()); !s.ok()) return s;
   if (absl::Status s = manager_.CheckSession(header.device_id(), header.session()); !s.ok()) {
     manager_.RecordRejection(header.device_id(), header.round(), std::string(s.message()));
-    return ToGrpc(s);
+    return ToGrpcStatus(s);
   }
   auto reject = [&](const std::string& reason) {
     manager_.RecordRejection(header.device_id(), header.round(), reason);
@@ -105,36 +97,28 @@ grpc::Status FederationServiceImpl::UploadUpdate(grpc::ServerContext* context,
     response->set_reason(reason);
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, reason);
   };
-  const int64_t declared = header.adapter().safetensors_bytes();
-  if (declared <= 0 || declared > options_.max_update_bytes) {
+  // An update always has a payload; the receiver checks the upper limit.
+  if (header.adapter().safetensors_bytes() == 0) {
     return reject(absl::StrCat("adapter.safetensors_bytes must be in [1, ",
-                               options_.max_update_bytes, "], got ", declared));
+                               options_.max_update_bytes, "], got 0"));
   }
   if (header.adapter().config_json().empty()) return reject("adapter.config_json is empty");
-  lora::PeftBlob blob;
-  blob.config_json = header.adapter().config_json();
-  blob.safetensors.reserve(static_cast<size_t>(declared));
+  auto receiver =
+      federation::AdapterReceiver::Begin(header.adapter(), options_.max_update_bytes, "update");
+  if (!receiver.ok()) return reject(std::string(receiver.status().message()));
   while (reader->Read(&chunk)) {
     if (!chunk.has_data()) return reject("an UpdateChunk after the first carries a second header");
-    if (static_cast<int64_t>(blob.safetensors.size() + chunk.data().size()) > declared) {
-      return reject(absl::StrCat("the payload exceeds the declared safetensors_bytes ", declared));
+    if (absl::Status s = receiver->Add(chunk.data()); !s.ok()) {
+      return reject(std::string(s.message()));
     }
-    blob.safetensors += chunk.data();
   }
   if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled");
-  if (static_cast<int64_t>(blob.safetensors.size()) != declared) {
-    return reject(absl::StrCat("truncated upload: received ", blob.safetensors.size(),
-                               " of the declared ", declared, " bytes"));
-  }
-  const std::string digest = federation::Sha256Hex(blob.safetensors);
-  if (digest != header.adapter().sha256()) {
-    return reject(absl::StrCat("sha256 mismatch: the header says '", header.adapter().sha256(),
-                               "', the payload hashes to '", digest, "'"));
-  }
-  if (absl::Status s = manager_.SubmitUpdate(header, blob); !s.ok()) {
+  absl::StatusOr<lora::PeftBlob> blob = std::move(*receiver).Finish();
+  if (!blob.ok()) return reject(std::string(blob.status().message()));
+  if (absl::Status s = manager_.SubmitUpdate(header, *blob); !s.ok()) {
     response->set_accepted(false);
     response->set_reason(std::string(s.message()));
-    return ToGrpc(s);
+    return ToGrpcStatus(s);
   }
   response->set_accepted(true);
   return grpc::Status::OK;
@@ -145,10 +129,10 @@ grpc::Status FederationServiceImpl::FetchGlobal(grpc::ServerContext* context,
                                                 grpc::ServerWriter<v1::AdapterChunk>* writer) {
   if (grpc::Status s = CheckIdentity(context, request->device_id()); !s.ok()) return s;
   if (absl::Status s = manager_.CheckSession(request->device_id(), request->session()); !s.ok()) {
-    return ToGrpc(s);
+    return ToGrpcStatus(s);
   }
   auto global = manager_.GetGlobal(request->version());
-  if (!global.ok()) return ToGrpc(global.status());
+  if (!global.ok()) return ToGrpcStatus(global.status());
   if (!SendBlob(global->first, global->second, options_.chunk_bytes, writer)) {
     return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
   }
@@ -208,7 +192,7 @@ grpc::Status FederationAdminServiceImpl::GetRound(grpc::ServerContext* context,
                                                   v1::RoundInfo* response) {
   COLLM_AUTHORIZE();
   auto r = manager_.Round(request->round());
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -218,7 +202,7 @@ grpc::Status FederationAdminServiceImpl::Start(grpc::ServerContext* context,
                                                v1::FederationStatus* response) {
   COLLM_AUTHORIZE();
   auto r = manager_.Start();
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -228,7 +212,7 @@ grpc::Status FederationAdminServiceImpl::Pause(grpc::ServerContext* context,
                                                v1::FederationStatus* response) {
   COLLM_AUTHORIZE();
   auto r = manager_.Pause();
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -238,7 +222,7 @@ grpc::Status FederationAdminServiceImpl::Resume(grpc::ServerContext* context,
                                                 v1::FederationStatus* response) {
   COLLM_AUTHORIZE();
   auto r = manager_.Resume();
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -248,7 +232,7 @@ grpc::Status FederationAdminServiceImpl::SetPolicy(grpc::ServerContext* context,
                                                    v1::FederationStatus* response) {
   COLLM_AUTHORIZE();
   auto r = manager_.SetPolicy(request->policy());
-  if (!r.ok()) return ToGrpc(r.status());
+  if (!r.ok()) return ToGrpcStatus(r.status());
   *response = std::move(*r);
   return grpc::Status::OK;
 }
@@ -263,7 +247,7 @@ grpc::Status FederationAdminServiceImpl::PullAdapter(grpc::ServerContext* contex
         absl::StrCat("version must be >= 0 (0 = newest), got ", request->version()));
   }
   auto global = manager_.GetGlobal(request->version());
-  if (!global.ok()) return ToGrpc(global.status());
+  if (!global.ok()) return ToGrpcStatus(global.status());
   if (!SendBlob(global->first, global->second, options_.chunk_bytes, writer)) {
     return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
   }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "collm/common/grpc_status.h"
 #include "collm/common/logging.h"
 
 namespace collm::serving {
@@ -17,12 +18,6 @@ namespace {
 
 using collm::v1::GenerateRequest;
 using collm::v1::GenerateResponse;
-
-// absl and gRPC both use the canonical status codes, with the same numbers.
-grpc::Status ToGrpc(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
 
 grpc::Status InvalidArgument(std::string message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::move(message));
@@ -212,7 +207,7 @@ class StreamSink final : public engine::RequestSink {
     {
       std::lock_guard<std::mutex> lock(state_->mu);
       state_->engine_done = true;
-      state_->final_status = ToGrpc(result.status);
+      state_->final_status = ToGrpcStatus(result.status);
       if (result.status.ok()) {
         GenerateResponse& m = state_->final_message;
         m.set_finish_reason(ToProto(result.finish_reason));
@@ -304,7 +299,7 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
         req, ctx_.engine->request_limits(),
         request->input_case() == GenerateRequest::kPromptTokens ? "prompt_tokens.ids" : "prompt");
     if (!valid.ok()) {
-      reactor->Reject(ToGrpc(valid));
+      reactor->Reject(ToGrpcStatus(valid));
       return reactor;
     }
     req.adapter = request->adapter();
@@ -314,7 +309,7 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
     auto sink = std::make_shared<StreamSink>(state, request->request_id());
     absl::StatusOr<uint64_t> id = ctx_.engine->Submit(std::move(req), std::move(sink));
     if (!id.ok()) {
-      reactor->Reject(ToGrpc(id.status()));
+      reactor->Reject(ToGrpcStatus(id.status()));
       return reactor;
     }
     // Output may already be streaming: gRPC holds writes started before the handler returns.
@@ -381,7 +376,7 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::UnloadAdapter(
     collm::v1::UnloadAdapterResponse* /*response*/) {
   return Unary(context, "UnloadAdapter", [&] {
     if (request->name().empty()) return InvalidArgument("name is empty");
-    return ToGrpc(ctx_.registry->Unload(request->name()));
+    return ToGrpcStatus(ctx_.registry->Unload(request->name()));
   });
 }
 

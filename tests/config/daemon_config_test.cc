@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "config/config_test_util.h"
 #include "gtest/gtest.h"
 #include "testing/test_env.h"
 
@@ -23,13 +24,6 @@ namespace collm::config {
 namespace {
 
 namespace fs = std::filesystem;
-
-::testing::AssertionResult Contains(const char* text_expr, const char* part_expr,
-                                    const std::string& text, const std::string& part) {
-  if (absl::StrContains(text, part)) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << text_expr << " = \"" << text << "\"\n does not contain "
-                                       << part_expr << " = \"" << part << "\"";
-}
 
 ::testing::AssertionResult FullyMatches(const char* text_expr, const char* regex_expr,
                                         const std::string& text, const std::string& regex) {
@@ -41,30 +35,6 @@ namespace fs = std::filesystem;
 const std::string kConfigsDir = std::string(COLLM_SOURCE_DIR) + "/configs";
 const std::string kDefaultConfig = kConfigsDir + "/collmd.yaml";
 const std::string kTrainConfig = kConfigsDir + "/collmd-train.yaml";
-
-// Sets (or unsets, with nullopt) an environment variable for one scope.
-class ScopedEnv {
- public:
-  ScopedEnv(std::string name, std::optional<std::string> value) : name_(std::move(name)) {
-    if (const char* old = std::getenv(name_.c_str())) old_ = old;
-    if (value) {
-      setenv(name_.c_str(), value->c_str(), 1);
-    } else {
-      unsetenv(name_.c_str());
-    }
-  }
-  ~ScopedEnv() {
-    if (old_) {
-      setenv(name_.c_str(), old_->c_str(), 1);
-    } else {
-      unsetenv(name_.c_str());
-    }
-  }
-
- private:
-  std::string name_;
-  std::optional<std::string> old_;
-};
 
 absl::StatusOr<DaemonConfig> Parse(const std::string& yaml, const std::string& base_dir = "/cfg") {
   return DaemonConfig::FromYaml(yaml, base_dir);
@@ -211,7 +181,7 @@ TEST(DaemonConfigTest, ShippedTrainConfigTrainsOnGsm8k) {
   EXPECT_EQ(t.dataset.format.completion_field, "answer");
   EXPECT_EQ(t.dataset.format.prompt_template, "Question: {prompt}\nAnswer: ");
   EXPECT_EQ(t.lora.targets.size(), 7u);  // all-linear
-  EXPECT_EQ(t.trainer.schedule, "cosine");
+  EXPECT_EQ(t.trainer.schedule, engine::LrSchedule::kCosine);
   EXPECT_GT(t.publish.every_steps, 0);
   EXPECT_GT(c->engine.training_share, 0);
 }
@@ -473,7 +443,7 @@ TEST(DaemonConfigTest, OutOfRangeValuesAreNamed) {
        "training.lora.targets lists q_proj twice"},
       {"training:\n  trainer: {lr: 0}\n", "training.trainer.lr must be > 0, got 0"},
       {"training:\n  trainer: {schedule: linear}\n",
-       "training.trainer.schedule must be constant or cosine, got 'linear'"},
+       "training.trainer.schedule must be one of constant, cosine, got 'linear'"},
       {"training:\n  trainer: {schedule: cosine}\n",
        "training.trainer.total_steps must be > 0 for cosine"},
       {"training:\n  trainer: {micro_batch_size: 0}\n",
@@ -645,7 +615,7 @@ shutdown_grace_seconds: 2.5
   EXPECT_EQ(t.adapter_name, "shadow");
   EXPECT_EQ(t.init_adapter, "/etc/collm/adapters/start");
   EXPECT_EQ(t.trainer.lr, 1e-3);
-  EXPECT_EQ(t.trainer.schedule, "cosine");
+  EXPECT_EQ(t.trainer.schedule, engine::LrSchedule::kCosine);
   EXPECT_EQ(t.trainer.warmup_steps, 2);
   EXPECT_EQ(t.trainer.total_steps, 10);
   EXPECT_EQ(t.trainer.min_lr_ratio, 0);
@@ -837,7 +807,7 @@ TEST(DaemonConfigTest, FederationDefaultsAreOffAndDocumented) {
   EXPECT_EQ(f.backoff_initial_seconds, 0.5);
   EXPECT_EQ(f.backoff_max_seconds, 30);
   EXPECT_EQ(f.upload_chunk_bytes, 1 << 20);
-  EXPECT_EQ(f.install_global, "shadow_and_live");
+  EXPECT_EQ(f.install_global, federation::InstallGlobal::kShadowAndLive);
 }
 
 TEST(DaemonConfigTest, ParsesTheFederationSection) {
@@ -873,7 +843,7 @@ federation:
   EXPECT_EQ(f.backoff_max_seconds, 4);
   EXPECT_EQ(f.rpc_timeout_seconds, 12);
   EXPECT_EQ(f.upload_chunk_bytes, 256 << 10);
-  EXPECT_EQ(f.install_global, "shadow");
+  EXPECT_EQ(f.install_global, federation::InstallGlobal::kShadow);
   EXPECT_EQ(f.task_training_share, 0.75);
 }
 
@@ -894,7 +864,7 @@ TEST(DaemonConfigTest, FederationErrorsNameTheKey) {
       {ready + "  upload_chunk_bytes: 1GiB\n",
        "federation.upload_chunk_bytes must be in (0, 64MiB]"},
       {ready + "  install_global: live\n",
-       "federation.install_global must be shadow or shadow_and_live, got 'live'"},
+       "federation.install_global must be one of shadow, shadow_and_live, got 'live'"},
       {ready + "  task_training_share: 0\n", "federation.task_training_share must be in (0, 1]"},
       {ready + "  tls: {enabled: true, cert: /etc/hostname}\n",
        "federation.tls.cert is set but federation.tls.key is not: mutual TLS needs both"},

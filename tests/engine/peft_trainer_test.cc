@@ -291,7 +291,7 @@ TEST(PeftTrainerTest, ScheduleWarmupAndCosine) {
   TrainerOptions o;
   o.lr = 1.0;
   o.warmup_steps = 4;
-  o.schedule = "cosine";
+  o.schedule = LrSchedule::kCosine;
   o.total_steps = 14;
   o.min_lr_ratio = 0.1;
   auto trainer = MakeTrainer(Tiny(), o);

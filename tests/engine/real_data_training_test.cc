@@ -40,7 +40,7 @@ TrainRun Train(const std::string& model_dir, const std::string& data, uint64_t s
   o.lr = 3e-3;
   o.micro_batch_size = 8;
   o.warmup_steps = 3;
-  o.schedule = "cosine";
+  o.schedule = LrSchedule::kCosine;
   o.total_steps = steps;
   o.seed = seed;
   auto shadow = lora::ShadowAdapter::Create(

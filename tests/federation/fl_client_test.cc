@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "collm/common/clock.h"
 #include "collm/engine/engine.h"
 #include "collm/federation/fingerprint.h"
 #include "collm/lora/peft_io.h"
@@ -118,8 +119,9 @@ struct Device {
     return o;
   }
 
-  void StartClient(FlClientOptions o) {
-    client = FlClient::Create(std::move(o), *engine, model->config(), nullptr, &metrics).value();
+  void StartClient(FlClientOptions o, Clock& clock = Clock::Real()) {
+    client =
+        FlClient::Create(std::move(o), *engine, model->config(), nullptr, &metrics, clock).value();
     client->Start();
   }
 };
@@ -334,6 +336,26 @@ TEST(FlClientTest, KeepsServingWhileTheAggregatorIsDownAndRejoins) {
   ASSERT_TRUE(WaitFor([&] { return d.client->Stats().registrations == 2; }));
 }
 
+// The heartbeat interval is measured on the injected clock: while a fake clock stands still no
+// heartbeat follows the first, however long the test waits; advancing it one interval brings the
+// next one.
+TEST(FlClientTest, HeartbeatsFollowTheInjectedClock) {
+  Device d;
+  ScriptedAggregator agg;  // Tells devices a 50 ms heartbeat interval at Register.
+  Server server(&agg, 0);
+  FakeClock clock(int64_t{1'000'000'000'000});
+  d.StartClient(d.Options(server.port()), clock);
+  ASSERT_TRUE(WaitFor([&] { return d.client->Stats().heartbeats >= 1; }))
+      << d.client->Stats().last_error;
+  // Ten intervals of real time: a client sleeping on the real clock would heartbeat again.
+  std::this_thread::sleep_for(milliseconds(500));
+  EXPECT_EQ(d.client->Stats().heartbeats, 1);
+  clock.AdvanceSeconds(0.05);
+  ASSERT_TRUE(WaitFor([&] { return d.client->Stats().heartbeats >= 2; }));
+  std::this_thread::sleep_for(milliseconds(200));
+  EXPECT_EQ(d.client->Stats().heartbeats, 2);
+}
+
 TEST(FlClientTest, BadOptionsAreNamed) {
   Device d;
   FlClientOptions o = d.Options(1);
@@ -341,13 +363,13 @@ TEST(FlClientTest, BadOptionsAreNamed) {
   auto c = FlClient::Create(o, *d.engine, d.model->config(), nullptr, nullptr);
   EXPECT_NE(std::string(c.status().message()).find("device_id"), std::string::npos);
   o = d.Options(1);
-  o.tls = true;
-  o.tls_ca_file = "/nonexistent/ca.pem";
+  o.tls.enabled = true;
+  o.tls.ca = "/nonexistent/ca.pem";
   c = FlClient::Create(o, *d.engine, d.model->config(), nullptr, nullptr);
   EXPECT_EQ(c.status().code(), absl::StatusCode::kNotFound);
   EXPECT_NE(std::string(c.status().message()).find("federation.tls.ca"), std::string::npos);
   o = d.Options(1);
-  o.tls_cert_file = "x.pem";
+  o.tls.cert = "x.pem";
   c = FlClient::Create(o, *d.engine, d.model->config(), nullptr, nullptr);
   EXPECT_NE(std::string(c.status().message()).find("cert and key"), std::string::npos);
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "collm/engine/lr_schedule.h"
 
 namespace collm::cli {
 
@@ -62,7 +63,7 @@ struct FinetuneArgs {
   bool rslora = false;
   std::vector<std::string> targets = {"q_proj", "k_proj", "v_proj", "o_proj"};
   double lr = 1e-3;
-  std::string schedule = "cosine";
+  engine::LrSchedule schedule = engine::LrSchedule::kCosine;
   int64_t warmup = 10;
   int64_t batch = 8;
   int64_t accum = 1;

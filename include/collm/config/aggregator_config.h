@@ -1,6 +1,7 @@
-// collm-aggregator's configuration: YAML (configs/aggregator.yaml documents every key). Unknown
-// keys and bad values are InvalidArgument naming the key path ("policy.lr must be > 0, got -1";
-// "policy.lrr: unknown key").
+// collm-aggregator's configuration: YAML (configs/aggregator.yaml documents every key), read with
+// the same rules as collmd.yaml (collm/config/yaml_reader.h: ${VAR} expansion, ~ and relative
+// paths, unknown keys with suggestions). Bad values are InvalidArgument naming the key path
+// ("policy.lr must be > 0, got -1"; "policy.lrr: unknown key").
 #ifndef COLLM_CONFIG_AGGREGATOR_CONFIG_H_
 #define COLLM_CONFIG_AGGREGATOR_CONFIG_H_
 
@@ -43,10 +44,13 @@ struct AggregatorConfig {
   LoggingOptions logging;
   double shutdown_grace_seconds = 5;
 
-  // ${VAR} / ${VAR:-default} expand in every value; relative paths resolve against `base_dir`.
+  // ${VAR} / ${VAR:-default} / $${ expand in every value; paths (state_dir, model_config,
+  // initial_adapter, tls.*, admin_token_file) expand a leading ~ and resolve relative ones against
+  // `base_dir`. Byte sizes (server.max_message_bytes, max_update_bytes) take units (16MiB).
   static absl::StatusOr<AggregatorConfig> FromYaml(const std::string& yaml,
                                                    const std::string& base_dir);
-  // Errors prefixed with "PATH: ".
+  // FromYaml on the file's text, base_dir = its absolute directory; errors prefixed with "PATH: ".
+  // NotFound when the file does not exist.
   static absl::StatusOr<AggregatorConfig> FromFile(const std::string& path);
 };
 

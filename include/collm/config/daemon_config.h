@@ -1,4 +1,5 @@
-// collmd's configuration: YAML (configs/collmd.yaml documents every key) -> each module's Options.
+// collmd's configuration: YAML (configs/collmd.yaml documents every key) -> each module's Options,
+// read with the rules of collm/config/yaml_reader.h (shared with aggregator.yaml).
 // Unknown keys and bad values are errors naming the key path ("engine.max_step_tokens must be > 0,
 // got 0"; "engine.max_step_tokenz: unknown key").
 #ifndef COLLM_CONFIG_DAEMON_CONFIG_H_
@@ -15,6 +16,7 @@
 #include "collm/engine/engine.h"
 #include "collm/engine/peft_trainer.h"
 #include "collm/engine/shadow_publisher.h"
+#include "collm/federation/fl_client.h"
 #include "collm/lora/lora_config.h"
 #include "collm/runtime/device.h"
 #include "collm/runtime/sampler.h"
@@ -49,28 +51,10 @@ struct MetricsConfig {
 
 // Taking part in federated fine-tuning: collmd connects out to a collm-aggregator, trains its
 // shadow adapter for each round's budget and uploads the result (see federation/fl_client.h).
-struct FederationTlsConfig {
-  bool enabled = false;  // TLS to the aggregator; false = plaintext (loopback/testing only).
-  std::string ca;    // PEM CA bundle that signed the aggregator's certificate; "" = system roots.
-  std::string cert;  // PEM client certificate for mutual TLS; with `key`, or neither.
-  std::string key;   // PEM private key of `cert`.
-  std::string server_name;  // Name to verify in the aggregator's certificate; "" = the host.
-};
-
-struct FederationConfig {
+// The federation: section fills the client's connection options (their defaults are
+// FlClientOptions'); collmd fills the identity fields (model_name, ...) before FlClient::Create.
+struct FederationConfig : federation::FlClientOptions {
   bool enabled = false;
-  std::string aggregator;  // host:port of collm-aggregator (required when enabled).
-  std::string device_id;   // Stable id, [A-Za-z0-9._-]{1,64} (required when enabled).
-  FederationTlsConfig tls;
-  double heartbeat_seconds = 5;          // Until the aggregator says otherwise at Register; > 0.
-  double backoff_initial_seconds = 0.5;  // First retry delay after a failed call; > 0.
-  double backoff_max_seconds = 30;  // Retry delays double up to this (with jitter); >= initial.
-  double rpc_timeout_seconds = 30;  // Deadline of each unary call and of each transfer; > 0.
-  int64_t upload_chunk_bytes = 1 << 20;  // Adapter bytes per streamed message; (0, 64 MiB].
-  std::string install_global = "shadow_and_live";  // "shadow": new global versions go into the
-                                                   // shadow only; "shadow_and_live": also into the
-                                                   // live adapter when it passes the quality gate.
-  double task_training_share = 0.5;  // Training share for a round task that names none; (0, 1].
 };
 
 struct DaemonConfig {

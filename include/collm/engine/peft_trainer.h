@@ -14,22 +14,24 @@
 
 #include "absl/status/statusor.h"
 #include "collm/engine/dataset.h"
+#include "collm/engine/lr_schedule.h"
 #include "collm/lora/shadow_adapter.h"
 #include "collm/runtime/llama_model.h"
 
 namespace collm::engine {
 
 struct TrainerOptions {
-  double lr = 2e-4;  // Peak learning rate; > 0.
-  std::string schedule =
-      "constant";                // "constant" or "cosine" (to min_lr_ratio * lr at total_steps).
+  double lr = 2e-4;                             // Peak learning rate; > 0.
+  LrSchedule schedule = LrSchedule::kConstant;  // After warmup. Default constant.
   int64_t warmup_steps = 0;      // Linear warmup from 0 over this many optimizer steps.
-  int64_t total_steps = 0;       // Cosine horizon (optimizer steps); required for "cosine".
+  int64_t total_steps = 0;       // Cosine horizon (optimizer steps); > 0 for kCosine.
   double min_lr_ratio = 0.1;     // Cosine floor as a fraction of lr.
   double max_grad_norm = 1.0;    // Global-norm clipping; <= 0 = off.
   int64_t micro_batch_size = 4;  // Examples per forward/backward.
   int64_t grad_accum_steps = 1;  // Micro-batches per optimizer step.
   uint64_t seed = 0;             // Data order and dropout.
+  // The optimizer: betas in [0, 1) (default 0.9, 0.999), eps > 0 (1e-8) and decoupled weight
+  // decay >= 0 (0 = none; collmd.yaml's training.trainer.weight_decay, collmctl --weight-decay).
   lora::AdamWOptions adamw;
   // FedProx (Li et al. 2020): while a proximal anchor is set (PeftTrainer::SetProximalAnchor), the
   // loss adds prox_mu / 2 * Σ ‖w − w_anchor‖² over all LoRA factors, keeping local training near

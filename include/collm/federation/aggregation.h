@@ -1,8 +1,18 @@
 // Server-side aggregation of LoRA client updates into a new global adapter: validation, clipping,
 // the combination rule (FedAvg/FedIT, exact LoRA, trimmed mean, median) and the server optimizer
 // (FedAdam/FedYogi). Pure computation on CPU f32 tensors: no I/O, no clock, no threads, so the
-// round manager, tests and the benchmark all call the same code. See ../shared/DESIGN.md for the
-// formulas.
+// round manager, tests and the benchmark all call the same code. The formulas, for n updates with
+// weights w_i = samples_i / sum(samples) (robust rules: unweighted) and global factors (A_g, B_g):
+//   - delta_i = update_i - global; clip_norm scales delta_i down to that L2 norm, max_update_norm
+//     rejects larger ones;
+//   - FedAvg/FedIT: A = sum w_i A_i, B = sum w_i B_i (factor-wise; the cross terms of B·A are
+//   lost);
+//   - exact: M = sum w_i s_i B_i A_i, re-factored to rank r by QR of the stacked factors and an SVD
+//     of the small core (no cross-term error);
+//   - trimmed mean / median: coordinate-wise over the factors;
+//   - FedAdam/FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization"): with the combined
+//     delta d, m = beta1 m + (1 - beta1) d; v = beta2 v + (1 - beta2) d^2 (Adam) or
+//     v = v - (1 - beta2) d^2 sign(v - d^2) (Yogi); global += server_lr m / (sqrt(v) + tau).
 #ifndef COLLM_FEDERATION_AGGREGATION_H_
 #define COLLM_FEDERATION_AGGREGATION_H_
 
@@ -38,7 +48,11 @@ absl::StatusOr<ServerOptimizer> ParseServerOptimizer(
 std::string ServerOptimizerName(ServerOptimizer o);
 
 struct AggregationOptions {
+  // How the round's client adapters become one (see Combine); the policy's `strategy`
+  // (fedavg | fedit | exact | trimmed_mean | median, ParseCombine). Default kFedAvg.
   Combine combine = Combine::kFedAvg;
+  // Applied to the combined delta afterwards: none = take it as is; FedAdam/FedYogi keep moment
+  // state across rounds (ServerOptimizerState). The policy's `server_optimizer`. Default kNone.
   ServerOptimizer server_optimizer = ServerOptimizer::kNone;
   double server_lr = 1e-2;                       // FedAdam/FedYogi step size.
   double beta1 = 0.9, beta2 = 0.99, tau = 1e-3;  // FedAdam/FedYogi (Reddi et al. 2021).

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "collm/common/clock.h"
 #include "collm/runtime/model_config.h"
 
 namespace collm::engine {
@@ -28,24 +29,35 @@ class MetricsRegistry;
 
 namespace collm::federation {
 
+// Where new global versions go: the shadow adapter only, or also the live adapter when the
+// version passes the local quality gate.
+enum class InstallGlobal { kShadow, kShadowAndLive };
+
+// Channel security towards the aggregator. Files are read once, by FlClient::Create.
+struct FlTlsOptions {
+  bool enabled = false;     // TLS to the aggregator; false = plaintext (loopback/testing only).
+  std::string ca;           // PEM CA bundle that signed the aggregator's certificate; "" = system.
+  std::string cert;         // PEM client certificate for mutual TLS; with `key`, or neither.
+  std::string key;          // PEM private key of `cert`.
+  std::string server_name;  // Name verified in the aggregator's certificate; "" = the host.
+};
+
+// The one set of federation client options and defaults: collmd.yaml's federation: section
+// (config::FederationConfig) is this struct, so a default lives only here.
 struct FlClientOptions {
+  // Connection: from collmd.yaml's federation: section.
   std::string aggregator;  // host:port; required.
   std::string device_id;   // [A-Za-z0-9._-]{1,64}; required.
-  // Channel security. Files are read once, by Create.
-  bool tls = false;           // false = plaintext.
-  std::string tls_ca_file;    // PEM roots; "" = system roots.
-  std::string tls_cert_file;  // PEM client certificate (mutual TLS); with tls_key_file.
-  std::string tls_key_file;
-  std::string tls_server_name;           // Name verified in the server certificate; "" = host.
+  FlTlsOptions tls;
   double heartbeat_seconds = 5;          // Until Register returns the aggregator's interval; > 0.
   double backoff_initial_seconds = 0.5;  // Retry delay after the first failure; > 0.
-  double backoff_max_seconds = 30;       // Doubling stops here; delays get +-25% jitter.
-  double rpc_timeout_seconds = 30;       // Per call (and per adapter transfer); > 0.
-  int64_t upload_chunk_bytes = 1 << 20;  // Adapter bytes per UpdateChunk; > 0.
-  bool install_live = true;              // New global versions also go live (after the gate).
-  double task_training_share = 0.5;      // For tasks whose training_share is 0; (0, 1].
-  double deadline_margin_seconds = 1;    // Cut training short this long before a round's deadline.
-  // Identity sent at Register.
+  double backoff_max_seconds = 30;  // Doubling stops here; delays get +-25% jitter; >= initial.
+  double rpc_timeout_seconds = 30;  // Per call (and per adapter transfer); > 0.
+  int64_t upload_chunk_bytes = 1 << 20;  // Adapter bytes per UpdateChunk; (0, 64 MiB].
+  InstallGlobal install_global = InstallGlobal::kShadowAndLive;
+  double task_training_share = 0.5;    // For tasks whose training_share is 0; (0, 1].
+  double deadline_margin_seconds = 1;  // Cut training short this long before a round's deadline.
+  // Identity sent at Register: filled by collmd from the loaded model, not from YAML.
   std::string model_name;         // e.g. "llama h64 L5".
   std::string model_fingerprint;  // sha256 of config.json (ModelFingerprint); required.
   std::string accelerator = "cpu";
@@ -75,10 +87,13 @@ class FlClient {
  public:
   // Reads the TLS files and builds the channel (connecting is lazy). InvalidArgument naming the
   // option for bad options; NotFound for an unreadable TLS file. `feedback` and `metrics` may be
-  // null.
+  // null. Heartbeat and backoff sleeps, telemetry rates and round deadlines all follow `clock`
+  // (borrowed; must outlive the client); a round deadline (wall time) is compared with the wall
+  // time at Create advanced by `clock`.
   static absl::StatusOr<std::unique_ptr<FlClient>> Create(
       FlClientOptions options, engine::Engine& engine, const runtime::ModelConfig& model,
-      std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics);
+      std::shared_ptr<engine::InteractionBuffer> feedback, telemetry::MetricsRegistry* metrics,
+      Clock& clock = Clock::Real());
   ~FlClient();
 
   // Starts the client thread.

@@ -64,6 +64,11 @@ v1::FederationPolicy DefaultPolicy();
 // Checks every set field: InvalidArgument naming it ("policy.lr must be > 0, got -1").
 absl::Status ValidatePolicy(const v1::FederationPolicy& policy);
 
+// The aggregator's single source of truth: devices, policy, control state, rounds and global
+// versions (rules at the top of this file), persisted through a StateStore. Owned by
+// collm-aggregator's main (one per process); the gRPC services borrow it by reference. Borrows the
+// Clock and the StateStore, which must outlive it. Thread-safe: every method may be called from
+// any thread; Tick() runs aggregation outside the lock, and concurrent Tick() calls serialize.
 class RoundManager {
  public:
   // Loads the state in `store` (borrowed, outlives the manager) or, when it is empty, starts a

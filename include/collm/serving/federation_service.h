@@ -29,6 +29,11 @@ struct FederationServiceOptions {
   int64_t watch_poll_ms = 500;  // WatchRounds re-checks at least this often (offline devices).
 };
 
+// The device-facing service: Register, Heartbeat, UploadUpdate (chunked, size- and sha256-checked
+// by federation::AdapterReceiver before the RoundManager sees it) and FetchGlobal. A thin layer: it
+// checks identity and transport, and leaves every decision to the RoundManager, which it borrows
+// (the aggregator's main owns both and keeps the manager alive until the server is shut down).
+// Thread-safe: gRPC's sync handlers call it concurrently; it holds no mutable state of its own.
 class FederationServiceImpl final : public v1::FederationService::Service {
  public:
   FederationServiceImpl(federation::RoundManager& manager, const FederationServiceOptions& options)
@@ -49,6 +54,11 @@ class FederationServiceImpl final : public v1::FederationService::Service {
   const FederationServiceOptions options_;
 };
 
+// The operator-facing service (collmctl fed): status, devices, rounds, control (start / pause /
+// resume), policy, adapter download and a status stream. Every call is authorized with the admin
+// token first. Borrows the RoundManager like FederationServiceImpl (same owner, same lifetime).
+// Thread-safe: no mutable state of its own; WatchRounds blocks its handler thread until the client
+// goes away or the manager shuts down.
 class FederationAdminServiceImpl final : public v1::FederationAdminService::Service {
  public:
   FederationAdminServiceImpl(federation::RoundManager& manager,

@@ -1,0 +1,71 @@
+#include "collm/config/shared_sections.h"
+
+#include <algorithm>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "collm/common/status.h"
+#include "collm/runtime/lora_weights.h"
+
+namespace collm::config {
+
+// Prefixes a module's own Validate() message with where its struct sits in the file: the message
+// names the field, possibly after the module's own prefix ("lora.rank ...").
+absl::Status Prefixed(const absl::Status& status, absl::string_view own_prefix,
+                      absl::string_view path) {
+  if (status.ok()) return status;
+  absl::string_view message = status.message();
+  absl::ConsumePrefix(&message, own_prefix);
+  return absl::Status(status.code(), absl::StrCat(path, ".", message));
+}
+
+absl::Status ParseLora(const Section& training, lora::LoraConfig& out) {
+  COLLM_ASSIGN_OR_RETURN(
+      Section s, training.Sub("lora", {"rank", "alpha", "dropout", "use_rslora", "targets"}));
+  COLLM_RETURN_IF_ERROR(s.Int("rank", &out.rank));
+  COLLM_RETURN_IF_ERROR(s.Double("alpha", &out.alpha));
+  COLLM_RETURN_IF_ERROR(s.Double("dropout", &out.dropout));
+  COLLM_RETURN_IF_ERROR(s.Bool("use_rslora", &out.use_rslora));
+  if (s.Has("targets")) {
+    const std::string path = s.PathOf("targets");
+    std::vector<std::string> names;
+    const YAML::Node node = s.Get("targets");
+    if (node.IsScalar() && node.Scalar() == "all-linear") {
+      for (int i = 0; i < runtime::kNumLoraTargets; ++i) {
+        names.push_back(runtime::LoraTargetName(static_cast<runtime::LoraTarget>(i)));
+      }
+    } else {
+      COLLM_RETURN_IF_ERROR(s.StringList("targets", &names));
+    }
+    out.targets.clear();
+    for (size_t i = 0; i < names.size(); ++i) {
+      absl::StatusOr<runtime::LoraTarget> target = runtime::ParseLoraTarget(names[i]);
+      if (!target.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, "[", i, "]: ", target.status().message()));
+      }
+      out.targets.push_back(*target);
+    }
+  }
+  return Prefixed(out.Validate(), "lora.", s.path());
+}
+
+absl::Status ParseLogging(const Section& root, LoggingOptions& out) {
+  COLLM_ASSIGN_OR_RETURN(Section s, root.Sub("logging", {"level", "json"}));
+  COLLM_RETURN_IF_ERROR(s.String("level", &out.level));
+  COLLM_RETURN_IF_ERROR(s.Bool("json", &out.json));
+  static const char* const kLevels[] = {"trace", "debug",    "info", "warn",
+                                        "error", "critical", "off"};
+  if (std::find(std::begin(kLevels), std::end(kLevels), out.level) == std::end(kLevels)) {
+    return InvalidValue(
+        s.PathOf("level"),
+        absl::StrCat("must be one of ", absl::StrJoin(kLevels, ", "), ", got '", out.level, "'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace collm::config
