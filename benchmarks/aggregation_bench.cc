@@ -213,8 +213,7 @@ json RunConfig(const BenchFlags& flags, const std::string& shape, int rank,
 
 int Main(int argc, char** argv) {
   BenchFlags flags;
-  const char* models_dir = std::getenv("COLLM_MODELS_DIR");
-  flags.shapes = models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
+  flags.shapes = DefaultShapesDir();
   CLI::App app{
       "collm_aggregation_bench: FedAvg vs exact LoRA aggregation time and memory, and "
       "bytes per round, on synthetic updates"};
@@ -269,25 +268,16 @@ int Main(int argc, char** argv) {
   }
   const double total_s = Seconds(t0, Clock::now());
   std::printf("\ntotal %.0f s\n", total_s);
-  if (!flags.json_path.empty()) {
-    json doc = {{"benchmark", "collm_aggregation_bench"},
-                {"machine", {{"cpu", CpuModel()}, {"cores_online", CoresOnline()}}},
-                {"flags",
-                 {{"shapes", flags.shapes},
-                  {"configs", SplitCsv(flags.configs)},
-                  {"updates", counts},
-                  {"targets", SplitCsv(flags.targets)},
-                  {"threads", flags.threads},
-                  {"iters", flags.iters},
-                  {"min_time_s", flags.min_time},
-                  {"quick", flags.quick}}},
-                {"total_seconds", total_s},
-                {"configs", results}};
-    std::ofstream f(flags.json_path);
-    f << doc.dump(2) << "\n";
-    if (!f) Die("cannot write " + flags.json_path);
-    std::printf("wrote %s\n", flags.json_path.c_str());
-  }
+  WriteJsonReport(flags.json_path, "collm_aggregation_bench",
+                  {{"shapes", flags.shapes},
+                   {"configs", SplitCsv(flags.configs)},
+                   {"updates", counts},
+                   {"targets", SplitCsv(flags.targets)},
+                   {"threads", flags.threads},
+                   {"iters", flags.iters},
+                   {"min_time_s", flags.min_time},
+                   {"quick", flags.quick}},
+                  total_s, "configs", results);
   return 0;
 }
 

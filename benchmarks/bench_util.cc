@@ -14,6 +14,8 @@
 #include <set>
 #include <sstream>
 
+#include "CLI/CLI.hpp"
+
 namespace collm::bench {
 
 void Die(const std::string& what) {
@@ -186,6 +188,85 @@ std::map<std::string, at::Tensor> RandomWeights(const runtime::ModelConfig& c) {
     t[p + "mlp.down_proj.weight"] = mat({d, ff});
   }
   return t;
+}
+
+std::string DefaultShapesDir() {
+  const char* models_dir = std::getenv("COLLM_MODELS_DIR");
+  return models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
+}
+
+json DriverFlags::ToJson() const {
+  return {{"shapes", shapes}, {"models", SplitCsv(models)}, {"threads", threads},
+          {"iters", iters},   {"min_time_s", min_time},     {"quick", quick}};
+}
+
+void AddDriverFlags(CLI::App& app, DriverFlags& flags, const std::string& models_help) {
+  app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
+      ->capture_default_str();
+  app.add_option("--models", flags.models, models_help)->capture_default_str();
+  app.add_option("--threads", flags.threads, "Torch intra-op threads (0 = torch's default)")
+      ->capture_default_str();
+  app.add_option("--iters", flags.iters, "Most timed iterations per measurement")
+      ->capture_default_str();
+  app.add_option("--min-time", flags.min_time,
+                 "Stop timing a measurement after this many seconds (at least 3 iterations)")
+      ->capture_default_str();
+  app.add_option("--json", flags.json_path, "Also write the results as JSON to this path");
+  app.add_flag("--quick", flags.quick, "Few iterations, for smoke tests");
+  app.add_option("--one-model", flags.one_model)->group("");
+  app.add_option("--child-json", flags.child_json)->group("");
+}
+
+void FinishDriverFlags(DriverFlags& flags) {
+  if (flags.quick) {
+    flags.iters = std::min(flags.iters, 5);
+    flags.min_time = std::min(flags.min_time, 0.3);
+  }
+  if (flags.iters < 1) Die("--iters must be >= 1");
+}
+
+ModelRuns RunEachModel(const DriverFlags& flags, int argc, char** argv, const std::string& banner,
+                       const std::function<json(const std::string&)>& run_one) {
+  if (!flags.one_model.empty()) {
+    const json result = run_one(flags.one_model);
+    if (!flags.child_json.empty()) {
+      std::ofstream f(flags.child_json);
+      f << result.dump(2);
+      if (!f) Die("cannot write " + flags.child_json);
+    }
+    std::fflush(stdout);
+    std::exit(0);
+  }
+  std::printf("%s\n", banner.c_str());
+  std::printf(
+      "each model runs in a fresh process; ratios compare against the baseline column, "
+      "measured in the same run\n");
+  const auto t0 = Clock::now();
+  ModelRuns runs;
+  for (const std::string& name : SplitCsv(flags.models)) {
+    json r = RunChild(name, argc, argv);
+    if (r.contains("error")) {
+      std::printf("\n== %s: FAILED (%s)\n", name.c_str(), r["error"].get<std::string>().c_str());
+      runs.failed = true;
+    }
+    runs.results.push_back(std::move(r));
+  }
+  runs.total_s = Seconds(t0, Clock::now());
+  return runs;
+}
+
+void WriteJsonReport(const std::string& path, const std::string& benchmark, const json& flags,
+                     double total_s, const std::string& results_key, const json& results) {
+  if (path.empty()) return;
+  const json doc = {{"benchmark", benchmark},
+                    {"machine", {{"cpu", CpuModel()}, {"cores_online", CoresOnline()}}},
+                    {"flags", flags},
+                    {"total_seconds", total_s},
+                    {results_key, results}};
+  std::ofstream f(path);
+  f << doc.dump(2) << "\n";
+  if (!f) Die("cannot write " + path);
+  std::printf("wrote %s\n", path.c_str());
 }
 
 json RunChild(const std::string& name, int argc, char** argv) {

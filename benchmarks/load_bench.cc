@@ -5,12 +5,7 @@
 // or an Azure LLM trace replay) over gRPC, and reports goodput (requests/s meeting both the TTFT
 // and TPOT SLOs), SLO attainment, TTFT/TPOT percentiles and training progress from GetStats.
 // No torch: it only talks to the daemon. See benchmarks/README.md.
-#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,8 +27,7 @@
 #include "CLI/CLI.hpp"
 #include "collm/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
-
-extern char** environ;
+#include "testing/process.h"
 
 namespace {
 
@@ -103,56 +97,25 @@ struct Options {
   uint64_t seed = 42;
 };
 
+// collmd for one scenario (testing/process.h: log file, ports file, SIGTERM then SIGKILL after
+// 15 s when destroyed), with an inference stub on its gRPC port.
 class Daemon {
  public:
   Daemon(const Options& o, const std::string& dir, const std::string& config) {
-    ports_file_ = dir + "/ports";
-    log_ = dir + "/collmd.log";
-    fs::remove(ports_file_);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                     0644);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                     0644);
-    std::vector<std::string> args = {o.collmd, "--config", config, "--ports-file", ports_file_};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, o.collmd.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
-      Die("cannot spawn " + o.collmd);
-    }
-    posix_spawn_file_actions_destroy(&actions);
-    for (int i = 0; i < 1200; ++i) {  // 60 s.
-      if (fs::exists(ports_file_) && !ReadFile(ports_file_).empty()) break;
-      int st = 0;
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        Die("collmd exited at start; log " + log_ + ":\n" + ReadFile(log_));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    int grpc_port = 0, metrics_port = 0;
-    if (sscanf(ReadFile(ports_file_).c_str(), "grpc=%d metrics=%d", &grpc_port, &metrics_port) <
-            1 ||
-        grpc_port <= 0) {
-      Die("no ports file from collmd; log " + log_ + ":\n" + ReadFile(log_));
-    }
+    collm::testing::ServerProcess::Options server;
+    server.binary = o.collmd;
+    server.config = config;
+    server.dir = dir;
+    server.name = "collmd";
+    server.stop_grace = std::chrono::seconds(15);
+    auto started = collm::testing::ServerProcess::Start(std::move(server));
+    if (!started.ok()) Die(std::string(started.status().message()));
+    server_ = *std::move(started);
     grpc::ChannelArguments ch;
     ch.SetMaxReceiveMessageSize(64 << 20);
-    channel_ = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(grpc_port),
-                                         grpc::InsecureChannelCredentials(), ch);
+    channel_ =
+        grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(), ch);
     stub_ = v1::InferenceService::NewStub(channel_);
-  }
-  ~Daemon() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (int i = 0; i < 300; ++i) {  // 15 s, then SIGKILL.
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
   }
   v1::InferenceService::Stub* stub() { return stub_.get(); }
   v1::GetStatsResponse Stats() {
@@ -163,11 +126,10 @@ class Daemon {
     if (!st.ok()) Die("GetStats: " + st.error_message());
     return s;
   }
-  const std::string& log() const { return log_; }
+  const std::string& log() const { return server_->process().log_path(); }
 
  private:
-  pid_t pid_ = -1;
-  std::string ports_file_, log_;
+  std::unique_ptr<collm::testing::ServerProcess> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::InferenceService::Stub> stub_;
 };

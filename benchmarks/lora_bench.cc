@@ -21,7 +21,6 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -56,24 +55,14 @@ using runtime::ModelConfig;
 using runtime::SequenceKv;
 using runtime::StepBatch;
 
-struct BenchFlags {
-  std::string shapes;
-  std::string models = "stories15M,stories110M";
-  int threads = 0;        // Torch intra-op threads; 0 = torch's default.
-  int iters = 30;         // Most timed iterations per measurement.
-  double min_time = 2.0;  // Stop a measurement once this many seconds were timed (>= 3 iters).
+// The shared driver flags (DriverFlags) plus this benchmark's scenarios.
+struct BenchFlags : DriverFlags {
   std::string ranks = "8,16,64";  // Adapter ranks for the decode-overhead scenario.
   std::string batches = "1,16";   // Decode batch sizes for the decode-overhead scenario.
   int64_t context = 64;           // Cached positions per sequence before each decode step.
   int64_t train_length = 128;     // Tokens per synthetic training example (second half targets).
   int64_t micro_batch = 4;        // Examples per PEFT micro-batch.
   int64_t train_steps = 4;        // Untimed PEFT steps before the memory reading.
-  std::string json_path;
-  bool quick = false;
-  std::string one_model;   // Hidden: run only this model in this process.
-  std::string child_json;  // Hidden: where a child writes its model's JSON.
-
-  TimingOptions timing() const { return {iters, min_time}; }
 };
 
 const std::vector<LoraTarget> kAllTargets = {LoraTarget::kQ,   LoraTarget::kK,    LoraTarget::kV,
@@ -592,22 +581,10 @@ void PrintSummary(const json& results, double total_s) {
 
 int Main(int argc, char** argv) {
   BenchFlags flags;
-  const char* models_dir = std::getenv("COLLM_MODELS_DIR");
-  flags.shapes = models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
-
   CLI::App app{
       "collm_lora_bench: LoRA decode overhead, mixed adapters, PEFT training and "
       "publish latency on random weights"};
-  app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
-      ->capture_default_str();
-  app.add_option("--models", flags.models, "Comma-separated shape names")->capture_default_str();
-  app.add_option("--threads", flags.threads, "Torch intra-op threads (0 = torch's default)")
-      ->capture_default_str();
-  app.add_option("--iters", flags.iters, "Most timed iterations per measurement")
-      ->capture_default_str();
-  app.add_option("--min-time", flags.min_time,
-                 "Stop timing a measurement after this many seconds (at least 3 iterations)")
-      ->capture_default_str();
+  AddDriverFlags(app, flags, "Comma-separated shape names");
   app.add_option("--ranks", flags.ranks, "Adapter ranks for the decode-overhead scenario")
       ->capture_default_str();
   app.add_option("--batches", flags.batches, "Decode batch sizes for the decode-overhead scenario")
@@ -622,21 +599,13 @@ int Main(int argc, char** argv) {
   app.add_option("--train-steps", flags.train_steps,
                  "Untimed PEFT steps before the training memory reading")
       ->capture_default_str();
-  app.add_option("--json", flags.json_path, "Also write the results as JSON to this path");
-  app.add_flag("--quick", flags.quick, "Few iterations, for smoke tests");
-  app.add_option("--one-model", flags.one_model)->group("");
-  app.add_option("--child-json", flags.child_json)->group("");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  if (flags.quick) {
-    flags.iters = std::min(flags.iters, 5);
-    flags.min_time = std::min(flags.min_time, 0.3);
-    flags.train_steps = std::min<int64_t>(flags.train_steps, 2);
-  }
-  if (flags.iters < 1) Die("--iters must be >= 1");
+  FinishDriverFlags(flags);
+  if (flags.quick) flags.train_steps = std::min<int64_t>(flags.train_steps, 2);
   ParsePositiveCsv(flags.ranks, "--ranks");
   ParsePositiveCsv(flags.batches, "--batches");
   if (flags.context < 1 || flags.train_length < 2 || flags.micro_batch < 1 ||
@@ -644,60 +613,24 @@ int Main(int argc, char** argv) {
     Die("--context, --micro-batch and --train-steps must be >= 1, --train-length >= 2");
   }
 
-  if (!flags.one_model.empty()) {
-    json result = ModelBench(flags, flags.one_model).Run();
-    if (!flags.child_json.empty()) {
-      std::ofstream f(flags.child_json);
-      f << result.dump(2);
-      if (!f) Die("cannot write " + flags.child_json);
-    }
-    return 0;
-  }
+  const ModelRuns runs =
+      RunEachModel(flags, argc, argv,
+                   "collm_lora_bench: " + CpuModel() + ", " + std::to_string(CoresOnline()) +
+                       " cores online, iters <= " + std::to_string(flags.iters) + ", min-time " +
+                       Fmt("%.1f", flags.min_time) + " s" + (flags.quick ? " (quick)" : ""),
+                   [&flags](const std::string& name) { return ModelBench(flags, name).Run(); });
+  PrintSummary(runs.results, runs.total_s);
 
-  std::printf("collm_lora_bench: %s, %ld cores online, iters <= %d, min-time %.1f s%s\n",
-              CpuModel().c_str(), CoresOnline(), flags.iters, flags.min_time,
-              flags.quick ? " (quick)" : "");
-  std::printf(
-      "each model runs in a fresh process; ratios compare against the baseline column, "
-      "measured in the same run\n");
-  const auto t0 = Clock::now();
-  json results = json::array();
-  bool failed = false;
-  for (const std::string& name : SplitCsv(flags.models)) {
-    json r = RunChild(name, argc, argv);
-    if (r.contains("error")) {
-      std::printf("\n== %s: FAILED (%s)\n", name.c_str(), r["error"].get<std::string>().c_str());
-      failed = true;
-    }
-    results.push_back(std::move(r));
-  }
-  const double total_s = Seconds(t0, Clock::now());
-  PrintSummary(results, total_s);
-
-  if (!flags.json_path.empty()) {
-    json doc = {{"benchmark", "collm_lora_bench"},
-                {"machine", {{"cpu", CpuModel()}, {"cores_online", CoresOnline()}}},
-                {"flags",
-                 {{"shapes", flags.shapes},
-                  {"models", SplitCsv(flags.models)},
-                  {"threads", flags.threads},
-                  {"iters", flags.iters},
-                  {"min_time_s", flags.min_time},
-                  {"ranks", ParsePositiveCsv(flags.ranks, "--ranks")},
-                  {"batches", ParsePositiveCsv(flags.batches, "--batches")},
-                  {"context", flags.context},
-                  {"train_length", flags.train_length},
-                  {"micro_batch", flags.micro_batch},
-                  {"train_steps", flags.train_steps},
-                  {"quick", flags.quick}}},
-                {"total_seconds", total_s},
-                {"models", results}};
-    std::ofstream f(flags.json_path);
-    f << doc.dump(2) << "\n";
-    if (!f) Die("cannot write " + flags.json_path);
-    std::printf("wrote %s\n", flags.json_path.c_str());
-  }
-  return failed ? 1 : 0;
+  json flags_json = flags.ToJson();
+  flags_json.update({{"ranks", ParsePositiveCsv(flags.ranks, "--ranks")},
+                     {"batches", ParsePositiveCsv(flags.batches, "--batches")},
+                     {"context", flags.context},
+                     {"train_length", flags.train_length},
+                     {"micro_batch", flags.micro_batch},
+                     {"train_steps", flags.train_steps}});
+  WriteJsonReport(flags.json_path, "collm_lora_bench", flags_json, runs.total_s, "models",
+                  runs.results);
+  return runs.failed ? 1 : 0;
 }
 
 }  // namespace

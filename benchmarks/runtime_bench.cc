@@ -11,13 +11,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -39,21 +37,13 @@ namespace {
 using json = nlohmann::json;
 using Clock = bench::Clock;
 
-struct BenchFlags {
-  std::string shapes;
-  std::string models = "stories15M,stories110M";
+// The shared driver flags (bench::DriverFlags) plus this benchmark's scenarios.
+struct BenchFlags : bench::DriverFlags {
   std::string dtype = "f32";
-  int threads = 0;        // Torch intra-op threads; 0 = torch's default.
-  int iters = 30;         // Most timed iterations per measurement.
-  double min_time = 2.0;  // Stop a measurement once this many seconds were timed (>= 3 iters).
   std::string batches = "1,4,16,64";
   int64_t prompt = 512;
   int64_t decode_context = 128;
   int64_t batch_prompt = 64;
-  std::string json_path;
-  bool quick = false;
-  std::string one_model;   // Hidden: run only this model in this process.
-  std::string child_json;  // Hidden: where a child writes its model's JSON.
 };
 
 using bench::CpuModel;
@@ -71,7 +61,7 @@ using bench::VmRssBytes;
 std::vector<Stats> Measure(const std::vector<std::function<void()>>& fns,
                            const std::function<void()>& reset, const BenchFlags& flags,
                            int warmup = 2) {
-  return bench::Measure(fns, reset, {flags.iters, flags.min_time}, warmup);
+  return bench::Measure(fns, reset, flags.timing(), warmup);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,24 +349,10 @@ json ModelBench::Run() {
 
 int Main(int argc, char** argv) {
   BenchFlags flags;
-  const char* models_dir = std::getenv("COLLM_MODELS_DIR");
-  flags.shapes = models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
-
   CLI::App app{"collm_runtime_bench: LlamaModel decode/prefill/memory scenarios on random weights"};
-  app.add_option("--shapes", flags.shapes, "Directory of HF config.json shapes (NAME.json)")
-      ->capture_default_str();
-  app.add_option("--models", flags.models,
-                 "Comma-separated shape names, e.g. "
-                 "stories15M,stories110M,tinyllama-1.1B")
-      ->capture_default_str();
+  bench::AddDriverFlags(app, flags,
+                        "Comma-separated shape names, e.g. stories15M,stories110M,tinyllama-1.1B");
   app.add_option("--dtype", flags.dtype, "Compute dtype: f32, bf16, f16")->capture_default_str();
-  app.add_option("--threads", flags.threads, "Torch intra-op threads (0 = torch's default)")
-      ->capture_default_str();
-  app.add_option("--iters", flags.iters, "Most timed iterations per measurement")
-      ->capture_default_str();
-  app.add_option("--min-time", flags.min_time,
-                 "Stop timing a measurement after this many seconds (at least 3 iterations)")
-      ->capture_default_str();
   app.add_option("--batches", flags.batches, "Decode batch sizes; the first should be 1")
       ->capture_default_str();
   app.add_option("--prompt", flags.prompt, "Prefill prompt length (capped at the model's context)")
@@ -387,20 +363,12 @@ int Main(int argc, char** argv) {
   app.add_option("--batch-prompt", flags.batch_prompt,
                  "Prompt tokens prefilled per sequence before batched decode")
       ->capture_default_str();
-  app.add_option("--json", flags.json_path, "Also write the results as JSON to this path");
-  app.add_flag("--quick", flags.quick, "Few iterations, for smoke tests");
-  app.add_option("--one-model", flags.one_model)->group("");
-  app.add_option("--child-json", flags.child_json)->group("");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  if (flags.quick) {
-    flags.iters = std::min(flags.iters, 5);
-    flags.min_time = std::min(flags.min_time, 0.3);
-  }
-  if (flags.iters < 1) Die("--iters must be >= 1");
+  bench::FinishDriverFlags(flags);
   for (const std::string& b : SplitCsv(flags.batches)) {
     if (b.find_first_not_of("0123456789") != std::string::npos || std::stoll(b) < 1) {
       Die("--batches must be positive integers, got '" + b + "'");
@@ -410,35 +378,14 @@ int Main(int argc, char** argv) {
     Die("--prompt, --decode-context and --batch-prompt must be >= 1");
   }
 
-  if (!flags.one_model.empty()) {
-    json result = ModelBench(flags, flags.one_model).Run();
-    if (!flags.child_json.empty()) {
-      std::ofstream f(flags.child_json);
-      f << result.dump(2);
-      if (!f) Die("cannot write " + flags.child_json);
-    }
-    return 0;
-  }
-
-  std::printf(
-      "collm_runtime_bench: %s, %ld cores online, dtype %s, iters <= %d, min-time %.1f s%s\n",
-      CpuModel().c_str(), sysconf(_SC_NPROCESSORS_ONLN), flags.dtype.c_str(), flags.iters,
-      flags.min_time, flags.quick ? " (quick)" : "");
-  std::printf(
-      "each model runs in a fresh process; ratios compare against the baseline column, "
-      "measured in the same run\n");
-  const auto t0 = Clock::now();
-  json results = json::array();
-  bool failed = false;
-  for (const std::string& name : SplitCsv(flags.models)) {
-    json r = bench::RunChild(name, argc, argv);
-    if (r.contains("error")) {
-      std::printf("\n== %s: FAILED (%s)\n", name.c_str(), r["error"].get<std::string>().c_str());
-      failed = true;
-    }
-    results.push_back(std::move(r));
-  }
-  const double total_s = Seconds(t0, Clock::now());
+  const bench::ModelRuns runs = bench::RunEachModel(
+      flags, argc, argv,
+      "collm_runtime_bench: " + CpuModel() + ", " + std::to_string(bench::CoresOnline()) +
+          " cores online, dtype " + flags.dtype + ", iters <= " + std::to_string(flags.iters) +
+          ", min-time " + Fmt("%.1f", flags.min_time) + " s" + (flags.quick ? " (quick)" : ""),
+      [&flags](const std::string& name) { return ModelBench(flags, name).Run(); });
+  const json& results = runs.results;
+  const double total_s = runs.total_s;
 
   std::printf("\nsummary (%.0f s)\n", total_s);
   std::printf("   %-16s %14s %14s %9s %12s %12s %9s %10s\n", "model", "b1 step/gemv", "b1 tok/s",
@@ -464,29 +411,15 @@ int Main(int argc, char** argv) {
         get(r["memory"]["ratio_peak_load_growth_over_params"]));
   }
 
-  if (!flags.json_path.empty()) {
-    json doc = {{"benchmark", "collm_runtime_bench"},
-                {"machine", {{"cpu", CpuModel()}, {"cores_online", sysconf(_SC_NPROCESSORS_ONLN)}}},
-                {"flags",
-                 {{"shapes", flags.shapes},
-                  {"models", SplitCsv(flags.models)},
-                  {"dtype", flags.dtype},
-                  {"threads", flags.threads},
-                  {"iters", flags.iters},
-                  {"min_time_s", flags.min_time},
-                  {"batches", SplitCsv(flags.batches)},
-                  {"prompt", flags.prompt},
-                  {"decode_context", flags.decode_context},
-                  {"batch_prompt", flags.batch_prompt},
-                  {"quick", flags.quick}}},
-                {"total_seconds", total_s},
-                {"models", results}};
-    std::ofstream f(flags.json_path);
-    f << doc.dump(2) << "\n";
-    if (!f) Die("cannot write " + flags.json_path);
-    std::printf("wrote %s\n", flags.json_path.c_str());
-  }
-  return failed ? 1 : 0;
+  json flags_json = flags.ToJson();
+  flags_json.update({{"dtype", flags.dtype},
+                     {"batches", SplitCsv(flags.batches)},
+                     {"prompt", flags.prompt},
+                     {"decode_context", flags.decode_context},
+                     {"batch_prompt", flags.batch_prompt}});
+  bench::WriteJsonReport(flags.json_path, "collm_runtime_bench", flags_json, total_s, "models",
+                         results);
+  return runs.failed ? 1 : 0;
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "gtest/gtest.h"
 #include "testing/test_env.h"
 
 namespace collm::testing {
@@ -27,5 +28,20 @@ std::string BinaryPath(const std::string& relative) {
   return relative;
 #endif
 }
+
+absl::StatusOr<std::unique_ptr<ServerProcess>> StartServer(
+    const std::string& binary, const std::string& config, const std::string& dir,
+    const std::string& name, std::chrono::milliseconds ready_timeout) {
+  ServerProcess::Options options;
+  options.binary = BinaryPath(binary);
+  options.config = config;
+  options.dir = dir;
+  options.name = name;
+  options.ready_timeout = ready_timeout;
+  options.print_log_tail_if = CurrentTestFailed;
+  return ServerProcess::Start(std::move(options));
+}
+
+bool CurrentTestFailed() { return ::testing::Test::HasFailure(); }
 
 }  // namespace collm::testing

@@ -3,13 +3,8 @@
 // stays with each daemon; only adapters travel. The global held-out loss is computed here,
 // independently of anything the processes report, on examples no daemon trains on.
 // Needs $COLLM_MODELS_DIR and $COLLM_DATA_DIR (skips when unset, fails when set but missing).
-#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -28,64 +23,20 @@
 #include "collm/v1/federation.grpc.pb.h"
 #include "collm/v1/inference.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "testing/federation_cluster.h"
 #include "testing/subprocess.h"
 #include "testing/test_env.h"
-
-extern char** environ;
 
 namespace collm {
 namespace {
 
 using collm::testing::BinaryPath;
+using collm::testing::FederationCluster;
 using collm::testing::MakeTempDir;
 using collm::testing::ReadFileOrDie;
 using collm::testing::RunCommand;
+using collm::testing::ServerProcess;
 using collm::testing::WriteFileOrDie;
-
-// A real child process with stderr in a log file, started with --ports-file so it can listen on
-// port 0; killed with SIGKILL when the test ends however it ends.
-class Process {
- public:
-  Process(const std::string& binary, const std::string& config, const std::string& dir,
-          const std::string& name) {
-    ports_file_ = dir + "/" + name + ".ports";
-    log_ = dir + "/" + name + ".log";
-    std::filesystem::remove(ports_file_);
-    const std::string bin = BinaryPath(binary);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                     0644);
-    std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    // Model loading on busy cores: give it up to 60 s.
-    for (int i = 0; i < 1200 && !std::filesystem::exists(ports_file_); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    // The ports file is written atomically once every listener is up.
-    sscanf(ReadFileOrDie(ports_file_).c_str(), "grpc=%d metrics=%d", &grpc_port_, &metrics_port_);
-  }
-  ~Process() { Kill9(); }
-  void Kill9() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  std::string address() const { return "127.0.0.1:" + std::to_string(grpc_port_); }
-  int grpc_port() const { return grpc_port_; }
-  int metrics_port() const { return metrics_port_; }
-  std::string log() const { return ReadFileOrDie(log_); }
-
- private:
-  std::string ports_file_, log_;
-  pid_t pid_ = -1;
-  int grpc_port_ = 0, metrics_port_ = 0;
-};
 
 std::vector<std::string> ReadLines(const std::string& path) {
   std::ifstream in(path);
@@ -186,6 +137,10 @@ logging: {level: info}
   return path;
 }
 
+FederationCluster::DaemonConfigWriter DaemonConfigs(const Shards& s) {
+  return [&s](int i, int aggregator_port) { return WriteDaemonConfig(s, i, aggregator_port); };
+}
+
 // The admin API, polled in-process (a collmctl process per poll would be slow on busy cores).
 class Admin {
  public:
@@ -250,23 +205,15 @@ std::string Metrics(int port) {
   return res ? res->body : "";
 }
 
-std::string Ctl(const Process& agg, const std::string& args) {
+std::string Ctl(const ServerProcess& agg, const std::string& args) {
   return BinaryPath("src/collmctl") + " fed -a " + agg.address() + " " + args;
-}
-
-std::string Logs(const Process& agg, const std::vector<std::unique_ptr<Process>>& daemons) {
-  std::string out = "--- aggregator ---\n" + agg.log();
-  for (size_t i = 0; i < daemons.size(); ++i) {
-    if (daemons[i]) out += "--- edge-" + std::to_string(i) + " ---\n" + daemons[i]->log();
-  }
-  return out;
 }
 
 TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFalls) {
   COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
   COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
   const Shards s = MakeShards(model_dir, data, "fl-e2e-3rounds");
-  Process agg("src/collm-aggregator", WriteAggregatorConfig(s, R"(  rounds: 3
+  auto started = FederationCluster::Start(s.dir, WriteAggregatorConfig(s, R"(  rounds: 3
   local_steps: 5
   lr: 0.01
   min_clients: 3
@@ -275,15 +222,10 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   strategy: fedavg
   training_share: 0.5
 )"),
-              s.dir, "aggregator");
-  ASSERT_GT(agg.grpc_port(), 0) << agg.log();
-  std::vector<std::unique_ptr<Process>> daemons;
-  for (int i = 0; i < 3; ++i) {
-    daemons.push_back(std::make_unique<Process>("src/collmd",
-                                                WriteDaemonConfig(s, i, agg.grpc_port()), s.dir,
-                                                "edge-" + std::to_string(i)));
-    ASSERT_GT(daemons.back()->grpc_port(), 0) << daemons.back()->log();
-  }
+                                          3, DaemonConfigs(s));
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  ServerProcess& agg = fed.aggregator();
   Admin admin(agg.address());
 
   // Serving goes on while the federation runs: every daemon answers Generate between and
@@ -292,14 +234,13 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
   auto finished = [&] { return admin.Status().state() == "finished"; };
   for (int iter = 0; iter < 600 && !finished(); ++iter) {
     for (int i = 0; i < 3; ++i) {
-      grpc::Status st = Generate(daemons[i]->address(), 4);
-      ASSERT_TRUE(st.ok()) << "edge-" << i << ": " << st.error_message() << "\n"
-                           << Logs(agg, daemons);
+      grpc::Status st = Generate(fed.daemon(i).address(), 4);
+      ASSERT_TRUE(st.ok()) << "edge-" << i << ": " << st.error_message() << "\n" << fed.Logs();
       ++served[i];
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  ASSERT_TRUE(finished()) << Logs(agg, daemons);
+  ASSERT_TRUE(finished()) << fed.Logs();
   for (int i = 0; i < 3; ++i) EXPECT_GE(served[i], 1) << "edge-" << i;
 
   // The round log, as collmctl prints it for scripts.
@@ -338,18 +279,19 @@ TEST(FederationE2eTest, ThreeDaemonsCompleteThreeRoundsAndTheGlobalHeldOutLossFa
     std::string body;
     EXPECT_TRUE(WaitFor(
         [&] {
-          body = Metrics(daemons[i]->metrics_port());
+          body = Metrics(fed.daemon(i).metrics_port());
           return body.find("collm_fl_global_version 4") != std::string::npos;
         },
         60))
         << "edge-" << i << "\n"
         << body << "\n"
-        << daemons[i]->log();
+        << fed.daemon(i).log();
     EXPECT_NE(body.find("collm_fl_uploads_total{outcome=\"accepted\"} 3"), std::string::npos)
         << body;
   }
   for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(Generate(daemons[i]->address(), 4).ok()) << "edge-" << i << " after the last round";
+    ASSERT_TRUE(Generate(fed.daemon(i).address(), 4).ok())
+        << "edge-" << i << " after the last round";
   }
 
   // The global held-out loss, computed here on examples no device has: v1 (the fresh adapter,
@@ -394,7 +336,7 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   // quorum 0 = all participants, so the round cannot close early once a participant is gone:
   // only the deadline rule (>= max(1, ceil(3 / 2)) = 2 accepted updates) completes it. The
   // deadline is generous: under a loaded CI machine 10 local steps took up to ~15 s.
-  Process agg("src/collm-aggregator", WriteAggregatorConfig(s, R"(  rounds: 1
+  auto started = FederationCluster::Start(s.dir, WriteAggregatorConfig(s, R"(  rounds: 1
   local_steps: 6
   lr: 0.01
   min_clients: 3
@@ -403,21 +345,16 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
   strategy: fedavg
   training_share: 0.5
 )"),
-              s.dir, "aggregator");
-  ASSERT_GT(agg.grpc_port(), 0) << agg.log();
-  std::vector<std::unique_ptr<Process>> daemons;
-  for (int i = 0; i < 3; ++i) {
-    daemons.push_back(std::make_unique<Process>("src/collmd",
-                                                WriteDaemonConfig(s, i, agg.grpc_port()), s.dir,
-                                                "edge-" + std::to_string(i)));
-    ASSERT_GT(daemons.back()->grpc_port(), 0) << daemons.back()->log();
-  }
+                                          3, DaemonConfigs(s));
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  ServerProcess& agg = fed.aggregator();
   Admin admin(agg.address());
 
   // Kill edge-2 the moment round 1 opens: it has at most just received its task, and 6 local
   // steps plus the adapter fetch lie between that and an upload.
-  ASSERT_TRUE(WaitFor([&] { return admin.Round(1).round() == 1; }, 90)) << Logs(agg, daemons);
-  daemons[2]->Kill9();
+  ASSERT_TRUE(WaitFor([&] { return admin.Round(1).round() == 1; }, 90)) << fed.Logs();
+  fed.daemon(2).Kill();
   const v1::RoundInfo opened = admin.Round(1);
   EXPECT_EQ(opened.state(), "collecting");
   EXPECT_EQ(opened.participants_size(), 3);
@@ -425,7 +362,7 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
 
   // The survivors keep serving while the round waits for its deadline.
   for (int i = 0; i < 2; ++i) {
-    grpc::Status st = Generate(daemons[i]->address(), 4);
+    grpc::Status st = Generate(fed.daemon(i).address(), 4);
     EXPECT_TRUE(st.ok()) << "edge-" << i << ": " << st.error_message();
   }
   ASSERT_TRUE(WaitFor(
@@ -434,12 +371,12 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
         return st == "done" || st == "failed";
       },
       150))
-      << Logs(agg, daemons);
+      << fed.Logs();
 
   auto r = RunCommand(Ctl(agg, "round show 1 --json"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto round = nlohmann::json::parse(r.out);
-  EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << Logs(agg, daemons);
+  EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << fed.Logs();
   EXPECT_EQ(round["participants"].size(), 3u) << round.dump();
   std::set<std::string> from;
   for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
@@ -461,13 +398,13 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
     std::string body;
     EXPECT_TRUE(WaitFor(
         [&] {
-          body = Metrics(daemons[i]->metrics_port());
+          body = Metrics(fed.daemon(i).metrics_port());
           return body.find("collm_fl_global_version 2") != std::string::npos;
         },
         60))
         << "edge-" << i << "\n"
         << body << "\n"
-        << daemons[i]->log();
+        << fed.daemon(i).log();
   }
 }
 

@@ -1,13 +1,8 @@
 // collm-aggregator as operators run it: a real process on a loopback port with a tiny random
 // model's config.json, C++ gRPC clients playing devices, collmctl fed as a process, kill -9 and
 // restart on the same state dir, and TLS / mutual TLS with certificates made by openssl.
-#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstring>
@@ -24,8 +19,6 @@
 #include "testing/test_env.h"
 #include "testing/tiny_model.h"
 
-extern char** environ;
-
 namespace collm {
 namespace {
 
@@ -36,52 +29,6 @@ using collm::testing::RunCommand;
 using collm::testing::WriteFileOrDie;
 
 constexpr char kToken[] = "s3cret-token";
-
-class Aggregator {
- public:
-  Aggregator(const std::string& config, const std::string& dir) {
-    ports_file_ = dir + "/ports";
-    std::filesystem::remove(ports_file_);
-    const std::string bin = BinaryPath("src/collm-aggregator");
-    log_ = dir + "/aggregator.log";
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                     0644);
-    std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    for (int i = 0; i < 600 && !std::filesystem::exists(ports_file_); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    sscanf(ReadFileOrDie(ports_file_).c_str(), "grpc=%d", &port_);
-  }
-  ~Aggregator() { Kill9(); }
-  void Kill9() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  int Terminate() {
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-  int port() const { return port_; }
-  std::string log() const { return ReadFileOrDie(log_); }
-
- private:
-  std::string ports_file_, log_;
-  pid_t pid_ = -1;
-  int port_ = 0;
-};
 
 std::string WriteConfig(const std::string& dir, const std::string& extra, int min_clients = 3,
                         double deadline_s = 120) {
@@ -193,6 +140,21 @@ class Device {
   std::unique_ptr<v1::FederationService::Stub> stub_;
 };
 
+// dev-1, dev-2 and dev-3, registered on `channel` (none when one fails): the federation most tests
+// here run.
+std::vector<std::unique_ptr<Device>> RegisterThreeDevices(std::shared_ptr<grpc::Channel> channel) {
+  std::vector<std::unique_ptr<Device>> devices;
+  for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
+    devices.push_back(std::make_unique<Device>(id, channel));
+    const grpc::Status s = devices.back()->Register();
+    if (!s.ok()) {
+      ADD_FAILURE() << "cannot register " << id << ": " << s.error_message();
+      return {};
+    }
+  }
+  return devices;
+}
+
 // `global` with every A entry shifted by `shift`: a stand-in for a locally trained adapter.
 lora::PeftBlob Shifted(const lora::LoraAdapter& global, float shift) {
   lora::LoraAdapter a = global.Clone();
@@ -228,20 +190,16 @@ v1::FederationStatus WaitForVersion(v1::FederationAdminService::Stub& admin, int
   return s;
 }
 
-std::string Ctl(const Aggregator& agg, const std::string& args) {
+std::string Ctl(const collm::testing::ServerProcess& agg, const std::string& args) {
   return BinaryPath("src/collmctl") + " fed -a " + agg.address() + " " + args;
 }
 
 TEST(CollmAggregatorTest, ThreeDevicesRoundRejectionsAndCollmctl) {
   const std::string dir = MakeTempDir("aggregator");
-  Aggregator agg(WriteConfig(dir, ""), dir);
-  ASSERT_GT(agg.port(), 0) << agg.log();
+  COLLM_START_SERVER(agg, "src/collm-aggregator", WriteConfig(dir, ""), dir, "aggregator");
   auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
-  std::vector<std::unique_ptr<Device>> devices;
-  for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
-    devices.push_back(std::make_unique<Device>(id, channel));
-    ASSERT_TRUE(devices.back()->Register().ok());
-  }
+  std::vector<std::unique_ptr<Device>> devices = RegisterThreeDevices(channel);
+  ASSERT_EQ(devices.size(), 3u);
   // Another base model is refused at registration.
   {
     auto stub = v1::FederationService::NewStub(channel);
@@ -355,22 +313,40 @@ TEST(CollmAggregatorTest, ThreeDevicesRoundRejectionsAndCollmctl) {
   EXPECT_NE(r.err.find("cannot reach the aggregator"), std::string::npos) << r.err;
   r = RunCommand(env + Ctl(agg, "pause"));
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  // The live display until interrupted (it ends by itself only when the federation finishes).
-  r = RunCommand(env + "timeout -s INT 2 " + Ctl(agg, "rounds watch --json"));
-  EXPECT_NE(r.out.find("\"state\":\"paused\""), std::string::npos) << r.out;
-  EXPECT_EQ(agg.Terminate(), 0) << agg.log();
+  // The live display runs until stopped (it ends by itself only when the federation finishes):
+  // wait for it to show the paused state, however long a loaded machine takes, then stop it.
+  collm::testing::ChildProcess::Options watch;
+  watch.argv = {"/usr/bin/env",
+                std::string("COLLM_ADMIN_TOKEN=") + kToken,
+                BinaryPath("src/collmctl"),
+                "fed",
+                "-a",
+                agg.address(),
+                "rounds",
+                "watch",
+                "--json"};
+  watch.log_path = dir + "/watch.log";
+  watch.print_log_tail_if = collm::testing::CurrentTestFailed;
+  auto watcher = collm::testing::ChildProcess::Start(std::move(watch));
+  ASSERT_TRUE(watcher.ok()) << watcher.status();
+  const std::string paused = "\"state\":\"paused\"";
+  for (int i = 0; i < 1200 && (*watcher)->Running(); ++i) {  // 60 s.
+    if ((*watcher)->Log().find(paused) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE((*watcher)->Log().find(paused), std::string::npos) << (*watcher)->Describe() << "\n"
+                                                               << (*watcher)->Log();
+  EXPECT_TRUE((*watcher)->Running()) << "rounds watch ends only when the federation finishes";
+  (*watcher)->Stop();
+  EXPECT_EQ(agg.Stop(), 0) << agg.log();
 }
 
 TEST(CollmAggregatorTest, SilentDeviceRoundClosesAtTheDeadline) {
   const std::string dir = MakeTempDir("aggregator-deadline");
-  Aggregator agg(WriteConfig(dir, "", 3, 2.0), dir);
-  ASSERT_GT(agg.port(), 0) << agg.log();
+  COLLM_START_SERVER(agg, "src/collm-aggregator", WriteConfig(dir, "", 3, 2.0), dir, "aggregator");
   auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
-  std::vector<std::unique_ptr<Device>> devices;
-  for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
-    devices.push_back(std::make_unique<Device>(id, channel));
-    ASSERT_TRUE(devices.back()->Register().ok());
-  }
+  std::vector<std::unique_ptr<Device>> devices = RegisterThreeDevices(channel);
+  ASSERT_EQ(devices.size(), 3u);
   // dev-3 goes silent after registering; the two others train and upload.
   for (int i = 0; i < 2; ++i) {
     v1::RoundTask task = devices[i]->WaitForTask();
@@ -398,20 +374,16 @@ TEST(CollmAggregatorTest, Kill9MidRoundThenRestartResumesWithTheAcceptedUpdate) 
   std::vector<std::unique_ptr<Device>> devices;
   lora::LoraAdapter global;
   {
-    Aggregator agg(config, dir);
-    ASSERT_GT(agg.port(), 0) << agg.log();
+    COLLM_START_SERVER(agg, "src/collm-aggregator", config, dir, "aggregator");
     auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
-    for (const char* id : {"dev-1", "dev-2", "dev-3"}) {
-      devices.push_back(std::make_unique<Device>(id, channel));
-      ASSERT_TRUE(devices.back()->Register().ok());
-    }
+    devices = RegisterThreeDevices(channel);
+    ASSERT_EQ(devices.size(), 3u);
     v1::RoundTask task = devices[0]->WaitForTask();
     global = devices[0]->Fetch(task.global_version());
     ASSERT_TRUE(devices[0]->Upload(1, 1, Shifted(global, 1.0f), 10).ok());
-    agg.Kill9();
+    agg.Kill();
   }
-  Aggregator agg(config, dir);
-  ASSERT_GT(agg.port(), 0) << agg.log();
+  COLLM_START_SERVER(agg, "src/collm-aggregator", config, dir, "aggregator");
   EXPECT_NE(agg.log().find("1 accepted update(s) in the open round"), std::string::npos)
       << agg.log();
   auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
@@ -455,8 +427,7 @@ TEST(CollmAggregatorTest, MutualTlsRefusesPlaintextAndCertlessCallsAndBindsDevic
   const std::string tls = "tls:\n  cert: " + dir + "/server.pem\n  key: " + dir +
                           "/server.key\n  client_ca: " + dir +
                           "/ca.pem\n  require_client_cert: true\n";
-  Aggregator agg(WriteConfig(dir, tls), dir);
-  ASSERT_GT(agg.port(), 0) << agg.log();
+  COLLM_START_SERVER(agg, "src/collm-aggregator", WriteConfig(dir, tls), dir, "aggregator");
   const auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(5); };
 
   // Plaintext to a TLS port: the handshake never completes.
@@ -488,7 +459,7 @@ TEST(CollmAggregatorTest, MutualTlsRefusesPlaintextAndCertlessCallsAndBindsDevic
   // collmctl over mutual TLS with the token.
   auto r = RunCommand(
       std::string("COLLM_ADMIN_TOKEN=") + kToken + " " + BinaryPath("src/collmctl") +
-      " fed -a localhost:" + std::to_string(agg.port()) + " --tls-ca " + dir +
+      " fed -a localhost:" + std::to_string(agg.grpc_port()) + " --tls-ca " + dir +
       "/ca.pem --tls-cert " + dir + "/client.pem --tls-key " + dir + "/client.key status --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(nlohmann::json::parse(r.out)["devices_total"], "1");

@@ -4,10 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
 #include <netinet/in.h>
-#include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -26,8 +23,6 @@
 #include "testing/test_env.h"
 #include "testing/tiny_model.h"
 
-extern char** environ;
-
 namespace collm {
 namespace {
 
@@ -35,54 +30,6 @@ using collm::testing::BinaryPath;
 using collm::testing::MakeTempDir;
 using collm::testing::ReadFileOrDie;
 using collm::testing::WriteFileOrDie;
-
-class Daemon {
- public:
-  Daemon(const std::string& config, const std::string& dir) : dir_(dir) {
-    ports_file_ = dir + "/ports";
-    std::filesystem::remove(ports_file_);
-    const std::string bin = BinaryPath("src/collmd");
-    log_ = dir + "/collmd.log";
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                     0644);
-    std::vector<std::string> args = {bin, "--config", config, "--ports-file", ports_file_};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    for (int i = 0; i < 600 && !std::filesystem::exists(ports_file_); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    const std::string ports = ReadFileOrDie(ports_file_);
-    sscanf(ports.c_str(), "grpc=%d metrics=%d", &grpc_port_, &metrics_port_);
-  }
-  ~Daemon() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  // Sends SIGTERM and returns the exit code.
-  int Terminate() {
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  std::string address() const { return "127.0.0.1:" + std::to_string(grpc_port_); }
-  int grpc_port() const { return grpc_port_; }
-  int metrics_port() const { return metrics_port_; }
-  std::string log() const { return ReadFileOrDie(log_); }
-
- private:
-  std::string dir_, ports_file_, log_;
-  pid_t pid_ = -1;
-  int grpc_port_ = 0, metrics_port_ = 0;
-};
 
 std::string WriteConfig(const std::string& dir, bool training = true) {
   std::string data;
@@ -152,8 +99,7 @@ TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
   const std::string config = WriteConfig(dir);
   int64_t steps_before = 0;
   {
-    Daemon d(config, dir);
-    ASSERT_GT(d.grpc_port(), 0) << d.log();
+    COLLM_START_SERVER(d, "src/collmd", config, dir, "collmd");
     Streamed first = Generate(d.address(), "Once upon a time", 12);
     ASSERT_TRUE(first.status.ok()) << first.status.error_message() << "\n" << d.log();
     EXPECT_EQ(first.last.usage().completion_tokens(), 12);
@@ -189,7 +135,7 @@ TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
     Streamed during;
     std::thread client([&] { during = Generate(d.address(), "A long story", 120); });
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    const int code = d.Terminate();
+    const int code = d.Stop();
     client.join();
     EXPECT_EQ(code, 0) << d.log();
     EXPECT_TRUE(during.status.ok()) << during.status.error_message();
@@ -198,15 +144,14 @@ TEST(CollmdTest, ServesTrainsDrainsOnSigtermAndResumesAfterRestart) {
     steps_before = stats.train_optimizer_steps();
   }
   {
-    Daemon d(config, dir);
-    ASSERT_GT(d.grpc_port(), 0) << d.log();
+    COLLM_START_SERVER(d, "src/collmd", config, dir, "collmd");
     EXPECT_NE(d.log().find("resumed the shadow adapter"), std::string::npos) << d.log();
     auto stub = v1::InferenceService::NewStub(
         grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
     grpc::ClientContext ctx;
     v1::GetStatsResponse stats;
     ASSERT_TRUE(stub->GetStats(&ctx, v1::GetStatsRequest(), &stats).ok());
-    EXPECT_EQ(d.Terminate(), 0);
+    EXPECT_EQ(d.Stop(), 0);
   }
   // The resumed shadow continued from the checkpointed step (never back at 0).
   std::map<std::string, std::string> meta;
@@ -224,8 +169,7 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
       " --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin collm/v1/inference.proto");
   ASSERT_EQ(gen.exit_code, 0) << gen.err;
   // Training off: every client must see the same (base) model.
-  Daemon d(WriteConfig(dir, false), dir);
-  ASSERT_GT(d.grpc_port(), 0) << d.log();
+  COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, false), dir, "collmd");
   auto py = collm::testing::RunCommand("/usr/bin/python3 " + std::string(COLLM_SOURCE_DIR) +
                                        "/tests/reference/python_client.py " + stubs + " " +
                                        d.address() + " 'Once upon a time' 9");
@@ -247,7 +191,7 @@ TEST(CollmdTest, PythonClientStreamsFromTheDaemon) {
                                         d.address() + " -p x --top-p 3");
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.err.find("top_p"), std::string::npos) << bad.err;
-  EXPECT_EQ(d.Terminate(), 0);
+  EXPECT_EQ(d.Stop(), 0);
 }
 
 // A port that was free a moment ago (bind to 0, read it back, close).
@@ -272,7 +216,7 @@ TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
     FAIL() << "/usr/bin/prometheus is missing: scripts/setup.sh installs Debian's prometheus";
   }
   const std::string dir = MakeTempDir("collmd-prom");
-  Daemon d(WriteConfig(dir, false), dir);
+  COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, false), dir, "collmd");
   ASSERT_GT(d.metrics_port(), 0) << d.log();
   ASSERT_TRUE(Generate(d.address(), "Once upon a time", 5).status.ok());
   const int prom_port = FreePort();
@@ -280,26 +224,19 @@ TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
                  "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: collmd\n"
                  "    static_configs:\n      - targets: ['127.0.0.1:" +
                      std::to_string(d.metrics_port()) + "']\n");
-  std::vector<std::string> args = {"/usr/bin/prometheus",
-                                   "--config.file=" + dir + "/prometheus.yml",
-                                   "--storage.tsdb.path=" + dir + "/tsdb",
-                                   "--web.listen-address=127.0.0.1:" + std::to_string(prom_port)};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  const std::string log = dir + "/prometheus.log";
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, log.c_str(), O_WRONLY | O_CREAT, 0644);
-  pid_t pid = -1;
-  ASSERT_EQ(posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ), 0);
-  posix_spawn_file_actions_destroy(&actions);
+  collm::testing::ChildProcess::Options prometheus;
+  prometheus.argv = {"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
+                     "--storage.tsdb.path=" + dir + "/tsdb",
+                     "--web.listen-address=127.0.0.1:" + std::to_string(prom_port)};
+  prometheus.log_path = dir + "/prometheus.log";
+  prometheus.print_log_tail_if = collm::testing::CurrentTestFailed;
+  auto prom_process = collm::testing::ChildProcess::Start(std::move(prometheus));
+  ASSERT_TRUE(prom_process.ok()) << prom_process.status();
   httplib::Client prom("127.0.0.1", prom_port);
   prom.set_connection_timeout(1);
   prom.set_read_timeout(5);
   double requests = -1;
-  for (int i = 0; i < 300 && requests < 1; ++i) {
+  for (int i = 0; i < 300 && requests < 1 && (*prom_process)->Running(); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     auto res = prom.Get("/api/v1/query?query=collm_requests_total%7Boutcome%3D%22ok%22%7D");
     if (!res || res->status != 200) continue;
@@ -308,13 +245,12 @@ TEST(CollmdTest, RealPrometheusScrapesTheMetricsEndpoint) {
     requests = std::stod(j["data"]["result"][0]["value"][1].get<std::string>());
   }
   auto up = prom.Get("/api/v1/query?query=up%7Bjob%3D%22collmd%22%7D");
-  kill(pid, SIGTERM);
-  waitpid(pid, nullptr, 0);
+  (*prom_process)->Stop();
   EXPECT_GE(requests, 1) << "Prometheus never scraped collm_requests_total:\n"
-                         << ReadFileOrDie(log);
+                         << (*prom_process)->LogTail();
   ASSERT_TRUE(up);
   EXPECT_NE(up->body.find("\"1\"]"), std::string::npos) << up->body;
-  EXPECT_EQ(d.Terminate(), 0);
+  EXPECT_EQ(d.Stop(), 0);
 }
 
 // collmd with a federation: section, against a scripted FederationService on loopback: it joins,
@@ -374,8 +310,7 @@ federation:
 logging: {level: info}
 )";
   WriteFileOrDie(dir + "/collmd.yaml", yaml);
-  Daemon d(dir + "/collmd.yaml", dir);
-  ASSERT_GT(d.grpc_port(), 0) << d.log();
+  COLLM_START_SERVER(d, "src/collmd", dir + "/collmd.yaml", dir, "collmd");
 
   // Serving while the round trains.
   Streamed during = Generate(d.address(), "Once upon a time", 8);
@@ -422,7 +357,7 @@ logging: {level: info}
   Streamed after = Generate(d.address(), "Once upon a time", 4);
   ASSERT_TRUE(after.status.ok()) << after.status.error_message();
   EXPECT_EQ(after.last.adapter(), "live");
-  EXPECT_EQ(d.Terminate(), 0) << d.log();
+  EXPECT_EQ(d.Stop(), 0) << d.log();
   EXPECT_NE(d.log().find("global v2 is live"), std::string::npos) << d.log();
 }
 
