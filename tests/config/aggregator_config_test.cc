@@ -31,6 +31,7 @@ std::string ErrorOf(const std::string& rest) {
 
 TEST(AggregatorConfigTest, ShippedConfigGivesTheDocumentedDefaults) {
   ScopedEnv token("COLLM_ADMIN_TOKEN", std::nullopt);
+  ScopedEnv models("COLLM_MODELS_DIR", "/srv/models");
   absl::StatusOr<AggregatorConfig> c = AggregatorConfig::FromFile(kShippedConfig);
   ASSERT_TRUE(c.ok()) << c.status();
   const AggregatorConfig defaults;
