@@ -38,6 +38,8 @@ fi
 BUILD_DIR=${BUILD_DIR:-build}
 # Outside the tree, so fresh clones (CI) on the same machine reuse earlier compilations.
 export CCACHE_DIR=${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/collm-ccache}
+# Precompiled torch headers are ~200 MB each; the default 5 GB cache evicts them within one build.
+export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-25G}
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}
 # Precompiled headers are only reused by ccache with these sloppiness settings.
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
