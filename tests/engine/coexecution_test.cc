@@ -35,15 +35,6 @@ struct Env : collm::testing::EngineFixture {
   }
 };
 
-std::vector<int32_t> Alone(const Env& e, const EngineRequest& r, const runtime::LoraWeights* w) {
-  runtime::Generator gen(e.model, e.tokenizer.get());
-  runtime::GenerationRequest g;
-  g.prompt = r.prompt;
-  g.params = r.params;
-  g.adapter = w;
-  return gen.Generate({g}).value()[0].tokens;
-}
-
 TEST(CoExecutionTest, TrainsAndPublishesWhileServingAndEveryRequestUsesOneVersion) {
   Env e;
   EngineOptions o;
@@ -88,7 +79,7 @@ TEST(CoExecutionTest, TrainsAndPublishesWhileServingAndEveryRequestUsesOneVersio
     last_version = r.adapter_version;
     // Recompute the request alone with exactly the version it reported.
     auto snap = e.registry.GetVersion("live", r.adapter_version).value();
-    EXPECT_EQ(sinks[i]->ids(), Alone(e, reqs[i], &snap->weights)) << "request " << i;
+    EXPECT_EQ(sinks[i]->ids(), e.Alone(reqs[i], &snap->weights)) << "request " << i;
   }
   EXPECT_GT(last_version, 1) << "later requests should be served by a published version";
 }

@@ -27,16 +27,6 @@ EngineRequest Req(const runtime::Tokenizer& tok, const std::string& prompt, floa
   return r;
 }
 
-std::vector<int32_t> Alone(const Env& e, const EngineRequest& r,
-                           const runtime::LoraWeights* w = nullptr) {
-  runtime::Generator gen(e.model, e.tokenizer.get());
-  runtime::GenerationRequest g;
-  g.prompt = r.prompt;
-  g.params = r.params;
-  g.adapter = w;
-  return gen.Generate({g}).value()[0].tokens;
-}
-
 TEST(EngineTest, ContinuousBatchingMatchesEachRequestAlone) {
   Env e;
   EngineOptions o;
@@ -56,7 +46,7 @@ TEST(EngineTest, ContinuousBatchingMatchesEachRequestAlone) {
   for (size_t i = 0; i < reqs.size(); ++i) {
     ASSERT_TRUE(sinks[i]->Wait()) << "request " << i;
     EXPECT_TRUE(sinks[i]->result().status.ok()) << sinks[i]->result().status;
-    EXPECT_EQ(sinks[i]->ids(), Alone(e, reqs[i])) << "request " << i;
+    EXPECT_EQ(sinks[i]->ids(), e.Alone(reqs[i])) << "request " << i;
     EXPECT_EQ(sinks[i]->result().completion_tokens, reqs[i].params.max_tokens);
     EXPECT_EQ(sinks[i]->result().finish_reason, runtime::FinishReason::kLength);
   }
@@ -180,7 +170,7 @@ TEST(EngineTest, KvBoundAdmitsOnlyWhatFitsAndQueuesTheRest) {
   }
   for (size_t i = 0; i < sinks.size(); ++i) {
     ASSERT_TRUE(sinks[i]->Wait(0));
-    EXPECT_EQ(sinks[i]->ids(), Alone(e, reqs[i]));
+    EXPECT_EQ(sinks[i]->ids(), e.Alone(reqs[i]));
   }
 }
 
@@ -211,8 +201,8 @@ TEST(EngineTest, RequestsKeepTheAdapterVersionTheyStartedWith) {
   }
   EXPECT_EQ(s1->result().adapter_version, 1);
   EXPECT_EQ(s2->result().adapter_version, 2);
-  EXPECT_EQ(s1->ids(), Alone(e, r, &v1->weights));
-  EXPECT_EQ(s2->ids(), Alone(e, r, &v2->weights));
+  EXPECT_EQ(s1->ids(), e.Alone(r, &v1->weights));
+  EXPECT_EQ(s2->ids(), e.Alone(r, &v2->weights));
   EXPECT_NE(s1->ids(), s2->ids());
 }
 

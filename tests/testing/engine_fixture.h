@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "collm/engine/engine.h"
+#include "collm/runtime/generator.h"
 #include "gtest/gtest.h"
 #include "testing/pattern_examples.h"
 #include "testing/tiny_model.h"
@@ -98,6 +99,17 @@ struct EngineFixture {
   std::unique_ptr<engine::ShadowPublisher> MakePublisher(engine::PublishOptions options) {
     return std::make_unique<engine::ShadowPublisher>(model, registry, "live", options,
                                                      EnginePatternExamples(8, 2));
+  }
+
+  // What `r` generates alone, outside the engine (the reference batching must match).
+  std::vector<int32_t> Alone(const engine::EngineRequest& r,
+                             const runtime::LoraWeights* weights = nullptr) const {
+    runtime::Generator gen(model, tokenizer.get());
+    runtime::GenerationRequest g;
+    g.prompt = r.prompt;
+    g.params = r.params;
+    g.adapter = weights;
+    return gen.Generate({g}).value()[0].tokens;
   }
 
   std::shared_ptr<const runtime::LlamaModel> model =
