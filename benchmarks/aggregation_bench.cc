@@ -240,6 +240,7 @@ int Main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  RequireShapesDir(flags.shapes);
   if (flags.quick) {
     flags.configs = "stories15M:8";
     flags.updates = "2,10";

@@ -192,7 +192,7 @@ std::map<std::string, at::Tensor> RandomWeights(const runtime::ModelConfig& c) {
 
 std::string DefaultShapesDir() {
   const char* models_dir = std::getenv("COLLM_MODELS_DIR");
-  return models_dir ? std::string(models_dir) + "/shapes" : "../shared/models/shapes";
+  return (models_dir && *models_dir) ? std::string(models_dir) + "/shapes" : "";
 }
 
 json DriverFlags::ToJson() const {
@@ -223,6 +223,14 @@ void FinishDriverFlags(DriverFlags& flags) {
     flags.min_time = std::min(flags.min_time, 0.3);
   }
   if (flags.iters < 1) Die("--iters must be >= 1");
+  RequireShapesDir(flags.shapes);
+}
+
+void RequireShapesDir(const std::string& shapes) {
+  if (shapes.empty()) {
+    Die("no shapes directory: pass --shapes DIR (NAME.json shape configs) or set COLLM_MODELS_DIR "
+        "(its shapes/ is used)");
+  }
 }
 
 ModelRuns RunEachModel(const DriverFlags& flags, int argc, char** argv, const std::string& banner,

@@ -80,9 +80,11 @@ std::vector<Stats> Measure(const std::vector<std::function<void()>>& fns,
 std::map<std::string, at::Tensor> RandomWeights(const runtime::ModelConfig& c);
 
 // ---- Driver
-// $COLLM_MODELS_DIR/shapes, or ../shared/models/shapes (a checkout next to the shared data) when
-// the variable is unset: the default of every --shapes flag.
+// $COLLM_MODELS_DIR/shapes, or "" when the variable is unset (then --shapes is required): the
+// default of every --shapes flag.
 std::string DefaultShapesDir();
+// Dies with what to pass when `shapes` is empty (no --shapes and no COLLM_MODELS_DIR).
+void RequireShapesDir(const std::string& shapes);
 
 // The flags of a per-model driver (collm_runtime_bench, collm_lora_bench); a driver's own flags
 // struct derives from it and adds its scenario's flags.

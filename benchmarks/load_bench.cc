@@ -396,9 +396,8 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows) {
 int main(int argc, char** argv) {
   Options o;
   o.collmd = "build/src/collmd";
-  o.model = EnvOr("COLLM_MODELS_DIR", "/stories260K-hf", "../shared/models/stories260K-hf");
-  o.data = EnvOr("COLLM_DATA_DIR", "/finetune/gsm8k/train.jsonl",
-                 "../shared/data/finetune/gsm8k/train.jsonl");
+  o.model = EnvOr("COLLM_MODELS_DIR", "/stories260K-hf", "");
+  o.data = EnvOr("COLLM_DATA_DIR", "/finetune/gsm8k/train.jsonl", "");
   o.scenarios = "inference-only,guarded,unguarded,training-only";
   bool find_saturation = false;
   CLI::App app{
@@ -452,7 +451,9 @@ int main(int argc, char** argv) {
     Die("--duration, --rate, --speedup must be > 0");
   if (o.max_prompt < 2 || o.max_output < 1) Die("--max-prompt >= 2 and --max-output >= 1");
   if (!fs::exists(o.collmd)) Die("no collmd at " + o.collmd + " (--collmd)");
+  if (o.model.empty()) Die("no model: pass --model DIR or set COLLM_MODELS_DIR");
   if (!fs::exists(o.model + "/config.json")) Die("no model at " + o.model + " (--model)");
+  if (o.data.empty()) Die("no training data: pass --data JSONL or set COLLM_DATA_DIR");
   if (o.workdir.empty()) {
     char tmpl[] = "/tmp/collm_load_bench.XXXXXX";
     if (!mkdtemp(tmpl)) Die("mkdtemp");
