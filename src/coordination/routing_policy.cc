@@ -32,8 +32,8 @@ const char* RoutingPolicyName(RoutingPolicyKind kind) {
 
 absl::Status ValidateSlackOptions(const SlackOptions& o) {
   if (!Finite(o.default_seconds_per_token) || o.default_seconds_per_token <= 0) {
-    return Bad("default_seconds_per_token", absl::StrCat("must be > 0, got ",
-                                                         o.default_seconds_per_token));
+    return Bad("default_seconds_per_token",
+               absl::StrCat("must be > 0, got ", o.default_seconds_per_token));
   }
   if (!Finite(o.decode_weight_tokens) || o.decode_weight_tokens < 0) {
     return Bad("decode_weight_tokens", absl::StrCat("must be >= 0, got ", o.decode_weight_tokens));
@@ -63,8 +63,7 @@ bool RoutingPolicy::ServesAdapter(const RouteRequest& request, const ReplicaView
   return it != replica.adapters.end() && it->second >= request.min_adapter_version;
 }
 
-double RoutingPolicy::PredictTtftSeconds(const RouteRequest& request,
-                                         const ReplicaView& r) const {
+double RoutingPolicy::PredictTtftSeconds(const RouteRequest& request, const ReplicaView& r) const {
   const double per_token =
       r.seconds_per_token > 0 ? r.seconds_per_token : slack_.default_seconds_per_token;
   // Work ahead of this request's first token, in token-equivalents: prompts not yet prefilled
@@ -72,8 +71,8 @@ double RoutingPolicy::PredictTtftSeconds(const RouteRequest& request,
   // each step's budget the running decodes take. Unknown load counts only the router's own view.
   const double queued = static_cast<double>(r.load_known ? r.queued_prompt_tokens : 0) +
                         static_cast<double>(r.unreported_prompt_tokens);
-  const double running = static_cast<double>(
-      std::max(r.load_known ? r.running_sequences : int64_t{0}, r.outstanding));
+  const double running =
+      static_cast<double>(std::max(r.load_known ? r.running_sequences : int64_t{0}, r.outstanding));
   const double work = queued + static_cast<double>(std::max<int64_t>(request.prompt_tokens, 1)) +
                       running * slack_.decode_weight_tokens;
   const double share = r.load_known ? std::clamp(r.training_share, 0.0, 1.0) : 0.0;
@@ -154,10 +153,12 @@ absl::StatusOr<RouteDecision> RoutingPolicy::Choose(const RouteRequest& request,
   }
   d.predicted_ttft_s.assign(n, -1.0);
   for (int i : eligible) d.predicted_ttft_s[i] = PredictTtftSeconds(request, replicas[i]);
+  // Shuffled first, so replicas that predict the same (idle ones) share the load instead of the
+  // lowest indices taking it all.
   std::vector<int> order = eligible;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return d.predicted_ttft_s[a] < d.predicted_ttft_s[b];
-  });
+  std::shuffle(order.begin(), order.end(), rng_);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return d.predicted_ttft_s[a] < d.predicted_ttft_s[b]; });
   d.index = order[0];
   if (order.size() >= 2 &&
       d.predicted_ttft_s[order[1]] <= d.predicted_ttft_s[order[0]] * (1.0 + slack_.tie_margin)) {

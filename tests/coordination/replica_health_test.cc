@@ -32,7 +32,7 @@ TEST(ReplicaHealthTest, ReadmitsOnTheFirstSuccessAfterTheBackoff) {
 
 TEST(ReplicaHealthTest, BackoffDoublesWhileTheReplicaKeepsFailingUpToTheCap) {
   ReplicaHealth h(EjectionOptions{1, 1000, 3000});
-  EXPECT_TRUE(h.RecordFailure(0));  // Back at 1 s.
+  EXPECT_TRUE(h.RecordFailure(0));           // Back at 1 s.
   EXPECT_FALSE(h.RecordFailure(500 * kMs));  // During the backoff: no extension.
   EXPECT_TRUE(h.ProbeDue(1000 * kMs));
   EXPECT_FALSE(h.RecordFailure(1000 * kMs));  // Probe failed: 2 s more.

@@ -92,6 +92,13 @@ TEST(RoutingPolicyTest, SlackPicksAtRandomBetweenTheBestTwoWhenTheyAreClose) {
   EXPECT_GT(counts[1], 120);
 }
 
+TEST(RoutingPolicyTest, SlackSpreadsRequestsOverEquallyIdleReplicas) {
+  RoutingPolicy p(RoutingPolicyKind::kSlack, SlackOptions{}, 11);
+  const std::vector<ReplicaView> rs = {Idle(), Idle(), Idle(), Idle()};
+  RouteRequest req;
+  for (int count : Counts(p, req, rs, 400)) EXPECT_GT(count, 50);
+}
+
 TEST(RoutingPolicyTest, SlackAvoidsATrainingReplica) {
   RoutingPolicy p(RoutingPolicyKind::kSlack, SlackOptions{}, 3);
   std::vector<ReplicaView> rs = {Idle(), Idle()};

@@ -56,8 +56,8 @@ absl::Status ValidateSlackOptions(const SlackOptions& options);
 
 // What the router knows about one replica.
 struct ReplicaView {
-  bool admitted = true;      // Not ejected (see ReplicaHealth).
-  bool load_known = false;   // At least one load report arrived; the fields below come from it.
+  bool admitted = true;     // Not ejected (see ReplicaHealth).
+  bool load_known = false;  // At least one load report arrived; the fields below come from it.
   int64_t queued_prompt_tokens = 0;    // Reported: prompt tokens not yet prefilled.
   int64_t running_sequences = 0;       // Reported.
   int64_t running_context_tokens = 0;  // Reported (informational; decode load is per sequence).
@@ -66,7 +66,7 @@ struct ReplicaView {
   double seconds_per_token = 0;        // Reported step cost per token; 0 = not measured.
   std::map<std::string, int64_t> adapters;  // Reported: adapter name -> newest version served.
   // The router's own view, current (not stale like the report).
-  int64_t outstanding = 0;              // Requests in flight there.
+  int64_t outstanding = 0;               // Requests in flight there.
   int64_t unreported_prompt_tokens = 0;  // Prompt tokens sent there since its last report.
 };
 
