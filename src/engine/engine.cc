@@ -49,6 +49,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
                                                              e->model_->runtime()));
   e->stats_.kv_blocks_total = e->cache_->num_blocks();
   e->stats_.training_share = options.training_share;
+  e->stats_.max_step_tokens = options.max_step_tokens;
   return e;
 }
 
@@ -122,6 +123,7 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
   }
   seq->id = next_id_++;
   const uint64_t id = seq->id;
+  stats_.queued_prompt_tokens += seq->prompt_size();
   queue_.push_back(std::move(seq));
   stats_.queued = static_cast<int64_t>(queue_.size());
   wake_.notify_one();
@@ -296,6 +298,7 @@ bool Engine::InferenceStep() {
   }
   if (running_.empty()) {
     std::lock_guard<std::mutex> lock(mu_);
+    RecordLoadSignals();
     stats_.running = 0;
     stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
     return did_work;
@@ -333,7 +336,19 @@ bool Engine::InferenceStep() {
   stats_.infer_step_seconds = policy_->costs().infer_step_seconds();
   stats_.running = static_cast<int64_t>(running_.size());
   stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
+  RecordLoadSignals();
   return true;
+}
+
+void Engine::RecordLoadSignals() {
+  int64_t unprefilled = 0, context = 0;
+  for (const auto& s : queue_) unprefilled += s->prompt_size();
+  for (const auto& s : running_) {
+    unprefilled += s->prompt_size() - s->prefilled;
+    context += s->prefilled + s->generated;
+  }
+  stats_.queued_prompt_tokens = unprefilled;
+  stats_.running_context_tokens = context;
 }
 
 void Engine::RecordStepMetrics(int64_t batch_tokens) {

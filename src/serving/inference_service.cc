@@ -1,5 +1,6 @@
 #include "collm/serving/inference_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -431,6 +432,25 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::GetStats(
     response->set_published_versions(s.publish.published);
     response->set_live_held_out_loss(s.publish.live_loss);
     response->set_last_publish_decision(s.publish.last_decision);
+    // Load signals for routers.
+    response->set_queued_prompt_tokens(s.queued_prompt_tokens);
+    response->set_running_context_tokens(s.running_context_tokens);
+    response->set_kv_free_fraction(s.kv_blocks_total > 0
+                                       ? static_cast<double>(s.kv_blocks_total - s.kv_blocks_used) /
+                                             s.kv_blocks_total
+                                       : 0.0);
+    // A share only counts while training is wanted: the EWMA keeps its last value when idle.
+    response->set_training_share_now(std::min(s.train_time_share, s.training_share));
+    response->set_infer_step_seconds(s.infer_step_seconds);
+    response->set_last_batch_tokens(s.last_batch_tokens);
+    response->set_max_step_tokens(s.max_step_tokens);
+    if (ctx_.registry != nullptr) {
+      for (const lora::AdapterInfo& info : ctx_.registry->List()) {
+        collm::v1::AdapterInfo* a = response->add_adapters();
+        a->set_name(info.name);
+        a->set_version(info.version);
+      }
+    }
     return grpc::Status::OK;
   });
 }

@@ -109,6 +109,10 @@ struct EngineStats {
   double training_share = 0;          // Current target share (EngineOptions or SetTrainingShare).
   bool training_task_active = false;  // A RunTrainingTask budget is being trained.
   PublishStats publish;
+  // Load signals for routers (GetStats; collm-router).
+  int64_t queued_prompt_tokens = 0;    // Prompt tokens not yet prefilled (queued + running).
+  int64_t running_context_tokens = 0;  // KV tokens of running sequences.
+  int64_t max_step_tokens = 0;         // EngineOptions::max_step_tokens.
 };
 
 // Federation hooks (the slow timescale actuates these; see Engine::RunTrainingTask).
@@ -221,6 +225,8 @@ class Engine {
   bool InferenceStep();
   void Finish(Sequence& s, const absl::Status& status, runtime::FinishReason reason);
   void RecordStepMetrics(int64_t batch_tokens);
+  // Routers' load signals into stats_ (engine thread, mu_ held).
+  void RecordLoadSignals();
   // Serving as the co-execution policy sees it (queued and running requests, arrival rate).
   coordination::ServingSnapshot ServingSnapshotNow() const;
 
