@@ -1,7 +1,6 @@
 // collm-aggregator: the federation's server. Devices (collmd) connect out to it; operators use
 // collmctl fed. Runs rounds (see federation/round_manager.h), persists everything in its state dir
 // and resumes from it after a restart; SIGTERM/SIGINT persist and exit.
-#include <signal.h>
 
 #include <atomic>
 #include <chrono>
@@ -15,6 +14,7 @@
 #include "absl/strings/ascii.h"
 #include "collm/common/clock.h"
 #include "collm/common/logging.h"
+#include "collm/common/shutdown_signals.h"
 #include "collm/config/aggregator_config.h"
 #include "collm/federation/fingerprint.h"
 #include "collm/federation/round_manager.h"
@@ -60,11 +60,8 @@ int main(int argc, char** argv) {
   app.add_option("--ports-file", ports_file, "Write 'grpc=PORT' here once serving (for port 0)");
   CLI11_PARSE(app, argc, argv);
 
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before any thread starts, so only signals.Wait() below receives SIGTERM/SIGINT.
+  const collm::ShutdownSignals signals;
 
   auto cfg = collm::config::AggregatorConfig::FromFile(config_path);
   if (!cfg.ok()) {
@@ -159,8 +156,7 @@ int main(int argc, char** argv) {
     }
   });
 
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = signals.Wait();
   COLLM_LOG_INFO("signal {}: persisting and stopping", sig);
   stop.store(true);
   (*server)->SetServing(false);

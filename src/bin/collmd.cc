@@ -1,7 +1,6 @@
 // collmd: one per device. Loads the base model once, serves inference over gRPC with continuous
 // batching, trains the shadow adapter in the same engine loop, takes part in federated rounds
 // (federation: section), exposes Prometheus metrics, and drains + checkpoints on SIGTERM/SIGINT.
-#include <signal.h>
 
 #include <filesystem>
 #include <fstream>
@@ -9,6 +8,7 @@
 
 #include "CLI/CLI.hpp"
 #include "collm/common/logging.h"
+#include "collm/common/shutdown_signals.h"
 #include "collm/config/daemon_config.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine.h"
@@ -115,12 +115,8 @@ int main(int argc, char** argv) {
                  "Write 'grpc=PORT metrics=PORT' here once serving (for port 0)");
   CLI11_PARSE(app, argc, argv);
 
-  // Block the shutdown signals before any thread starts, so only sigwait below receives them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before any thread starts, so only signals.Wait() below receives SIGTERM/SIGINT.
+  const collm::ShutdownSignals signals;
 
   auto cfg = DaemonConfig::FromFile(config_path);
   if (!cfg.ok()) {
@@ -220,8 +216,7 @@ int main(int argc, char** argv) {
                    f.tls.enabled ? (f.tls.cert.empty() ? " (TLS)" : " (mutual TLS)") : "");
   }
 
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = signals.Wait();
   COLLM_LOG_INFO("signal {}: draining for up to {} s", sig, cfg->shutdown_grace_seconds);
   // No new rounds while draining; a task in flight is cut short and not uploaded.
   if (fl_client) fl_client->Stop();
