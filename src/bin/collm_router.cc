@@ -60,8 +60,7 @@ int main(int argc, char** argv) {
   pool_options.poll_interval_ms = cfg->poll_interval_ms;
   pool_options.poll_timeout_ms = cfg->poll_timeout_ms;
   pool_options.max_message_bytes = cfg->max_message_bytes;
-  auto pool =
-      collm::router::ReplicaPool::Create(pool_options, collm::Clock::Real(), &metrics);
+  auto pool = collm::router::ReplicaPool::Create(pool_options, collm::Clock::Real(), &metrics);
   if (!pool.ok()) return Fail(pool.status(), 2);
   (*pool)->Start();
   // Routing on a first report beats routing blind; a replica that is down only delays this.

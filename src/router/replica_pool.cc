@@ -49,20 +49,20 @@ ReplicaPool::ReplicaPool(ReplicaPoolOptions options, Clock& clock,
   for (size_t i = 0; i < replicas_.size(); ++i) {
     Replica& r = replicas_[i];
     r.address = options_.replicas[i];
-    r.stub = collm::v1::InferenceService::NewStub(
-        MakeChannel(r.address, options_.max_message_bytes));
+    r.stub =
+        collm::v1::InferenceService::NewStub(MakeChannel(r.address, options_.max_message_bytes));
     r.health = coordination::ReplicaHealth(options_.ejection);
     stubs_.push_back(r.stub.get());
     if (metrics != nullptr) {
       const telemetry::Labels labels = {{"replica", r.address}};
-      r.routed = metrics->GetCounter("collm_router_routed_total",
-                                     "Generate requests sent to each replica (retries included)",
-                                     labels);
+      r.routed =
+          metrics->GetCounter("collm_router_routed_total",
+                              "Generate requests sent to each replica (retries included)", labels);
       r.ejections = metrics->GetCounter("collm_router_ejections_total",
                                         "Times each replica was ejected as unhealthy", labels);
-      r.admitted_gauge = metrics->GetGauge(
-          "collm_router_replica_admitted", "1 while the replica takes requests, 0 while ejected",
-          labels);
+      r.admitted_gauge =
+          metrics->GetGauge("collm_router_replica_admitted",
+                            "1 while the replica takes requests, 0 while ejected", labels);
       r.outstanding_gauge = metrics->GetGauge(
           "collm_router_outstanding", "Generate requests in flight at each replica", labels);
       r.predicted_ttft = metrics->GetGauge(
@@ -119,8 +119,7 @@ void ReplicaPool::PollLoop() {
     lock.unlock();
     for (int i : due) PollOne(i);
     lock.lock();
-    cv_.wait_for(lock, std::chrono::milliseconds(options_.poll_interval_ms),
-                 [&] { return stop_; });
+    cv_.wait_for(lock, std::chrono::milliseconds(options_.poll_interval_ms), [&] { return stop_; });
   }
 }
 
@@ -218,6 +217,19 @@ absl::StatusOr<ReplicaPool::Lease> ReplicaPool::Acquire(const coordination::Rout
   for (Replica& r : replicas_) {
     UpdateUnreported(r, now);
     views.push_back(r.view);
+  }
+  if (!options_.slack.per_replica_cost) {
+    double sum = 0;
+    int measured = 0;
+    for (const coordination::ReplicaView& v : views) {
+      if (v.load_known && v.seconds_per_token > 0) {
+        sum += v.seconds_per_token;
+        ++measured;
+      }
+    }
+    if (measured > 0) {
+      for (coordination::ReplicaView& v : views) v.seconds_per_token = sum / measured;
+    }
   }
   absl::StatusOr<coordination::RouteDecision> d = policy_.Choose(request, views, names_, exclude);
   if (!d.ok()) return d.status();

@@ -21,11 +21,10 @@ absl::Status IntIn(const Section& s, const std::string& key, int64_t min, int64_
                    int64_t* out) {
   COLLM_RETURN_IF_ERROR(s.Int(key, out));
   if (*out < min || *out > max) {
-    return InvalidValue(
-        s.PathOf(key),
-        max == std::numeric_limits<int64_t>::max()
-            ? absl::StrCat("must be >= ", min, ", got ", *out)
-            : absl::StrCat("must be in [", min, ", ", max, "], got ", *out));
+    return InvalidValue(s.PathOf(key),
+                        max == std::numeric_limits<int64_t>::max()
+                            ? absl::StrCat("must be >= ", min, ", got ", *out)
+                            : absl::StrCat("must be in [", min, ", ", max, "], got ", *out));
   }
   return absl::OkStatus();
 }
@@ -33,8 +32,7 @@ absl::Status IntIn(const Section& s, const std::string& key, int64_t min, int64_
 // host:port with a port in [0, 65535] (0 only where the router listens).
 absl::Status CheckAddress(const std::string& path, const std::string& address) {
   const size_t colon = address.rfind(':');
-  if (address.empty() || colon == std::string::npos || colon == 0 ||
-      colon + 1 == address.size()) {
+  if (address.empty() || colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
     return InvalidValue(path, absl::StrCat("must be host:port, got '", address, "'"));
   }
   const std::string port = address.substr(colon + 1);
@@ -94,23 +92,24 @@ absl::StatusOr<RouterConfig> Parse(const YAML::Node& doc) {
       &c.policy));
   COLLM_RETURN_IF_ERROR(top.Uint("seed", &c.seed));
   COLLM_RETURN_IF_ERROR(IntIn(top, "poll_interval_ms", 1, 100, &c.poll_interval_ms));
-  COLLM_RETURN_IF_ERROR(IntIn(top, "poll_timeout_ms", 1, std::numeric_limits<int64_t>::max(),
-                              &c.poll_timeout_ms));
-  COLLM_RETURN_IF_ERROR(IntIn(top, "max_outstanding", 1, std::numeric_limits<int64_t>::max(),
-                              &c.max_outstanding));
+  COLLM_RETURN_IF_ERROR(
+      IntIn(top, "poll_timeout_ms", 1, std::numeric_limits<int64_t>::max(), &c.poll_timeout_ms));
+  COLLM_RETURN_IF_ERROR(
+      IntIn(top, "max_outstanding", 1, std::numeric_limits<int64_t>::max(), &c.max_outstanding));
   COLLM_RETURN_IF_ERROR(top.Bool("retry_before_first_token", &c.retry_before_first_token));
 
-  COLLM_ASSIGN_OR_RETURN(
-      Section slack,
-      top.Sub("slack", {"default_seconds_per_token", "decode_weight_tokens", "tie_margin",
-                        "min_speed", "low_kv_penalty_seconds", "low_kv_fraction"}));
-  COLLM_RETURN_IF_ERROR(slack.Double("default_seconds_per_token",
-                                     &c.slack.default_seconds_per_token));
+  COLLM_ASSIGN_OR_RETURN(Section slack,
+                         top.Sub("slack", {"default_seconds_per_token", "decode_weight_tokens",
+                                           "tie_margin", "min_speed", "low_kv_penalty_seconds",
+                                           "low_kv_fraction", "per_replica_cost"}));
+  COLLM_RETURN_IF_ERROR(
+      slack.Double("default_seconds_per_token", &c.slack.default_seconds_per_token));
   COLLM_RETURN_IF_ERROR(slack.Double("decode_weight_tokens", &c.slack.decode_weight_tokens));
   COLLM_RETURN_IF_ERROR(slack.Double("tie_margin", &c.slack.tie_margin));
   COLLM_RETURN_IF_ERROR(slack.Double("min_speed", &c.slack.min_speed));
   COLLM_RETURN_IF_ERROR(slack.Double("low_kv_penalty_seconds", &c.slack.low_kv_penalty_seconds));
   COLLM_RETURN_IF_ERROR(slack.Double("low_kv_fraction", &c.slack.low_kv_fraction));
+  COLLM_RETURN_IF_ERROR(slack.Bool("per_replica_cost", &c.slack.per_replica_cost));
   COLLM_RETURN_IF_ERROR(coordination::ValidateSlackOptions(c.slack));
 
   COLLM_ASSIGN_OR_RETURN(

@@ -59,9 +59,8 @@ std::chrono::system_clock::time_point UnaryDeadline(const grpc::CallbackServerCo
 template <typename Req, typename Resp>
 class ForwardedUnary {
  public:
-  using Call =
-      std::function<void(Stub*, grpc::ClientContext*, const Req*, Resp*,
-                         std::function<void(grpc::Status)>)>;
+  using Call = std::function<void(Stub*, grpc::ClientContext*, const Req*, Resp*,
+                                  std::function<void(grpc::Status)>)>;
   static grpc::ServerUnaryReactor* Start(grpc::CallbackServerContext* context, ReplicaPool& pool,
                                          const Req* request, Resp* response, int64_t timeout_ms,
                                          Call call) {
@@ -196,7 +195,8 @@ class ProxyStream final : public grpc::ServerWriteReactor<GenerateResponse> {
     for (int attempt = 1;; ++attempt) {
       absl::StatusOr<ReplicaPool::Lease> lease = service_->pool_.Acquire(route, failed);
       if (!lease.ok()) {
-        if (service_->metrics_.rejected_no_replica) service_->metrics_.rejected_no_replica->Increment();
+        if (service_->metrics_.rejected_no_replica)
+          service_->metrics_.rejected_no_replica->Increment();
         return grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(lease.status().message()));
       }
       if (attempt == 1 && service_->metrics_.routing_delay) {
@@ -222,10 +222,9 @@ class ProxyStream final : public grpc::ServerWriteReactor<GenerateResponse> {
         failed.push_back(lease->index);
         continue;
       }
-      return grpc::Status(status.error_code(),
-                          absl::StrCat("replica ", lease->address,
-                                       streamed ? " (after streaming)" : "", ": ",
-                                       status.error_message()));
+      return grpc::Status(status.error_code(), absl::StrCat("replica ", lease->address,
+                                                            streamed ? " (after streaming)" : "",
+                                                            ": ", status.error_message()));
     }
   }
 
@@ -274,22 +273,22 @@ class ProxyStream final : public grpc::ServerWriteReactor<GenerateResponse> {
 RouterService::RouterService(ReplicaPool& pool, RouterServiceOptions options,
                              telemetry::MetricsRegistry& metrics, Clock& clock)
     : pool_(pool), options_(options), clock_(clock) {
-  metrics_.retries = metrics.GetCounter(
-      "collm_router_retries_total", "Generate requests retried on another replica before their "
-                                    "first token");
-  metrics_.rejected_full = metrics.GetCounter(
-      "collm_router_rejected_total", "Generate requests the router refused, by reason",
-      {{"reason", "max_outstanding"}});
+  metrics_.retries = metrics.GetCounter("collm_router_retries_total",
+                                        "Generate requests retried on another replica before their "
+                                        "first token");
+  metrics_.rejected_full = metrics.GetCounter("collm_router_rejected_total",
+                                              "Generate requests the router refused, by reason",
+                                              {{"reason", "max_outstanding"}});
   metrics_.rejected_no_replica = metrics.GetCounter(
       "collm_router_rejected_total", "Generate requests the router refused, by reason",
       {{"reason", "no_replica"}});
-  metrics_.rejected_draining = metrics.GetCounter(
-      "collm_router_rejected_total", "Generate requests the router refused, by reason",
-      {{"reason", "draining"}});
-  metrics_.routing_delay = metrics.GetHistogram(
-      "collm_router_routing_delay_seconds",
-      "From a Generate call's arrival to its dispatch to a replica",
-      {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5});
+  metrics_.rejected_draining = metrics.GetCounter("collm_router_rejected_total",
+                                                  "Generate requests the router refused, by reason",
+                                                  {{"reason", "draining"}});
+  metrics_.routing_delay =
+      metrics.GetHistogram("collm_router_routing_delay_seconds",
+                           "From a Generate call's arrival to its dispatch to a replica",
+                           {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5});
   metrics_.in_flight =
       metrics.GetGauge("collm_router_in_flight", "Generate streams in flight through the router");
 }
@@ -363,12 +362,12 @@ grpc::ServerUnaryReactor* RouterService::Tokenize(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* RouterService::SubmitFeedback(
     grpc::CallbackServerContext* context, const collm::v1::SubmitFeedbackRequest* request,
     collm::v1::SubmitFeedbackResponse* response) {
-  return ForwardedUnary<collm::v1::SubmitFeedbackRequest, collm::v1::SubmitFeedbackResponse>::
-      Start(context, pool_, request, response, options_.unary_timeout_ms,
-            [](Stub* stub, grpc::ClientContext* c, const collm::v1::SubmitFeedbackRequest* q,
-               collm::v1::SubmitFeedbackResponse* r, std::function<void(grpc::Status)> done) {
-              stub->async()->SubmitFeedback(c, q, r, std::move(done));
-            });
+  return ForwardedUnary<collm::v1::SubmitFeedbackRequest, collm::v1::SubmitFeedbackResponse>::Start(
+      context, pool_, request, response, options_.unary_timeout_ms,
+      [](Stub* stub, grpc::ClientContext* c, const collm::v1::SubmitFeedbackRequest* q,
+         collm::v1::SubmitFeedbackResponse* r, std::function<void(grpc::Status)> done) {
+        stub->async()->SubmitFeedback(c, q, r, std::move(done));
+      });
 }
 
 grpc::ServerUnaryReactor* RouterService::ListAdapters(
@@ -419,8 +418,7 @@ grpc::ServerUnaryReactor* RouterService::ListAdapters(
     collm::v1::ListAdaptersResponse* answer = fan->answers[i].get();
     const std::string address = targets[i].first;
     targets[i].second->async()->ListAdapters(
-        fan->contexts[i].get(), &fan->request, answer,
-        [fan, answer, address](grpc::Status s) {
+        fan->contexts[i].get(), &fan->request, answer, [fan, answer, address](grpc::Status s) {
           bool last = false;
           {
             std::lock_guard<std::mutex> lock(fan->mu);

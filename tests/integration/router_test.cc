@@ -141,8 +141,8 @@ TEST(RouterTest, RoutesStreamsSurvivesAKilledReplicaAndServesThePythonClient) {
   std::vector<std::string> addresses;
   for (int i = 0; i < 3; ++i) {
     const std::string name = "replica" + std::to_string(i);
-    auto r = collm::testing::StartServer("src/collmd",
-                                         WriteReplicaConfig(dir, name, model, false), dir, name);
+    auto r = collm::testing::StartServer("src/collmd", WriteReplicaConfig(dir, name, model, false),
+                                         dir, name);
     ASSERT_TRUE(r.ok()) << r.status();
     addresses.push_back((*r)->address());
     replicas.push_back(std::move(*r));
@@ -218,8 +218,8 @@ TEST(RouterTest, RoutesStreamsSurvivesAKilledReplicaAndServesThePythonClient) {
   const std::string killed = "{replica=\"" + addresses[2] + "\"}";
   bool ejected = false;
   for (int i = 0; i < 100 && !ejected; ++i) {
-    ejected = MetricValue(Scrape(router.metrics_port()), "collm_router_replica_admitted" + killed) ==
-              0;
+    ejected =
+        MetricValue(Scrape(router.metrics_port()), "collm_router_replica_admitted" + killed) == 0;
     if (!ejected) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   ASSERT_TRUE(ejected);
@@ -278,8 +278,8 @@ TEST(RouterTest, SlackSteersAwayFromATrainingReplicaAndFollowsAdapterAffinity) {
   const double to_trainer = Routed(router.metrics_port(), trainer.address());
   const double to_server = Routed(router.metrics_port(), server.address());
   EXPECT_EQ(to_trainer + to_server, kRequests);
-  EXPECT_LT(to_trainer, kRequests / 4) << "slack sent " << to_trainer << " of " << kRequests
-                                       << " requests to the training replica";
+  EXPECT_LT(to_trainer, kRequests / 4)
+      << "slack sent " << to_trainer << " of " << kRequests << " requests to the training replica";
 
   // Affinity: only the trainer serves "live", so requests naming it go there, training or not.
   for (int i = 0; i < 4; ++i) {
@@ -315,8 +315,8 @@ TEST(RouterTest, SlackSteersAwayFromATrainingReplicaAndFollowsAdapterAffinity) {
 TEST(RouterTest, BadConfigIsAClearError) {
   const std::string dir = MakeTempDir("router-bad");
   WriteFileOrDie(dir + "/a.yaml", "replicas: [127.0.0.1:5001]\npolicy: fastest\n");
-  auto r = collm::testing::RunCommand(BinaryPath("src/collm-router") + " --config " + dir +
-                                      "/a.yaml");
+  auto r =
+      collm::testing::RunCommand(BinaryPath("src/collm-router") + " --config " + dir + "/a.yaml");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("policy must be one of slack, round_robin, least_outstanding"),
             std::string::npos)

@@ -24,6 +24,7 @@ TEST(RouterConfigTest, TheShippedConfigParsesWithItsDocumentedDefaults) {
   EXPECT_EQ(c->slack.tie_margin, slack.tie_margin);
   EXPECT_EQ(c->slack.decode_weight_tokens, slack.decode_weight_tokens);
   EXPECT_EQ(c->slack.default_seconds_per_token, slack.default_seconds_per_token);
+  EXPECT_EQ(c->slack.per_replica_cost, slack.per_replica_cost);
   EXPECT_EQ(c->ejection.failures_to_eject, coordination::EjectionOptions{}.failures_to_eject);
   EXPECT_EQ(c->max_outstanding, defaults.max_outstanding);
   EXPECT_EQ(c->poll_timeout_ms, defaults.poll_timeout_ms);

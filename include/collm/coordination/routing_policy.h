@@ -49,6 +49,10 @@ struct SlackOptions {
   // (admission will wait for memory there). Seconds, >= 0.
   double low_kv_penalty_seconds = 1.0;
   double low_kv_fraction = 0.05;  // [0, 1].
+  // Each replica's own measured per-token cost (heterogeneous hardware), instead of the mean over
+  // replicas. Off by default: replicas serve the same model, and one replica's small-batch step
+  // cost is dominated by noise (scheduling, cold caches after idling) that would outweigh load.
+  bool per_replica_cost = false;
 };
 
 // InvalidArgument naming the field ("slack.<field> ...").

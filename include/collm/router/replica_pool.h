@@ -122,8 +122,8 @@ class ReplicaPool {
   Clock& clock_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<Replica> replicas_ ABSL_GUARDED_BY(mu_);  // Fixed size after Create.
-  std::vector<std::string> names_;                      // Fixed after Create.
+  std::vector<Replica> replicas_ ABSL_GUARDED_BY(mu_);     // Fixed size after Create.
+  std::vector<std::string> names_;                         // Fixed after Create.
   std::vector<collm::v1::InferenceService::Stub*> stubs_;  // Fixed after Create; owned above.
   coordination::RoutingPolicy policy_ ABSL_GUARDED_BY(mu_);
   size_t any_cursor_ ABSL_GUARDED_BY(mu_) = 0;

@@ -32,8 +32,8 @@ struct RouterServiceOptions {
 // the destructor waits for every stream's thread to finish.
 class RouterService final : public collm::v1::InferenceService::CallbackService {
  public:
-  RouterService(ReplicaPool& pool, RouterServiceOptions options, telemetry::MetricsRegistry& metrics,
-                Clock& clock = Clock::Real());
+  RouterService(ReplicaPool& pool, RouterServiceOptions options,
+                telemetry::MetricsRegistry& metrics, Clock& clock = Clock::Real());
   ~RouterService() override;
 
   // New Generate calls are refused with UNAVAILABLE from now on (SIGTERM drain).
