@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -310,6 +311,151 @@ TEST(RouterTest, SlackSteersAwayFromATrainingReplicaAndFollowsAdapterAffinity) {
   const std::string body = Scrape(router.metrics_port());
   EXPECT_NE(body.find("collm_router_routing_delay_seconds_count"), std::string::npos);
   EXPECT_EQ(router.Stop(), 0);
+}
+
+// A Generate stream read on its own thread; `first_token` is set once a message arrived.
+class BackgroundStream {
+ public:
+  BackgroundStream(const std::string& address, int max_tokens) {
+    stub_ = v1::InferenceService::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    req_.set_prompt("Once upon a time");
+    req_.mutable_sampling()->set_temperature(0);
+    req_.mutable_sampling()->set_max_tokens(max_tokens);
+    req_.mutable_sampling()->set_ignore_eos(true);
+    thread_ = std::thread([this] {
+      auto reader = stub_->Generate(&ctx_, req_);
+      v1::GenerateResponse msg;
+      while (reader->Read(&msg)) {
+        result_.last = msg;
+        ++result_.messages;
+        first_token_.store(true);
+      }
+      result_.status = reader->Finish();
+      done_.store(true);
+    });
+  }
+  ~BackgroundStream() {
+    if (thread_.joinable()) thread_.join();
+  }
+  // True once a token arrived (the stream may have ended since).
+  bool WaitForFirstToken() {
+    for (int i = 0; i < 3000 && !first_token_.load() && !done_.load(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return first_token_.load();
+  }
+  bool done() const { return done_.load(); }
+  void Cancel() { ctx_.TryCancel(); }
+  const Streamed& Join() {
+    thread_.join();
+    return result_;
+  }
+
+ private:
+  std::unique_ptr<v1::InferenceService::Stub> stub_;
+  grpc::ClientContext ctx_;
+  v1::GenerateRequest req_;
+  Streamed result_;
+  std::atomic<bool> first_token_{false};
+  std::atomic<bool> done_{false};
+  std::thread thread_;
+};
+
+TEST(RouterTest, DeadlinesBoundsMidStreamFailuresAndTheSigtermDrain) {
+  COLLM_REQUIRE_MODEL_FILE(model, "stories260K-hf");
+  const std::string dir = MakeTempDir("router-failures");
+  COLLM_START_SERVER(a, "src/collmd", WriteReplicaConfig(dir, "a", model, false), dir, "a");
+  COLLM_START_SERVER(b, "src/collmd", WriteReplicaConfig(dir, "b", model, false), dir, "b");
+  COLLM_START_SERVER(router, "src/collm-router",
+                     WriteRouterConfig(dir, {a.address(), b.address()}, "least_outstanding",
+                                       "max_outstanding: 1\nshutdown_grace_seconds: 30\n"),
+                     dir, "router");
+
+  // The client's deadline reaches the replica, which stops the request instead of generating on.
+  {
+    auto stub = v1::InferenceService::NewStub(
+        grpc::CreateChannel(router.address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(150));
+    v1::GenerateRequest req;
+    req.set_prompt("Once upon a time");
+    req.mutable_sampling()->set_max_tokens(480);
+    req.mutable_sampling()->set_ignore_eos(true);
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+    int64_t stopped = 0;
+    for (int i = 0; i < 100 && stopped == 0; ++i) {
+      for (const ServerProcess* r : {&a, &b}) {
+        const v1::GetStatsResponse st = Stats(r->address());
+        stopped += st.expired() + st.cancelled();
+      }
+      if (stopped == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_EQ(stopped, 1) << "the replica never learned that the client gave up";
+  }
+  // So does a client's cancel.
+  {
+    BackgroundStream cancelled(router.address(), 480);
+    ASSERT_TRUE(cancelled.WaitForFirstToken());
+    if (!cancelled.done()) {
+      cancelled.Cancel();
+      EXPECT_EQ(cancelled.Join().status.error_code(), grpc::StatusCode::CANCELLED);
+      int64_t stopped = 0;
+      for (int i = 0; i < 100 && stopped < 2; ++i) {
+        stopped = 0;
+        for (const ServerProcess* r : {&a, &b}) {
+          const v1::GetStatsResponse st = Stats(r->address());
+          stopped += st.expired() + st.cancelled();
+        }
+        if (stopped < 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      EXPECT_EQ(stopped, 2) << "the replica never learned that the client cancelled";
+    }
+  }
+
+  // While one stream is in flight, max_outstanding (1) refuses another at once.
+  double retries = MetricValue(Scrape(router.metrics_port()), "collm_router_retries_total");
+  {
+    BackgroundStream running(router.address(), 480);
+    ASSERT_TRUE(running.WaitForFirstToken()) << "the stream ended before its first token";
+    // stories260K is fast; on an idle machine 480 tokens may be done already.
+    if (running.done()) GTEST_SKIP() << "the stream finished before the checks could run";
+    const Streamed refused = Generate(router.address(), "x", 2);
+    EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_NE(refused.status.error_message().find("max_outstanding (1)"), std::string::npos)
+        << refused.status.error_message();
+    // Kill the replica that streams it: the client gets the error (tokens were already
+    // streamed, so no retry could be honest) naming the replica.
+    const std::string body = Scrape(router.metrics_port());
+    ServerProcess* serving =
+        MetricValue(body, "collm_router_outstanding{replica=\"" + a.address() + "\"}") == 1 ? &a
+                                                                                            : &b;
+    ServerProcess* other = serving == &a ? &b : &a;
+    serving->Kill();
+    const Streamed cut = running.Join();
+    if (cut.status.ok()) GTEST_SKIP() << "the stream finished before its replica was killed";
+    EXPECT_GT(cut.messages, 0);
+    EXPECT_NE(cut.status.error_message().find(serving->address() + " (after streaming)"),
+              std::string::npos)
+        << cut.status.error_message();
+    EXPECT_EQ(MetricValue(Scrape(router.metrics_port()), "collm_router_retries_total"), retries);
+    // New requests are served by the replica that is left.
+    const Streamed next = Generate(router.address(), "Lily went to the park", 4);
+    EXPECT_TRUE(next.status.ok()) << next.status.error_message();
+    EXPECT_GE(Routed(router.metrics_port(), other->address()), 1);
+  }
+
+  // SIGTERM drains: a stream in flight finishes whole, then the router exits 0.
+  BackgroundStream draining(router.address(), 300);
+  ASSERT_TRUE(draining.WaitForFirstToken());
+  EXPECT_EQ(router.Stop(), 0);
+  const Streamed drained = draining.Join();
+  EXPECT_TRUE(drained.status.ok()) << drained.status.error_message();
+  EXPECT_EQ(drained.last.usage().completion_tokens(), 300);
 }
 
 TEST(RouterTest, BadConfigIsAClearError) {
