@@ -4,11 +4,15 @@
 // replicas and re-admits them, retries a request once elsewhere before its first token, and
 // exposes Prometheus /metrics. SIGTERM/SIGINT: stop accepting, let in-flight streams finish within
 // shutdown_grace_seconds, exit.
+#include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "CLI/CLI.hpp"
 #include "collm/common/clock.h"
@@ -93,7 +97,34 @@ int main(int argc, char** argv) {
     std::filesystem::rename(tmp, ports_file);
   }
 
+  // Health follows the replicas: NOT_SERVING while none is admitted, so whatever balances several
+  // routers skips one that cannot serve.
+  std::mutex health_mu;
+  std::condition_variable health_cv;
+  bool stopping = false;
+  std::thread health([&] {
+    bool serving = true;
+    std::unique_lock<std::mutex> lock(health_mu);
+    while (!stopping) {
+      bool any = false;
+      for (const collm::router::ReplicaStatus& r : (*pool)->Status()) any = any || r.admitted;
+      if (any != serving) {
+        serving = any;
+        (*server)->SetServing(serving);
+        COLLM_LOG_INFO("health: {}", serving ? "SERVING" : "NOT_SERVING (no replica admitted)");
+      }
+      health_cv.wait_for(lock, std::chrono::milliseconds(cfg->poll_interval_ms),
+                         [&] { return stopping; });
+    }
+  });
+
   const int sig = signals.Wait();
+  {
+    std::lock_guard<std::mutex> lock(health_mu);
+    stopping = true;
+  }
+  health_cv.notify_all();
+  health.join();
   COLLM_LOG_INFO("signal {}: draining {} streams for up to {} s", sig, service->in_flight(),
                  cfg->shutdown_grace_seconds);
   (*server)->SetServing(false);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "collm/v1/inference.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "testing/subprocess.h"
 #include "testing/test_env.h"
@@ -125,6 +126,18 @@ double Routed(int metrics_port, const std::string& replica) {
                                    "collm_router_routed_total{replica=\"" + replica + "\"}"));
 }
 
+grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& address) {
+  auto stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service("collm.v1.InferenceService");
+  grpc::health::v1::HealthCheckResponse resp;
+  EXPECT_TRUE(stub->Check(&ctx, req, &resp).ok());
+  return resp.status();
+}
+
 v1::GetStatsResponse Stats(const std::string& address) {
   auto stub = v1::InferenceService::NewStub(
       grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
@@ -156,6 +169,7 @@ TEST(RouterTest, RoutesStreamsSurvivesAKilledReplicaAndServesThePythonClient) {
                                        "10\n  base_backoff_ms: 60000\n  max_backoff_ms: 60000\n"),
                      dir, "router");
 
+  EXPECT_EQ(Health(router.address()), grpc::health::v1::HealthCheckResponse::SERVING);
   // Streams come through token by token, with what the replica itself would answer.
   const Streamed direct = Generate(addresses[0], "Once upon a time", 12);
   ASSERT_TRUE(direct.status.ok()) << direct.status.error_message();
@@ -243,6 +257,15 @@ TEST(RouterTest, RoutesStreamsSurvivesAKilledReplicaAndServesThePythonClient) {
   EXPECT_EQ(none.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_NE(none.status.error_message().find("ejected"), std::string::npos)
       << none.status.error_message();
+  // Its health says so too.
+  auto health = grpc::health::v1::HealthCheckResponse::SERVING;
+  for (int i = 0; i < 50 && health == grpc::health::v1::HealthCheckResponse::SERVING; ++i) {
+    health = Health(router.address());
+    if (health == grpc::health::v1::HealthCheckResponse::SERVING) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  EXPECT_EQ(health, grpc::health::v1::HealthCheckResponse::NOT_SERVING);
 
   // SIGTERM: a clean exit.
   EXPECT_EQ(router.Stop(), 0);
