@@ -38,8 +38,7 @@ void SetDeadline(grpc::ClientContext& ctx, const DeviceArgs& args) {
 int Report(const grpc::Status& s, const DeviceArgs& args, std::ostream& err) {
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE ||
       s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
-    err << "collmctl: cannot reach collmd at " << args.address << ": " << s.error_message()
-        << "\n";
+    err << "collmctl: cannot reach collmd at " << args.address << ": " << s.error_message() << "\n";
   } else {
     err << "collmctl: " << s.error_message() << "\n";
   }
@@ -84,8 +83,8 @@ int RunHealth(const DeviceArgs& args, std::ostream& out, std::ostream& err) {
     return 1;
   }
   const bool serving = res.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-  out << (serving ? "SERVING" : grpc::health::v1::HealthCheckResponse::ServingStatus_Name(
-                                    res.status()))
+  out << (serving ? "SERVING"
+                  : grpc::health::v1::HealthCheckResponse::ServingStatus_Name(res.status()))
       << "\n";
   return serving ? 0 : 1;
 }
@@ -213,8 +212,9 @@ void AddDeviceCommands(CLI::App& app, DeviceArgs& args, int& exit_code) {
   common(adapters);
   adapters->add_subcommand("list", "Adapters with version, rank, held-out loss, source")
       ->callback([&] { exit_code = RunAdapters(args, "list", std::cout, std::cerr); });
-  CLI::App* load = adapters->add_subcommand("load", "Load a PEFT adapter dir (on the daemon's "
-                                                    "machine) under NAME (a new version if taken)");
+  CLI::App* load = adapters->add_subcommand("load",
+                                            "Load a PEFT adapter dir (on the daemon's "
+                                            "machine) under NAME (a new version if taken)");
   load->add_option("NAME", args.name, "Adapter name")->required();
   load->add_option("PEFT_DIR", args.path, "PEFT directory on the daemon's machine")->required();
   load->callback([&] { exit_code = RunAdapters(args, "load", std::cout, std::cerr); });

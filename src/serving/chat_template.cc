@@ -17,15 +17,12 @@ namespace {
 constexpr const char* kQwenDefaultSystem = "You are a helpful assistant.";
 
 // Python's str.strip() / Jinja's trim on the whitespace chat text contains.
-std::string Strip(const std::string& s) {
-  return std::string(absl::StripAsciiWhitespace(s));
-}
+std::string Strip(const std::string& s) { return std::string(absl::StripAsciiWhitespace(s)); }
 
 absl::Status CheckRole(const ChatMessage& m, size_t index) {
   if (m.role == "system" || m.role == "user" || m.role == "assistant") return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("messages[", index, "].role must be system, user or assistant, got '", m.role,
-                   "'"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "messages[", index, "].role must be system, user or assistant, got '", m.role, "'"));
 }
 
 // The [INST] families require user/assistant/user/... after an optional leading system message.
@@ -75,9 +72,9 @@ absl::StatusOr<ChatFamily> ParseChatFamily(const std::string& name) {
                        ChatFamily::kQwen, ChatFamily::kMistral, ChatFamily::kZephyr}) {
     if (name == ChatFamilyName(f)) return f;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown chat template family '", name,
-      "': expected one of llama2, llama3, chatml, qwen, mistral, zephyr"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown chat template family '", name,
+                   "': expected one of llama2, llama3, chatml, qwen, mistral, zephyr"));
 }
 
 ChatTemplate::ChatTemplate(ChatFamily family, std::string bos, std::string eos)
@@ -122,8 +119,9 @@ absl::StatusOr<std::optional<ChatTemplate>> ChatTemplate::ForModel(
   const std::string eos = config.contains("eos_token") ? TokenString(config["eos_token"]) : "";
   if (!family_override.empty()) {
     auto family = ParseChatFamily(family_override);
-    if (!family.ok()) return absl::InvalidArgumentError(absl::StrCat(
-        "http.chat_template: ", family.status().message()));
+    if (!family.ok())
+      return absl::InvalidArgumentError(
+          absl::StrCat("http.chat_template: ", family.status().message()));
     return ChatTemplate(*family, bos, eos);
   }
   if (!config.contains("chat_template") || config["chat_template"].is_null()) {
@@ -149,8 +147,8 @@ absl::StatusOr<std::optional<ChatTemplate>> ChatTemplate::ForModel(
         absl::StrCat(path, ": chat_template must be a string or a list of {name, template}"));
   }
   auto family = Recognize(jinja);
-  if (!family.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ",
-                                                                   family.status().message()));
+  if (!family.ok())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", family.status().message()));
   return ChatTemplate(*family, bos, eos);
 }
 

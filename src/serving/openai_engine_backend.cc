@@ -109,7 +109,8 @@ absl::StatusOr<uint64_t> EngineCompletionBackend::Submit(CompletionRequest reque
     if (!ctx_.registry->Get(request.model).ok()) {
       return absl::NotFoundError(absl::StrCat("the model '", request.model,
                                               "' does not exist (GET /v1/models lists the base "
-                                              "model '", ctx_.base_model_id, "' and the adapters)"));
+                                              "model '",
+                                              ctx_.base_model_id, "' and the adapters)"));
     }
     req.adapter = request.model;
   }
@@ -120,7 +121,8 @@ absl::StatusOr<uint64_t> EngineCompletionBackend::Submit(CompletionRequest reque
   if (request.top_p) p.top_p = static_cast<float>(*request.top_p);
   if (request.top_k) p.top_k = static_cast<int>(*request.top_k);
   if (request.min_p) p.min_p = static_cast<float>(*request.min_p);
-  if (request.repetition_penalty) p.repetition_penalty = static_cast<float>(*request.repetition_penalty);
+  if (request.repetition_penalty)
+    p.repetition_penalty = static_cast<float>(*request.repetition_penalty);
   if (request.seed) p.seed = *request.seed;
   if (!request.stop.empty()) p.stop = request.stop;
   p.ignore_eos = p.ignore_eos || request.ignore_eos;

@@ -56,8 +56,8 @@ ApiError FromStatus(const absl::Status& s, const std::string& fallback_param = "
     case absl::StatusCode::kOutOfRange: {
       std::string param = fallback_param;
       const size_t end = message.find_first_of(" [.");
-      for (const char* field : {"prompt", "messages", "max_tokens", "stop", "temperature",
-                                "top_p", "top_k", "min_p", "seed", "model"}) {
+      for (const char* field : {"prompt", "messages", "max_tokens", "stop", "temperature", "top_p",
+                                "top_k", "min_p", "seed", "model"}) {
         if (message.substr(0, end) == field) param = field;
       }
       return ApiError{400, message, "invalid_request_error", param, ""};
@@ -107,8 +107,8 @@ FieldResult OptionalInteger(const json& body, const char* key, std::optional<int
     return std::nullopt;
   }
   // 16.0 is an integer to JavaScript clients.
-  if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(
-                                                    v.get<double>()))) {
+  if (v.is_number_float() &&
+      v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))) {
     *out = static_cast<int64_t>(v.get<double>());
     return std::nullopt;
   }
@@ -140,8 +140,7 @@ FieldResult Unsupported(const json& body) {
   if (set("top_logprobs")) return BadField("top_logprobs", "top_logprobs is not supported");
   for (const char* key : {"presence_penalty", "frequency_penalty"}) {
     if (set(key) && !(body[key].is_number() && body[key].get<double>() == 0.0)) {
-      return BadField(key, absl::StrCat(key,
-                                        " is not supported (only 0); use repetition_penalty"));
+      return BadField(key, absl::StrCat(key, " is not supported (only 0); use repetition_penalty"));
     }
   }
   for (const char* key : {"tools", "functions"}) {
@@ -191,8 +190,8 @@ FieldResult ParseCommon(const json& body, bool chat, CompletionRequest* req, boo
     return BadField("min_p", absl::StrCat("min_p must be in [0, 1), got ", *req->min_p));
   if (auto e = OptionalNumber(body, "repetition_penalty", &req->repetition_penalty)) return e;
   if (req->repetition_penalty && *req->repetition_penalty <= 0)
-    return BadField("repetition_penalty", absl::StrCat("repetition_penalty must be > 0, got ",
-                                                       *req->repetition_penalty));
+    return BadField("repetition_penalty",
+                    absl::StrCat("repetition_penalty must be > 0, got ", *req->repetition_penalty));
   std::optional<int64_t> seed;
   if (auto e = OptionalInteger(body, "seed", &seed)) return e;
   if (seed) req->seed = static_cast<uint64_t>(*seed);
@@ -236,8 +235,9 @@ FieldResult ParsePrompt(const json& body, CompletionRequest* req) {
   } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
     req->prompt = p[0].get<std::string>();
   } else if (p.is_array() && !p.empty() && p[0].is_string()) {
-    return BadField("prompt", "prompt: one prompt per request (an array of several is not "
-                              "supported)");
+    return BadField("prompt",
+                    "prompt: one prompt per request (an array of several is not "
+                    "supported)");
   } else if (p.is_array()) {
     return BadField("prompt", "prompt must be a string (token-id prompts are not supported)");
   } else {
@@ -262,8 +262,10 @@ FieldResult ParseMessages(const json& body, CompletionRequest* req) {
     message.role = m["role"].get<std::string>();
     if (message.role == "developer") message.role = "system";  // OpenAI's newer name.
     if (message.role != "system" && message.role != "user" && message.role != "assistant") {
-      return BadField(at + ".role", absl::StrCat(at, ".role must be system, user or assistant, "
-                                                     "got '", message.role, "'"));
+      return BadField(at + ".role", absl::StrCat(at,
+                                                 ".role must be system, user or assistant, "
+                                                 "got '",
+                                                 message.role, "'"));
     }
     const json content = m.contains("content") ? m["content"] : json(nullptr);
     if (content.is_string()) {
@@ -306,8 +308,8 @@ struct ResponseShape {
   std::string model;
 
   json Envelope(bool chunk) const {
-    const char* object = chat ? (chunk ? "chat.completion.chunk" : "chat.completion")
-                              : "text_completion";
+    const char* object =
+        chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion";
     return json{{"id", id}, {"object", object}, {"created", created}, {"model", model}};
   }
   json Full(const std::string& text, const CompletionResult& r) const {
@@ -325,7 +327,8 @@ struct ResponseShape {
   // A content chunk (finish_reason null) or, with `finish`, the last choice chunk.
   json Chunk(const std::string& text, const char* finish, bool role, bool include_usage) const {
     json out = Envelope(true);
-    json choice = {{"index", 0}, {"logprobs", nullptr},
+    json choice = {{"index", 0},
+                   {"logprobs", nullptr},
                    {"finish_reason", finish == nullptr ? json(nullptr) : json(finish)}};
     if (chat) {
       json delta = json::object();
@@ -352,8 +355,8 @@ struct ResponseShape {
 struct OutputQueue {
   std::mutex mu;
   std::condition_variable ready;
-  std::string text;  // Guarded by mu: not yet written.
-  bool done = false;  // Guarded by mu.
+  std::string text;         // Guarded by mu: not yet written.
+  bool done = false;        // Guarded by mu.
   CompletionResult result;  // Guarded by mu; valid when done.
 };
 
@@ -418,8 +421,7 @@ class Handlers {
     if (!Authorized(req, res)) return;
     json data = json::array();
     for (const ModelInfo& m : backend_.Models()) data.push_back(ModelJson(m));
-    res.set_content(json{{"object", "list"}, {"data", std::move(data)}}.dump(),
-                    "application/json");
+    res.set_content(json{{"object", "list"}, {"data", std::move(data)}}.dump(), "application/json");
   }
 
   void Model(const httplib::Request& req, httplib::Response& res) const {
@@ -475,8 +477,8 @@ class Handlers {
   }
 
   static json ModelJson(const ModelInfo& m) {
-    json out = {{"id", m.id}, {"object", "model"}, {"created", m.created},
-                {"owned_by", m.owned_by}};
+    json out = {
+        {"id", m.id}, {"object", "model"}, {"created", m.created}, {"owned_by", m.owned_by}};
     if (m.adapter) {
       out["parent"] = m.parent;
       out["version"] = m.version;
@@ -577,14 +579,14 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
     const OpenAiHttpOptions& options, CompletionBackend& backend) {
   const size_t colon = options.address.rfind(':');
   int port = -1;
-  if (colon == std::string::npos ||
-      !absl::SimpleAtoi(options.address.substr(colon + 1), &port) || port < 0 || port > 65535) {
+  if (colon == std::string::npos || !absl::SimpleAtoi(options.address.substr(colon + 1), &port) ||
+      port < 0 || port > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("http.address must be host:port, got '", options.address, "'"));
   }
   if (options.threads <= 0)
-    return absl::InvalidArgumentError(absl::StrCat("http.threads must be > 0, got ",
-                                                   options.threads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("http.threads must be > 0, got ", options.threads));
   const std::string host = options.address.substr(0, colon);
   std::unique_ptr<OpenAiHttpServer> s(new OpenAiHttpServer());
   s->server_ = std::make_unique<httplib::Server>();
@@ -615,12 +617,13 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
     if (!res.body.empty()) return;
     ApiError e{res.status, absl::StrCat(req.method, " ", req.path, ": HTTP ", res.status),
                res.status == 404 ? "not_found_error" : "invalid_request_error", "", ""};
-    if (res.status == 404) e.message = absl::StrCat("no such endpoint: ", req.method, " ", req.path);
+    if (res.status == 404)
+      e.message = absl::StrCat("no such endpoint: ", req.method, " ", req.path);
     if (res.status == 413) e.message = "the request body is too large";
     SendError(res, e);
   });
-  s->port_ = port == 0 ? server.bind_to_any_port(host)
-                       : (server.bind_to_port(host, port) ? port : -1);
+  s->port_ =
+      port == 0 ? server.bind_to_any_port(host) : (server.bind_to_port(host, port) ? port : -1);
   if (s->port_ <= 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen for the OpenAI API on ", options.address));

@@ -176,7 +176,7 @@ std::string WriteDaemonConfig(const std::string& dir) {
 server:
   address: 127.0.0.1:0
 metrics:
-  enabled: false
+  address: 127.0.0.1:0
 shutdown_grace_seconds: 5
 )");
   return dir + "/collmd.yaml";

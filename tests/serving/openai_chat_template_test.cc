@@ -1,11 +1,10 @@
 // The chat renderers against the exact strings transformers' apply_chat_template(tokenize=False,
 // add_generation_prompt=True) gives for each family's published template, and recognition of
 // those templates from tokenizer_config.json.
-#include "collm/serving/chat_template.h"
-
 #include <string>
 #include <vector>
 
+#include "collm/serving/chat_template.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "testing/test_env.h"
@@ -52,8 +51,7 @@ TEST(ChatTemplateTest, ChatMlAndQwenDifferOnlyInTheDefaultSystemPrompt) {
   const std::string turns =
       "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
       "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
-  EXPECT_EQ(Render(ChatFamily::kChatMl),
-            "<|im_start|>system\nYou are terse.<|im_end|>\n" + turns);
+  EXPECT_EQ(Render(ChatFamily::kChatMl), "<|im_start|>system\nYou are terse.<|im_end|>\n" + turns);
   EXPECT_EQ(Render(ChatFamily::kQwen), "<|im_start|>system\nYou are terse.<|im_end|>\n" + turns);
   const std::vector<ChatMessage> no_system(kConversation.begin() + 1, kConversation.end());
   EXPECT_EQ(Render(ChatFamily::kChatMl, no_system), turns);
@@ -85,8 +83,7 @@ TEST(ChatTemplateTest, BadConversationsAreErrorsNamingTheMessage) {
       << bad_role.status();
   auto no_user = ChatTemplate(ChatFamily::kLlama3).Render({{"system", "a"}});
   EXPECT_FALSE(no_user.ok());
-  auto not_alternating =
-      ChatTemplate(ChatFamily::kLlama2).Render({{"user", "a"}, {"user", "b"}});
+  auto not_alternating = ChatTemplate(ChatFamily::kLlama2).Render({{"user", "a"}, {"user", "b"}});
   ASSERT_FALSE(not_alternating.ok());
   EXPECT_NE(not_alternating.status().message().find("messages[1]"), std::string::npos);
   auto system_late = ChatTemplate(ChatFamily::kMistral)

@@ -1,6 +1,8 @@
 // The OpenAI HTTP layer on a real engine (tiny model) through EngineCompletionBackend, served on
 // 127.0.0.1:0 and called with a real HTTP client: output equals a Generator run alone, the SSE
 // stream's shape, every error status, API keys, and a vanished client cancelling its request.
+#include "collm/serving/openai_http_server.h"
+
 #include <arpa/inet.h>
 #include <httplib.h>
 #include <netinet/in.h>
@@ -16,7 +18,6 @@
 
 #include "collm/runtime/generator.h"
 #include "collm/serving/openai_engine_backend.h"
-#include "collm/serving/openai_http_server.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "testing/tiny_model.h"
@@ -85,8 +86,7 @@ class Fixture {
     json body;
     std::string raw;
   };
-  Reply Post(const std::string& path, const std::string& body,
-             const std::string& key = "") {
+  Reply Post(const std::string& path, const std::string& body, const std::string& key = "") {
     httplib::Headers headers;
     if (!key.empty()) headers.emplace("Authorization", "Bearer " + key);
     auto res = client_->Post(path.c_str(), headers, body, "application/json");
@@ -182,9 +182,9 @@ TEST(OpenAiHttpServerTest, StopStringsEndTheTextBeforeThemWithFinishReasonStop) 
   ASSERT_EQ(r.status, 200) << r.raw;
   EXPECT_EQ(r.body["choices"][0]["text"], expected);
   EXPECT_EQ(r.body["choices"][0]["finish_reason"], "stop");
-  auto single = f.Post("/v1/completions",
-                       json{{"prompt", "The dog"}, {"max_tokens", 16}, {"ignore_eos", true},
-                            {"stop", stop}}.dump());
+  auto single = f.Post(
+      "/v1/completions",
+      json{{"prompt", "The dog"}, {"max_tokens", 16}, {"ignore_eos", true}, {"stop", stop}}.dump());
   EXPECT_EQ(single.body["choices"][0]["text"], expected) << single.raw;
 }
 
@@ -222,12 +222,13 @@ TEST(OpenAiHttpServerTest, ChatStreamsRoleThenDeltasThenFinishUsageAndDone) {
   EXPECT_EQ(text, f.Alone(ids, 10));
 
   // The same request without streaming gives the same message.
-  auto whole = f.Post("/v1/chat/completions",
-                      json{{"messages", json::array({{{"role", "system"}, {"content", "Be brief."}},
-                                                     {{"role", "user"}, {"content", "Tell a story"}}})},
-                           {"max_tokens", 10},
-                           {"ignore_eos", true}}
-                          .dump());
+  auto whole =
+      f.Post("/v1/chat/completions",
+             json{{"messages", json::array({{{"role", "system"}, {"content", "Be brief."}},
+                                            {{"role", "user"}, {"content", "Tell a story"}}})},
+                  {"max_tokens", 10},
+                  {"ignore_eos", true}}
+                 .dump());
   ASSERT_EQ(whole.status, 200) << whole.raw;
   EXPECT_EQ(whole.body["object"], "chat.completion");
   EXPECT_EQ(whole.body["choices"][0]["message"]["role"], "assistant");
@@ -294,12 +295,12 @@ TEST(OpenAiHttpServerTest, ChatWithoutATemplateIsAClear400) {
 
 TEST(OpenAiHttpServerTest, ModelsListTheBaseAndAdaptersAndModelSelectsOne) {
   Fixture f;
-  ASSERT_TRUE(f.registry_
-                  ->Publish("alpha",
-                            lora::LoraAdapter::Create(f.model_->config(), lora::LoraConfig{}, 3)
-                                .value(),
-                            "test")
-                  .ok());
+  ASSERT_TRUE(
+      f.registry_
+          ->Publish("alpha",
+                    lora::LoraAdapter::Create(f.model_->config(), lora::LoraConfig{}, 3).value(),
+                    "test")
+          .ok());
   auto models = f.Get("/v1/models");
   ASSERT_EQ(models.status, 200) << models.raw;
   EXPECT_EQ(models.body["object"], "list");
@@ -345,15 +346,13 @@ TEST(OpenAiHttpServerTest, FullQueueIs429AndDrainingIs503) {
     holders.emplace_back([&f] {
       httplib::Client c("127.0.0.1", f.server_->port());
       c.set_read_timeout(60, 0);
-      auto res = c.Post("/v1/completions",
-                        R"({"prompt":"Hi","max_tokens":200,"ignore_eos":true})",
+      auto res = c.Post("/v1/completions", R"({"prompt":"Hi","max_tokens":200,"ignore_eos":true})",
                         "application/json");
       EXPECT_TRUE(res);
     });
     // The first must be running (admitted) before the second can wait in the queue.
-    ASSERT_TRUE(f.WaitFor([i](const engine::EngineStats& s) {
-      return i == 0 ? s.running == 1 : s.queued == 1;
-    }));
+    ASSERT_TRUE(f.WaitFor(
+        [i](const engine::EngineStats& s) { return i == 0 ? s.running == 1 : s.queued == 1; }));
   }
   auto refused = f.Post("/v1/completions", R"({"prompt":"Hi","max_tokens":2})");
   EXPECT_EQ(refused.status, 429) << refused.raw;
@@ -378,9 +377,10 @@ TEST(OpenAiHttpServerTest, AClientThatLeavesAStreamCancelsItsRequest) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
   const std::string body = R"({"prompt":"Hi","max_tokens":500,"ignore_eos":true,"stream":true})";
-  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                              "application/json\r\nContent-Length: " +
-                              std::to_string(body.size()) + "\r\n\r\n" + body;
+  const std::string request =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+      "application/json\r\nContent-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body;
   ASSERT_EQ(write(fd, request.data(), request.size()), static_cast<ssize_t>(request.size()));
   char buf[512];
   ASSERT_GT(read(fd, buf, sizeof(buf)), 0);  // Headers (and maybe the first chunk) arrived.

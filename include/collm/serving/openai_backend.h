@@ -49,7 +49,7 @@ struct CompletionResult {
 class CompletionSink {
  public:
   virtual ~CompletionSink() = default;
-  virtual void OnText(const std::string& text) = 0;  // Final text, UTF-8 complete.
+  virtual void OnText(const std::string& text) = 0;           // Final text, UTF-8 complete.
   virtual void OnFinish(const CompletionResult& result) = 0;  // Exactly once, last.
 };
 

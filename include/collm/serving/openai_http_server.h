@@ -27,10 +27,10 @@ struct OpenAiHttpOptions {
   // Accepted bearer tokens (Authorization: Bearer KEY); empty = no authentication. /health is
   // always open (load balancers and HEALTHCHECKs probe it).
   std::vector<std::string> api_keys;
-  int threads = 32;                      // Connections served at once (a stream holds one); > 0.
-  int64_t max_body_bytes = 4 << 20;      // Larger request bodies get 413; > 0.
-  double heartbeat_seconds = 1.0;        // Idle streams send an SSE comment this often, which is
-                                         // also how a vanished client is noticed; > 0.
+  int threads = 32;                  // Connections served at once (a stream holds one); > 0.
+  int64_t max_body_bytes = 4 << 20;  // Larger request bodies get 413; > 0.
+  double heartbeat_seconds = 1.0;    // Idle streams send an SSE comment this often, which is
+                                     // also how a vanished client is noticed; > 0.
 };
 
 // Serves from its own threads until Stop() or destruction. The backend must outlive it.
