@@ -49,7 +49,8 @@ std::string Quote(const std::string& s) {
 collm::testing::ProcessResult Post(int port, const std::string& path, const json& body,
                                    const std::string& key = "test-key",
                                    const std::string& flags = "") {
-  std::string cmd = "curl -sS --max-time 120 " + flags + " -w '\\n%{http_code}' -H 'Content-Type: application/json'";
+  std::string cmd = "curl -sS --max-time 120 " + flags +
+                    " -w '\\n%{http_code}' -H 'Content-Type: application/json'";
   if (!key.empty()) cmd += " -H 'Authorization: Bearer " + key + "'";
   return RunCommand(cmd + " -d " + Quote(body.dump()) + " " + Url(port, path));
 }
@@ -65,16 +66,16 @@ TEST(OpenAiCollmdTest, CurlCompletionsStreamingErrorsAndKeys) {
   COLLM_REQUIRE_MODEL_FILE(model, "stories260K-hf/config.json");
   const std::string model_dir = model.substr(0, model.rfind('/'));
   const std::string dir = collm::testing::MakeTempDir("openai-collmd");
-  COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, model_dir, "  chat_template: llama2\n"),
-                     dir, "collmd");
+  COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, model_dir, "  chat_template: llama2\n"), dir,
+                     "collmd");
   const int port = d.port("http");
   ASSERT_GT(port, 0) << "no http= in the ports file";
 
   auto health = RunCommand("curl -sS -w '\\n%{http_code}' " + Url(port, "/health"));
   EXPECT_EQ(BodyAndStatus(health.out).second, 200) << health.out << health.err;
 
-  auto models = RunCommand("curl -sS -H 'Authorization: Bearer test-key' " +
-                           Url(port, "/v1/models"));
+  auto models =
+      RunCommand("curl -sS -H 'Authorization: Bearer test-key' " + Url(port, "/v1/models"));
   const json list = json::parse(models.out, nullptr, false);
   ASSERT_FALSE(list.is_discarded()) << models.out << models.err;
   EXPECT_EQ(list["data"][0]["id"], "stories260K-hf") << models.out;
@@ -146,11 +147,11 @@ TEST(OpenAiCollmdTest, OfficialNpmClientStreamsAChatCompletion) {
                             " && timeout 180 npm install --no-audit --no-fund --silent openai "
                             "2>&1");
   if (install.exit_code != 0) {
-    GTEST_SKIP() << "cannot install the openai npm package (registry unreachable?): "
-                 << install.out << install.err;
+    GTEST_SKIP() << "cannot install the openai npm package (registry unreachable?): " << install.out
+                 << install.err;
   }
-  COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, model_dir, "  chat_template: zephyr\n"),
-                     dir, "collmd");
+  COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, model_dir, "  chat_template: zephyr\n"), dir,
+                     "collmd");
   WriteFileOrDie(dir + "/chat.mjs", R"(
 import OpenAI from 'openai';
 const client = new OpenAI({ baseURL: process.argv[2], apiKey: 'test-key' });
