@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   collm::cli::AddFedCommand(app, fed_args, exit_code);
   collm::cli::RandomModelArgs random_args;
   collm::cli::AddRandomModelCommand(app, random_args, exit_code);
+  collm::cli::DeviceArgs device_args;
+  collm::cli::AddDeviceCommands(app, device_args, exit_code);
 
   collm::LoggingOptions logging;
   logging.level = "warn";

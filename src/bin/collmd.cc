@@ -2,6 +2,7 @@
 // batching, trains the shadow adapter in the same engine loop, takes part in federated rounds
 // (federation: section), exposes Prometheus metrics, and drains + checkpoints on SIGTERM/SIGINT.
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -24,6 +25,8 @@
 #include "collm/serving/grpc_server.h"
 #include "collm/serving/inference_service.h"
 #include "collm/serving/metrics_http_server.h"
+#include "collm/serving/openai_engine_backend.h"
+#include "collm/serving/openai_http_server.h"
 #include "collm/telemetry/metrics.h"
 
 namespace {
@@ -112,11 +115,13 @@ int main(int argc, char** argv) {
   std::string ports_file;
   app.add_option("--config,-c", config_path, "YAML config (see configs/collmd.yaml)")->required();
   app.add_option("--ports-file", ports_file,
-                 "Write 'grpc=PORT metrics=PORT' here once serving (for port 0)");
+                 "Write 'grpc=PORT metrics=PORT [http=PORT]' here once serving (for port 0)");
   CLI11_PARSE(app, argc, argv);
 
   // Before any thread starts, so only signals.Wait() below receives SIGTERM/SIGINT.
   const collm::ShutdownSignals signals;
+  // A client that closes an HTTP stream must not kill the daemon: writes then fail with EPIPE.
+  signal(SIGPIPE, SIG_IGN);
 
   auto cfg = DaemonConfig::FromFile(config_path);
   if (!cfg.ok()) {
@@ -188,9 +193,48 @@ int main(int argc, char** argv) {
   const int metrics_port = metrics_server ? metrics_server->port() : 0;
   COLLM_LOG_INFO("serving on port {} (metrics port {}), training {}", (*server)->port(),
                  metrics_port, cfg->training.enabled ? "on" : "off");
+
+  // The OpenAI-compatible API: the same engine path as gRPC Generate.
+  std::unique_ptr<collm::serving::EngineCompletionBackend> openai_backend;
+  std::unique_ptr<collm::serving::OpenAiHttpServer> openai_server;
+  if (cfg->http.enabled) {
+    const auto& h = cfg->http;
+    auto chat_template = collm::serving::ChatTemplate::ForModel(cfg->model_dir, h.chat_template);
+    if (!chat_template.ok()) return Fail(chat_template.status(), 2);
+    collm::serving::EngineBackendContext bc;
+    bc.engine = engine->get();
+    bc.tokenizer = tokenizer->get();
+    bc.registry = &registry;
+    bc.default_sampling = cfg->default_sampling;
+    // "/models/stories260K-hf/" names the base "stories260K-hf".
+    std::filesystem::path dir = std::filesystem::path(cfg->model_dir).lexically_normal();
+    if (dir.filename().empty()) dir = dir.parent_path();
+    bc.base_model_id = h.served_model_name.empty() ? dir.filename().string() : h.served_model_name;
+    if (bc.base_model_id.empty()) bc.base_model_id = "base";
+    const std::string base_id = bc.base_model_id;
+    bc.chat_template = *chat_template;
+    openai_backend = std::make_unique<collm::serving::EngineCompletionBackend>(std::move(bc));
+    collm::serving::OpenAiHttpOptions ho;
+    ho.address = h.address;
+    ho.api_keys = h.api_keys;
+    ho.threads = static_cast<int>(h.threads);
+    ho.max_body_bytes = h.max_body_bytes;
+    auto started = collm::serving::OpenAiHttpServer::Start(ho, *openai_backend);
+    if (!started.ok()) return Fail(started.status());
+    openai_server = std::move(*started);
+    COLLM_LOG_INFO(
+        "OpenAI API on port {} (model '{}', chat template {}, {})", openai_server->port(), base_id,
+        *chat_template ? collm::serving::ChatFamilyName((*chat_template)->family()) : "none",
+        h.api_keys.empty() ? "no API keys" : "API keys required");
+  }
   if (!ports_file.empty()) {
     const std::string tmp = ports_file + ".tmp";
-    std::ofstream(tmp) << "grpc=" << (*server)->port() << " metrics=" << metrics_port << "\n";
+    {
+      std::ofstream out(tmp);
+      out << "grpc=" << (*server)->port() << " metrics=" << metrics_port;
+      if (openai_server) out << " http=" << openai_server->port();
+      out << "\n";
+    }
     std::filesystem::rename(tmp, ports_file);
   }
 
@@ -221,10 +265,12 @@ int main(int argc, char** argv) {
   // No new rounds while draining; a task in flight is cut short and not uploaded.
   if (fl_client) fl_client->Stop();
   (*server)->SetServing(false);
+  if (openai_backend) openai_backend->SetDraining();  // /health says 503; new requests too.
   // The engine refuses new requests and finishes (or, after the grace, cancels) in-flight ones,
   // which completes their RPCs; then the server stops.
   (*engine)->Shutdown(cfg->shutdown_grace_seconds);
   (*server)->Shutdown(1.0);
+  if (openai_server) openai_server->Stop();  // Its streams ended with their requests.
   int code = 0;
   if (cfg->training.enabled && !cfg->training.checkpoint_dir.empty()) {
     if (auto s = (*engine)->CheckpointTraining(cfg->training.checkpoint_dir); !s.ok()) {

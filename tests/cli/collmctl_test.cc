@@ -1,5 +1,9 @@
-// collmctl as users run it: a real process, real files.
+// collmctl as users run it: a real process, real files, a real collmd for the operator verbs.
+#include "collm/lora/lora_adapter.h"
+#include "collm/lora/peft_io.h"
+#include "collm/runtime/llama_model.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "testing/subprocess.h"
 #include "testing/test_env.h"
 #include "testing/tiny_model.h"
@@ -156,6 +160,93 @@ TEST(CollmctlFinetuneTest, BadInputGivesClearErrors) {
       RunCommand(ctl + " generate --model " + model + " --adapter /nonexistent/adapter -p x");
   EXPECT_EQ(adapter.exit_code, 2);
   EXPECT_NE(adapter.err.find("/nonexistent/adapter"), std::string::npos) << adapter.err;
+}
+
+}  // namespace
+}  // namespace collm::cli
+
+// --- Operator verbs against a real collmd (tiny model) ----------------------------------------
+
+namespace collm::cli {
+namespace {
+
+std::string WriteDaemonConfig(const std::string& dir) {
+  collm::testing::WriteFileOrDie(dir + "/collmd.yaml",
+                                 "model: " + collm::testing::TinyModelDir() + R"(
+server:
+  address: 127.0.0.1:0
+metrics:
+  address: 127.0.0.1:0
+shutdown_grace_seconds: 5
+)");
+  return dir + "/collmd.yaml";
+}
+
+TEST(CollmctlDeviceTest, HealthExitsZeroWhileServingAndOneWhenNot) {
+  const std::string dir = collm::testing::MakeTempDir("collmctl-health");
+  COLLM_START_SERVER(d, "src/collmd", WriteDaemonConfig(dir), dir, "collmd");
+  auto ok = RunCommand(Collmctl() + " health " + d.address());
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.out, "SERVING\n");
+  ASSERT_EQ(d.Stop(), 0) << d.log();
+  auto gone = RunCommand(Collmctl() + " health " + d.address() + " --timeout 2");
+  EXPECT_EQ(gone.exit_code, 1);
+  EXPECT_NE(gone.err.find("cannot reach collmd at " + d.address()), std::string::npos) << gone.err;
+  auto usage = RunCommand(Collmctl() + " health");
+  EXPECT_NE(usage.exit_code, 0);
+  EXPECT_NE(usage.err.find("ADDR"), std::string::npos) << usage.err;
+}
+
+TEST(CollmctlDeviceTest, StatsPrintsATableOrJsonFromGetStats) {
+  const std::string dir = collm::testing::MakeTempDir("collmctl-stats");
+  COLLM_START_SERVER(d, "src/collmd", WriteDaemonConfig(dir), dir, "collmd");
+  auto gen = RunCommand(Collmctl() + " generate --daemon " + d.address() +
+                        " -p hi -n 4 --temperature 0 --ignore-eos");
+  ASSERT_EQ(gen.exit_code, 0) << gen.err;
+  auto table = RunCommand(Collmctl() + " stats " + d.address());
+  ASSERT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_NE(table.out.find("completed                1\n"), std::string::npos) << table.out;
+  EXPECT_NE(table.out.find("generated tokens         4\n"), std::string::npos) << table.out;
+  auto json = RunCommand(Collmctl() + " stats -d " + d.address() + " --json");
+  ASSERT_EQ(json.exit_code, 0) << json.err;
+  auto parsed = nlohmann::json::parse(json.out, nullptr, false);
+  ASSERT_FALSE(parsed.is_discarded()) << json.out;
+  // Proto3 JSON writes int64 as a string.
+  EXPECT_EQ(parsed["completed"], "1") << json.out;
+  EXPECT_EQ(parsed["generated_tokens"], "4") << json.out;
+}
+
+TEST(CollmctlDeviceTest, AdaptersLoadListUnload) {
+  const std::string dir = collm::testing::MakeTempDir("collmctl-adapters");
+  auto model = runtime::LlamaModel::Load(collm::testing::TinyModelDir(), {}).value();
+  auto adapter = lora::LoraAdapter::Create(model->config(), lora::LoraConfig{}, 7).value();
+  ASSERT_TRUE(lora::WritePeftAdapter(dir + "/peft", adapter).ok());
+  COLLM_START_SERVER(d, "src/collmd", WriteDaemonConfig(dir), dir, "collmd");
+  const std::string ctl = Collmctl() + " adapters -d " + d.address();
+  auto empty = RunCommand(ctl + " list");
+  ASSERT_EQ(empty.exit_code, 0) << empty.err;
+  EXPECT_NE(empty.out.find("no adapters"), std::string::npos) << empty.out;
+  auto load = RunCommand(ctl + " load support " + dir + "/peft");
+  ASSERT_EQ(load.exit_code, 0) << load.err;
+  EXPECT_EQ(load.out, "loaded support v1 from " + dir + "/peft\n");
+  auto list = RunCommand(ctl + " list");
+  ASSERT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_NE(list.out.find("NAME"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("support"), std::string::npos) << list.out;
+  auto json = RunCommand(ctl + " list --json");
+  auto parsed = nlohmann::json::parse(json.out, nullptr, false);
+  ASSERT_FALSE(parsed.is_discarded()) << json.out;
+  EXPECT_EQ(parsed["adapters"][0]["name"], "support");
+  EXPECT_EQ(parsed["adapters"][0]["version"], "1");
+  auto bad = RunCommand(ctl + " load other /nonexistent/peft");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("/nonexistent/peft"), std::string::npos) << bad.err;
+  auto unload = RunCommand(ctl + " unload support");
+  ASSERT_EQ(unload.exit_code, 0) << unload.err;
+  EXPECT_NE(RunCommand(ctl + " list").out.find("no adapters"), std::string::npos);
+  auto twice = RunCommand(ctl + " unload support");
+  EXPECT_EQ(twice.exit_code, 1);
+  EXPECT_NE(twice.err.find("support"), std::string::npos) << twice.err;
 }
 
 }  // namespace

@@ -275,6 +275,13 @@ const std::set<std::string> kDocumentedKeys = {
     "server.max_message_bytes",
     "metrics.enabled",
     "metrics.address",
+    "http.enabled",
+    "http.address",
+    "http.api_keys",
+    "http.chat_template",
+    "http.served_model_name",
+    "http.threads",
+    "http.max_body_bytes",
     "logging.level",
     "logging.json",
     "shutdown_grace_seconds",
@@ -895,5 +902,47 @@ TEST(DaemonConfigTest, ShippedFederatedConfigJoinsAnAggregator) {
   EXPECT_TRUE(c->training.publish.quality_gate);
   EXPECT_EQ(c->engine.training_share, 0);
 }
+
+// --- http: the OpenAI-compatible API -----------------------------------------------------------
+
+TEST(DaemonConfigTest, HttpSectionIsOffByDefaultAndParsesEveryKey) {
+  absl::StatusOr<DaemonConfig> plain = Parse("model: /m\n");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->http.enabled);
+  EXPECT_EQ(plain->http.address, "127.0.0.1:8000");
+  EXPECT_TRUE(plain->http.api_keys.empty());
+  ScopedEnv key("COLLM_TEST_API_KEY", "from-env");
+  absl::StatusOr<DaemonConfig> c = Parse(R"(model: /m
+http:
+  enabled: true
+  address: 0.0.0.0:0
+  api_keys: [k1, "${COLLM_TEST_API_KEY}", "${COLLM_TEST_UNSET_KEY:-}"]
+  chat_template: zephyr
+  served_model_name: tiny-chat
+  threads: 4
+  max_body_bytes: 1MiB
+)");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->http.enabled);
+  EXPECT_EQ(c->http.address, "0.0.0.0:0");
+  EXPECT_EQ(c->http.api_keys, (std::vector<std::string>{"k1", "from-env"}));
+  EXPECT_EQ(c->http.chat_template, "zephyr");
+  EXPECT_EQ(c->http.served_model_name, "tiny-chat");
+  EXPECT_EQ(c->http.threads, 4);
+  EXPECT_EQ(c->http.max_body_bytes, 1 << 20);
+}
+
+TEST(DaemonConfigTest, HttpSectionErrorsNameTheKey) {
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  chat_template: vicuna\n")),
+                      "http.chat_template");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  chat_template: vicuna\n")),
+                      "llama2, llama3, chatml, qwen, mistral, zephyr");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  threads: 0\n")), "http.threads");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  address: ''\n")), "http.address");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  api_keys: 5\n")), "http.api_keys");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  enable: true\n")),
+                      "http.enable: unknown key");
+}
+
 }  // namespace
 }  // namespace collm::config

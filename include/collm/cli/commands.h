@@ -115,6 +115,25 @@ struct FedArgs {
 int RunFed(const FedArgs& args, const std::string& verb, std::ostream& out, std::ostream& err);
 void AddFedCommand(CLI::App& app, FedArgs& args, int& exit_code);
 
+// `collmctl health ADDR | stats | adapters list|load|unload`: operator verbs against a running
+// collmd over gRPC. Exit codes: 0 ok (health: SERVING), 1 not serving, unreachable or refused
+// (message on `err`), 2 bad arguments.
+struct DeviceArgs {
+  std::string address = "127.0.0.1:50051";  // collmd's gRPC host:port.
+  std::string service;                      // health: the service to check ("" = the server).
+  bool json = false;                        // stats, adapters: JSON instead of tables.
+  double timeout_s = 5;                     // Per call.
+  std::string name;                         // adapters load/unload NAME.
+  std::string path;                         // adapters load PEFT_DIR.
+};
+
+int RunHealth(const DeviceArgs& args, std::ostream& out, std::ostream& err);
+int RunStats(const DeviceArgs& args, std::ostream& out, std::ostream& err);
+// `verb`: "list", "load" or "unload".
+int RunAdapters(const DeviceArgs& args, const std::string& verb, std::ostream& out,
+                std::ostream& err);
+void AddDeviceCommands(CLI::App& app, DeviceArgs& args, int& exit_code);
+
 // Where the offline default model lives: $COLLM_CACHE_DIR, else $XDG_CACHE_HOME/collm, else
 // ~/.cache/collm, plus "/tiny-random". Written on first use.
 std::string DefaultTinyModelDir();
