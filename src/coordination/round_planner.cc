@@ -129,8 +129,8 @@ RoundPlan RoundPlanner::Plan(std::vector<DeviceLoad> devices, const RoundLimits&
   int64_t with_estimates = 0;
   for (const auto& d : devices) with_estimates += HasEstimates(d, Forecast(d, horizon)) ? 1 : 0;
   if (with_estimates == 0) {
-    RoundPlan plan = PlanUniform(
-        devices, limits, "fallback (no device reported load estimates yet): ");
+    RoundPlan plan =
+        PlanUniform(devices, limits, "fallback (no device reported load estimates yet): ");
     plan.fallback = true;
     return plan;
   }
@@ -173,8 +173,7 @@ RoundPlan RoundPlanner::Plan(std::vector<DeviceLoad> devices, const RoundLimits&
       const double u =
           dd.forecast_arrival_rate > 0 ? dd.forecast_arrival_rate / d.serving_capacity_rps : 0;
       dd.forecast_utilization = u;
-      dd.share_ceiling =
-          std::clamp(1.0 - u / options_.max_utilization, 0.0, options_.max_share);
+      dd.share_ceiling = std::clamp(1.0 - u / options_.max_utilization, 0.0, options_.max_share);
       const double fits = std::floor(dd.share_ceiling * train_window / d.optimizer_step_seconds);
       dd.budget_steps = static_cast<int64_t>(std::min(local_steps, std::max(0.0, fits)));
       const double gain_ratio =

@@ -141,8 +141,8 @@ TEST(RoundPlannerTest, ADeviceWithGrowingSloDeficitIsLeftOut) {
 
 TEST(RoundPlannerTest, MinClientsIsRespectedEvenWhenNoDeviceHasRoom) {
   RoundPlanner planner(RoundPlannerOptions{});
-  RoundPlan plan = planner.Plan(
-      {Measured("a", 9.5), Measured("b", 9), Measured("c", 9.9)}, Limits(2));
+  RoundPlan plan =
+      planner.Plan({Measured("a", 9.5), Measured("b", 9), Measured("c", 9.9)}, Limits(2));
   ASSERT_EQ(plan.Participants().size(), 2u);
   // The two with the most room (b, then a) are the ones forced in, at the minimum budget.
   EXPECT_EQ(plan.Participants(), (std::vector<std::string>{"a", "b"}));
@@ -191,10 +191,10 @@ TEST(RoundPlannerTest, UniformMatchesTheSeededShuffleAndMaxClients) {
   RoundPlannerOptions o;
   o.policy = RoundPolicy::kUniform;
   RoundPlanner planner(o);
-  RoundPlan first = planner.Plan({Measured("a", 0), Measured("b", 9), Measured("c", 0)},
-                                 Limits(1, 2));
-  RoundPlan again = RoundPlanner(o).Plan(
-      {Measured("c", 0), Measured("b", 9), Measured("a", 0)}, Limits(1, 2));
+  RoundPlan first =
+      planner.Plan({Measured("a", 0), Measured("b", 9), Measured("c", 0)}, Limits(1, 2));
+  RoundPlan again =
+      RoundPlanner(o).Plan({Measured("c", 0), Measured("b", 9), Measured("a", 0)}, Limits(1, 2));
   EXPECT_EQ(first.policy, RoundPolicy::kUniform);
   EXPECT_EQ(first.Participants().size(), 2u);
   EXPECT_EQ(first.Participants(), again.Participants());  // Input order does not matter.

@@ -62,10 +62,10 @@ absl::Status ValidateRoundPlannerOptions(const RoundPlannerOptions& options);
 // the estimates.
 struct DeviceLoad {
   std::string device_id;
-  double arrival_rate_short = 0;   // Requests/s over ~1 s.
-  double arrival_rate_long = 0;    // Requests/s over ~30 s.
-  double arrival_trend = 0;        // Requests/s per second.
-  double slo_attainment = 1;       // [0, 1] over a recent window.
+  double arrival_rate_short = 0;       // Requests/s over ~1 s.
+  double arrival_rate_long = 0;        // Requests/s over ~30 s.
+  double arrival_trend = 0;            // Requests/s per second.
+  double slo_attainment = 1;           // [0, 1] over a recent window.
   double serving_capacity_rps = 0;     // Requests/s it sustains serving only; 0 = unknown.
   double optimizer_step_seconds = 0;   // One optimizer step training alone; 0 = unknown.
   double loss_reduction_per_step = 0;  // Last task's quality gain per step; <= 0 = unknown.
@@ -74,13 +74,13 @@ struct DeviceLoad {
 
 // The round's policy limits (federation policy) and context.
 struct RoundLimits {
-  int64_t min_clients = 1;       // >= 1; REQUIRES: at least this many devices are given.
-  int64_t max_clients = 0;       // 0 = no limit.
-  int64_t local_steps = 1;       // Largest budget (the policy's); >= 1.
-  double deadline_s = 300;       // The policy's deadline; > 0.
-  double training_share = 0.5;   // The policy's share (uniform tasks).
-  double delivery_s = 0;         // Until a device sees its task (a heartbeat interval).
-  uint64_t seed = 0;             // Uniform sampling.
+  int64_t min_clients = 1;      // >= 1; REQUIRES: at least this many devices are given.
+  int64_t max_clients = 0;      // 0 = no limit.
+  int64_t local_steps = 1;      // Largest budget (the policy's); >= 1.
+  double deadline_s = 300;      // The policy's deadline; > 0.
+  double training_share = 0.5;  // The policy's share (uniform tasks).
+  double delivery_s = 0;        // Until a device sees its task (a heartbeat interval).
+  uint64_t seed = 0;            // Uniform sampling.
 };
 
 struct DeviceDecision {
@@ -93,7 +93,7 @@ struct DeviceDecision {
   double slo_queue = 0;     // After this round's update.
   double quality_debt = 0;  // After this round's update.
   double expected_gain = 0;
-  double score = 0;         // 0 for an unmeasured device (chosen first, to be measured).
+  double score = 0;  // 0 for an unmeasured device (chosen first, to be measured).
   std::string reason;
 };
 
@@ -101,7 +101,7 @@ struct RoundPlan {
   RoundPolicy policy = RoundPolicy::kUniform;  // What decided (uniform also on fallback).
   bool fallback = false;                       // drift_plus_penalty fell back to uniform.
   double deadline_s = 0;
-  std::vector<DeviceDecision> decisions;       // One per device given, in device_id order.
+  std::vector<DeviceDecision> decisions;          // One per device given, in device_id order.
   std::vector<std::string> Participants() const;  // Chosen ids, sorted.
 };
 
