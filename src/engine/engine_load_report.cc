@@ -22,10 +22,9 @@ EngineLoadReport Engine::LoadReport() const {
   r.queued = st.queued;
   r.running = st.running;
   r.max_running = options_.max_running;
-  r.free_kv_fraction =
-      st.kv_blocks_total > 0
-          ? 1.0 - static_cast<double>(st.kv_blocks_used) / static_cast<double>(st.kv_blocks_total)
-          : 1.0;
+  r.free_kv_fraction = st.kv_blocks_total > 0 ? 1.0 - static_cast<double>(st.kv_blocks_used) /
+                                                          static_cast<double>(st.kv_blocks_total)
+                                              : 1.0;
   const int64_t finished = st.completed + st.cancelled + st.expired;
   const int64_t admitted = finished + st.running;
   if (st.infer_step_seconds > 0 && finished > 0 && admitted > 0) {
@@ -37,13 +36,13 @@ EngineLoadReport Engine::LoadReport() const {
     const double steps_per_request =
         std::max(1.0, std::ceil(mean_prompt / static_cast<double>(options_.max_step_tokens)) +
                           mean_generated);
-    r.serving_capacity_rps = static_cast<double>(options_.max_running) /
-                             (steps_per_request * st.infer_step_seconds);
+    r.serving_capacity_rps =
+        static_cast<double>(options_.max_running) / (steps_per_request * st.infer_step_seconds);
     r.serving_capacity_tokens_per_s = r.serving_capacity_rps * (mean_prompt + mean_generated);
   }
   if (st.train_step_seconds > 0 && st.train_optimizer_steps > 0 && st.train_micro_steps > 0) {
-    const double micro_per_step = static_cast<double>(st.train_micro_steps) /
-                                  static_cast<double>(st.train_optimizer_steps);
+    const double micro_per_step =
+        static_cast<double>(st.train_micro_steps) / static_cast<double>(st.train_optimizer_steps);
     r.optimizer_step_seconds = st.train_step_seconds * micro_per_step;
     const double tokens_per_step =
         static_cast<double>(st.train_tokens) / static_cast<double>(st.train_optimizer_steps);

@@ -64,9 +64,7 @@ TEST(AggregatorConfigTest, ShippedConfigGivesTheDocumentedDefaults) {
 TEST(AggregatorConfigTest, CoordinationSectionIsParsedAndValidated) {
   absl::StatusOr<AggregatorConfig> c = Parse(
       "coordination: {policy: uniform, V: 3, slo_target: 0.9, max_utilization: 0.7, "
-      "max_share: 0.5, min_budget_steps: 4, deadline_slack: 2}
-metrics_address: 127.0.0.1:0
-");
+      "max_share: 0.5, min_budget_steps: 4, deadline_slack: 2}\nmetrics_address: 127.0.0.1:0\n");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->coordination.policy, coordination::RoundPolicy::kUniform);
   EXPECT_EQ(c->coordination.v, 3);

@@ -199,7 +199,9 @@ TEST(RoundPlannerTest, UniformMatchesTheSeededShuffleAndMaxClients) {
   EXPECT_EQ(first.Participants().size(), 2u);
   EXPECT_EQ(first.Participants(), again.Participants());  // Input order does not matter.
   for (const auto& d : first.decisions) {
-    if (d.chosen) EXPECT_EQ(d.budget_steps, 20);
+    if (d.chosen) {
+      EXPECT_EQ(d.budget_steps, 20);
+    }
   }
 }
 
