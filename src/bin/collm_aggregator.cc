@@ -22,6 +22,8 @@
 #include "collm/lora/peft_io.h"
 #include "collm/serving/federation_service.h"
 #include "collm/serving/grpc_server.h"
+#include "collm/serving/metrics_http_server.h"
+#include "collm/telemetry/metrics.h"
 
 namespace {
 
@@ -97,6 +99,9 @@ int main(int argc, char** argv) {
   options.policy = cfg->policy;
   options.auto_start = cfg->auto_start;
   options.seed = cfg->seed;
+  options.planner = cfg->coordination;
+  collm::telemetry::MetricsRegistry metrics;
+  options.metrics = &metrics;
   UnixClock clock;
   auto manager = collm::federation::RoundManager::Create(options, clock, store->get(), *initial);
   if (!manager.ok()) return Fail(manager.status());
@@ -139,9 +144,32 @@ int main(int argc, char** argv) {
       "aggregator on port {} ({}), state {}, model fingerprint {}", (*server)->port(),
       cfg->tls.enabled() ? (cfg->tls.require_client_cert ? "mutual TLS" : "TLS") : "plaintext",
       cfg->state_dir, collm::federation::ModelFingerprint(*model));
+  std::unique_ptr<collm::serving::MetricsHttpServer> metrics_server;
+  if (!cfg->metrics_address.empty()) {
+    // Status counters are copied into gauges at each scrape; rounds, updates and decisions are
+    // recorded by the round manager as they happen.
+    auto started = collm::serving::MetricsHttpServer::Start(cfg->metrics_address, metrics, [&] {
+      const collm::v1::FederationStatus st = (*manager)->Status();
+      metrics.GetGauge("collm_fed_global_version", "Newest global adapter version")
+          ->Set(static_cast<double>(st.global_version()));
+      metrics.GetGauge("collm_fed_devices_online", "Devices online")
+          ->Set(static_cast<double>(st.devices_online()));
+      metrics.GetGauge("collm_fed_devices_total", "Devices known")
+          ->Set(static_cast<double>(st.devices_total()));
+      metrics.GetGauge("collm_fed_rounds_completed", "Rounds aggregated")
+          ->Set(static_cast<double>(st.rounds_completed()));
+    });
+    if (!started.ok()) return Fail(started.status());
+    metrics_server = std::move(*started);
+    COLLM_LOG_INFO("metrics on http://{}/metrics (port {})", cfg->metrics_address,
+                   metrics_server->port());
+  }
   if (!ports_file.empty()) {
     const std::string tmp = ports_file + ".tmp";
-    std::ofstream(tmp) << "grpc=" << (*server)->port() << "\n";
+    std::ofstream(tmp) << "grpc=" << (*server)->port()
+                       << (metrics_server ? " metrics=" + std::to_string(metrics_server->port())
+                                          : std::string())
+                       << "\n";
     std::filesystem::rename(tmp, ports_file);
   }
 
@@ -163,6 +191,7 @@ int main(int argc, char** argv) {
   const absl::Status persisted = (*manager)->Shutdown();  // Also ends WatchRounds streams.
   ticker.join();
   (*server)->Shutdown(cfg->shutdown_grace_seconds);
+  if (metrics_server) metrics_server->Stop();
   if (!persisted.ok()) return Fail(persisted);
   COLLM_LOG_INFO("stopped");
   return 0;

@@ -251,6 +251,9 @@ int main(int argc, char** argv) {
     o.model_fingerprint = collm::federation::ModelFingerprint(mc);
     o.accelerator = cfg->runtime.device;
     o.local_samples = local_samples;
+    // The load report names where this daemon serves, with the port actually bound.
+    o.serving_address = cfg->server.address.substr(0, cfg->server.address.rfind(':') + 1) +
+                        std::to_string((*server)->port());
     o.seed = cfg->training.trainer.seed;
     auto client = collm::federation::FlClient::Create(o, **engine, mc, feedback, &metrics);
     if (!client.ok()) return Fail(client.status());

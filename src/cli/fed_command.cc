@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "collm/cli/commands.h"
 #include "collm/common/file_io.h"
@@ -113,6 +114,25 @@ void PrintRound(const v1::RoundInfo& r, std::ostream& out) {
         << Time(u.received_unix_ms()) << "\n";
   }
   for (const auto& why : r.rejected()) out << "rejected: " << why << "\n";
+  if (r.decisions_size() == 0) return;
+  // The slow timescale's plan: every device online at the opening, chosen or not, and why.
+  out << "\ncoordination     " << r.coordination_policy() << "\n";
+  out << std::left << std::setw(20) << "DEVICE" << std::setw(8) << "CHOSEN" << std::setw(8)
+      << "BUDGET" << std::setw(9) << "CEILING" << std::setw(11) << "FORECAST" << std::setw(7)
+      << "UTIL" << std::setw(10) << "SLO_QUEUE" << std::setw(8) << "DEBT" << std::setw(7) << "GAIN"
+      << std::setw(9) << "SCORE"
+      << "REASON\n";
+  for (const auto& d : r.decisions()) {
+    out << std::left << std::setw(20) << d.device_id() << std::setw(8)
+        << (d.chosen() ? "yes" : "no") << std::setw(8) << d.budget_steps() << std::setw(9)
+        << absl::StrFormat("%.2f", d.share_ceiling()) << std::setw(11)
+        << absl::StrFormat("%.3g/s", d.forecast_arrival_rate()) << std::setw(7)
+        << absl::StrFormat("%.2f", d.forecast_utilization()) << std::setw(10)
+        << absl::StrFormat("%.3g", d.slo_queue()) << std::setw(8)
+        << absl::StrFormat("%.3g", d.quality_debt()) << std::setw(7)
+        << absl::StrFormat("%.2f", d.expected_gain()) << std::setw(9)
+        << absl::StrFormat("%.3g", d.score()) << d.reason() << "\n";
+  }
 }
 
 std::string WatchLine(const v1::FederationStatus& s) {
@@ -402,7 +422,9 @@ constexpr FedVerb kFedVerbs[] = {
     {"resume", "Resume a paused federation", RunResume},
     {"rounds", "Round log, newest first (rounds watch: live)", RunRounds},
     {"rounds watch", "Live progress until finished or Ctrl-C", RunRoundsWatch},
-    {"round show", "Participants, updates, rejections of round N", RunRoundShow},
+    {"round show",
+     "Participants, updates, rejections and per-device coordination decisions of round N",
+     RunRoundShow},
     {"policy set", "Set the given fields (from the next round)", RunPolicySet},
     {"adapter pull", "Download a global version in PEFT format", RunAdapterPull},
 };

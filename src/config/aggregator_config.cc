@@ -81,6 +81,27 @@ absl::Status ParsePolicy(const Section& root, v1::FederationPolicy* p) {
   return federation::ValidatePolicy(*p);
 }
 
+absl::Status ParseCoordination(const Section& root, coordination::RoundPlannerOptions& o) {
+  COLLM_ASSIGN_OR_RETURN(
+      Section s, root.Sub("coordination", {"policy", "V", "slo_target", "max_utilization",
+                                           "max_share", "min_budget_steps", "deadline_slack"}));
+  if (s.Has("policy")) {
+    std::string name;
+    COLLM_RETURN_IF_ERROR(s.String("policy", &name));
+    auto policy = coordination::ParseRoundPolicy(name);
+    if (!policy.ok())
+      return InvalidValue(s.PathOf("policy"), std::string(policy.status().message()));
+    o.policy = *policy;
+  }
+  COLLM_RETURN_IF_ERROR(s.Double("V", &o.v));
+  COLLM_RETURN_IF_ERROR(s.Double("slo_target", &o.slo_target));
+  COLLM_RETURN_IF_ERROR(s.Double("max_utilization", &o.max_utilization));
+  COLLM_RETURN_IF_ERROR(s.Double("max_share", &o.max_share));
+  COLLM_RETURN_IF_ERROR(s.Int("min_budget_steps", &o.min_budget_steps));
+  COLLM_RETURN_IF_ERROR(s.Double("deadline_slack", &o.deadline_slack));
+  return coordination::ValidateRoundPlannerOptions(o);
+}
+
 absl::Status ParseTls(const Section& root, AggregatorTlsConfig& tls) {
   COLLM_ASSIGN_OR_RETURN(
       Section s,
@@ -107,7 +128,7 @@ absl::StatusOr<AggregatorConfig> Parse(const YAML::Node& doc, const std::string&
                     {"server", "state_dir", "model_config", "initial_adapter", "lora", "seed",
                      "heartbeat_interval_ms", "offline_after_missed", "max_update_bytes", "tick_ms",
                      "auto_start", "policy", "tls", "admin_token", "admin_token_file", "logging",
-                     "shutdown_grace_seconds"},
+                     "shutdown_grace_seconds", "coordination", "metrics_address"},
                     base_dir));
   AggregatorConfig c;
   COLLM_ASSIGN_OR_RETURN(Section server, top.Sub("server", {"address", "max_message_bytes"}));
@@ -141,6 +162,8 @@ absl::StatusOr<AggregatorConfig> Parse(const YAML::Node& doc, const std::string&
   }
   COLLM_RETURN_IF_ERROR(ParsePolicy(top, &c.policy));
   COLLM_RETURN_IF_ERROR(ParseTls(top, c.tls));
+  COLLM_RETURN_IF_ERROR(ParseCoordination(top, c.coordination));
+  COLLM_RETURN_IF_ERROR(top.String("metrics_address", &c.metrics_address));
   COLLM_RETURN_IF_ERROR(top.String("admin_token", &c.admin_token));
   COLLM_RETURN_IF_ERROR(top.Path("admin_token_file", &c.admin_token_file));
   if (!c.admin_token.empty() && !c.admin_token_file.empty()) {

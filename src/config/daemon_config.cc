@@ -299,7 +299,7 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
       Section s,
       root.Sub("federation", {"enabled", "aggregator", "device_id", "tls", "heartbeat_seconds",
                               "backoff", "rpc_timeout_seconds", "upload_chunk_bytes",
-                              "install_global", "task_training_share"}));
+                              "install_global", "task_training_share", "follow_aggregator_share"}));
   COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
   COLLM_RETURN_IF_ERROR(s.String("aggregator", &out.aggregator));
   COLLM_RETURN_IF_ERROR(s.String("device_id", &out.device_id));
@@ -321,6 +321,7 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
                                 {"shadow_and_live", federation::InstallGlobal::kShadowAndLive}},
                                &out.install_global));
   COLLM_RETURN_IF_ERROR(s.Double("task_training_share", &out.task_training_share));
+  COLLM_RETURN_IF_ERROR(s.Bool("follow_aggregator_share", &out.follow_aggregator_share));
 
   auto positive = [&](const Section& sec, const std::string& key, double v) {
     return v > 0 ? absl::OkStatus()

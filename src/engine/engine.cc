@@ -115,6 +115,7 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
 
   std::lock_guard<std::mutex> lock(mu_);
   arrivals_.Record(seq->submit_nanos);
+  load_rates_.RecordArrival(seq->submit_nanos);
   if (!accepting_) return absl::UnavailableError("the engine is shutting down");
   if (static_cast<int64_t>(queue_.size()) >= options_.max_queued) {
     ++stats_.rejected_queue_full;

@@ -180,6 +180,8 @@ void Engine::EndTask(absl::Status status) {
   r.optimizer_steps = t->steps;
   r.num_samples = t->samples_in_steps;
   if (t->steps > 0) r.mean_train_loss = t->loss_sum / static_cast<double>(t->steps);
+  r.first_step_loss = t->first_loss;
+  r.last_step_loss = t->last_loss;
   if (r.status.ok() && t->steps == 0) {
     r.status = absl::AbortedError("the training task ended before its first optimizer step");
   }
@@ -218,6 +220,8 @@ void Engine::OnTaskProgress(int64_t examples, const absl::Status& status,
   ++task_->steps;
   task_->samples_in_steps = task_->samples;
   task_->loss_sum += step->loss;
+  if (task_->steps == 1) task_->first_loss = step->loss;
+  task_->last_loss = step->loss;
   if (task_->steps >= task_->task.optimizer_steps) EndTask(absl::OkStatus());
 }
 

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -54,6 +55,9 @@ constexpr std::chrono::milliseconds kTaskPollInterval{50};
 // A FakeClock moves without waking anyone, so waits on a clock other than the real one re-read it
 // this often.
 constexpr std::chrono::milliseconds kFakeClockPollInterval{5};
+// The SLO attainment window of the load report: this many heartbeats or requests at most.
+constexpr size_t kSloWindowHeartbeats = 12;
+constexpr int64_t kSloWindowRequests = 256;
 
 int64_t SystemUnixMillis() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -114,9 +118,15 @@ struct FlClient::Impl {
   int64_t failures_in_a_row = 0;
   std::unique_ptr<lora::LoraAdapter> global;  // Cached newest fetched global adapter.
   int64_t global_cached_version = 0;
-  double idle_share = -1;  // Last no-task share applied (-1 = none yet).
+  double idle_share = -1;  // Share between tasks: the engine's own at Create (or the
+                           // aggregator's with follow_aggregator_share).
   engine::EngineStats last_stats;
-  int64_t last_stats_nanos = -1;  // Clock time of last_stats; -1 = none yet.
+  // (finished, met SLO) per heartbeat interval, newest last: the SLO attainment window.
+  std::deque<std::pair<int64_t, int64_t>> slo_window;
+  int64_t slo_window_finished = 0;
+  int64_t slo_window_met = 0;
+  double loss_reduction_per_step = 0;  // Of the last task with >= 2 steps; 0 = unknown.
+  int64_t last_stats_nanos = -1;       // Clock time of last_stats; -1 = none yet.
   int64_t samples_at_last_round = 0;
 
   mutable std::mutex mu;
@@ -257,7 +267,10 @@ absl::Status FlClient::Impl::Cycle() {
   if (hb.has_task() && hb.task().round() != last_round) return RunTask(hb.task());
   if (hb.global_version() > global_cached_version)
     COLLM_RETURN_IF_ERROR(InstallNewGlobal(hb.global_version()));
-  if (hb.training_share() != idle_share) {
+  // Budgets only: the aggregator's policy share is applied between tasks only when the config
+  // asks for it; otherwise the engine keeps its own share (0 in a federated config), so a device
+  // does not go on training local data after the last round.
+  if (options.follow_aggregator_share && hb.training_share() != idle_share) {
     COLLM_RETURN_IF_ERROR(engine->SetTrainingShare(std::clamp(hb.training_share(), 0.0, 1.0)));
     idle_share = hb.training_share();
   }
@@ -310,6 +323,38 @@ v1::DeviceTelemetry FlClient::Impl::Telemetry() {
   }
   const int64_t finished = st.completed + st.cancelled + st.expired;
   const int64_t finished_before = p.completed + p.cancelled + p.expired;
+  if (last_stats_nanos >= 0) {
+    slo_window.emplace_back(finished - finished_before, st.slo_met - p.slo_met);
+    slo_window_finished += slo_window.back().first;
+    slo_window_met += slo_window.back().second;
+    // ~12 heartbeats (a minute at the default interval) or 256 requests, whichever is less,
+    // keeping at least the newest interval.
+    while (slo_window.size() > 1 &&
+           (slo_window.size() > kSloWindowHeartbeats ||
+            slo_window_finished - slo_window.front().first >= kSloWindowRequests)) {
+      slo_window_finished -= slo_window.front().first;
+      slo_window_met -= slo_window.front().second;
+      slo_window.pop_front();
+    }
+  }
+  t.set_slo_attainment_window(slo_window_finished > 0 ? static_cast<double>(slo_window_met) /
+                                                            static_cast<double>(slo_window_finished)
+                                                      : 1.0);
+  const engine::EngineLoadReport load = engine->LoadReport();
+  t.set_arrival_rate_1s(load.arrival_rate_1s);
+  t.set_arrival_rate_30s(load.arrival_rate_30s);
+  t.set_arrival_trend(load.arrival_trend);
+  t.set_running_sequences(load.running);
+  t.set_max_running(load.max_running);
+  t.set_free_kv_fraction(load.free_kv_fraction);
+  t.set_serving_capacity_rps(load.serving_capacity_rps);
+  t.set_serving_capacity_tokens_per_s(load.serving_capacity_tokens_per_s);
+  t.set_train_tokens_per_s_solo(load.train_tokens_per_s_solo);
+  t.set_optimizer_step_seconds(load.optimizer_step_seconds);
+  t.set_loss_reduction_per_step(loss_reduction_per_step);
+  t.set_adapter_version(load.adapter_version);
+  t.set_serving_address(options.serving_address);
+  t.set_training_task_active(load.training_task_active);
   // Recent attainment: over the requests finished since the last heartbeat (1 when none).
   t.set_slo_attainment(finished > finished_before
                            ? static_cast<double>(st.slo_met - p.slo_met) /
@@ -483,6 +528,12 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
   }
   const engine::TrainingReport report = future.get();
   SetState("connected");
+  if (report.status.ok() && report.optimizer_steps >= 2) {
+    // The quality-gain estimate the aggregator plans with; a task that made the loss worse
+    // reports no gain rather than a negative one.
+    loss_reduction_per_step = std::max(0.0, (report.first_step_loss - report.last_step_loss) /
+                                                static_cast<double>(report.optimizer_steps - 1));
+  }
   if (!report.status.ok()) {
     COLLM_LOG_WARN("federation: round {}: training produced no update: {}", round,
                    report.status.ToString());
@@ -634,6 +685,8 @@ absl::StatusOr<std::unique_ptr<FlClient>> FlClient::Create(
   impl->rng.seed(options.seed ^ std::hash<std::string>()(options.device_id));
   impl->options = std::move(options);
   impl->engine = &engine;
+  // What the daemon's config asked for between rounds; every task ends back at it.
+  impl->idle_share = engine.Stats().training_share;
   impl->model = model;
   impl->feedback = std::move(feedback);
   if (impl->feedback) impl->samples_at_last_round = impl->feedback->total_added();

@@ -115,7 +115,49 @@ absl::Status ValidatePolicy(const v1::FederationPolicy& p) {
 }
 
 RoundManager::RoundManager(const RoundManagerOptions& options, Clock& clock, StateStore* store)
-    : options_(options), clock_(clock), store_(store) {}
+    : options_(options), clock_(clock), store_(store), planner_(options.planner) {}
+
+void RoundManager::CountUpdate(const std::string& outcome, const std::string& reason) const {
+  if (options_.metrics == nullptr) return;
+  options_.metrics
+      ->GetCounter("collm_fed_updates_total", "Uploaded updates, by outcome and reason",
+                   {{"outcome", outcome}, {"reason", reason}})
+      ->Increment();
+}
+
+void RoundManager::CountRound(const std::string& outcome) const {
+  if (options_.metrics == nullptr) return;
+  options_.metrics
+      ->GetCounter("collm_fed_rounds_total", "Rounds closed, by outcome", {{"outcome", outcome}})
+      ->Increment();
+}
+
+void RoundManager::ExportDecisionsLocked(const v1::RoundInfo& round) {
+  telemetry::MetricsRegistry* m = options_.metrics;
+  if (m == nullptr) return;
+  m->GetGauge("collm_fed_round", "Current round number")->Set(static_cast<double>(round.round()));
+  m->GetGauge("collm_fed_round_participants", "Participants of the current round")
+      ->Set(static_cast<double>(round.participants_size()));
+  for (const auto& d : round.decisions()) {
+    const telemetry::Labels l = {{"device", d.device_id()}};
+    m->GetGauge("collm_fed_device_chosen", "1 = the device trains in the current round", l)
+        ->Set(d.chosen() ? 1 : 0);
+    m->GetGauge("collm_fed_device_budget_steps", "Optimizer steps in the device's task", l)
+        ->Set(static_cast<double>(d.budget_steps()));
+    m->GetGauge("collm_fed_device_share_ceiling", "Training-share ceiling in the device's task", l)
+        ->Set(d.share_ceiling());
+    m->GetGauge("collm_fed_device_forecast_utilization",
+                "Forecast serving utilization the round was planned with", l)
+        ->Set(d.forecast_utilization());
+    m->GetGauge("collm_fed_device_slo_queue", "Virtual queue of SLO deficit (drift-plus-penalty)",
+                l)
+        ->Set(d.slo_queue());
+    m->GetGauge("collm_fed_device_quality_debt", "Quality-debt virtual queue", l)
+        ->Set(d.quality_debt());
+    m->GetGauge("collm_fed_device_expected_gain", "Expected quality gain of the device's budget", l)
+        ->Set(d.expected_gain());
+  }
+}
 
 absl::StatusOr<std::unique_ptr<RoundManager>> RoundManager::Create(
     const RoundManagerOptions& options, Clock& clock, StateStore* store,
@@ -160,6 +202,14 @@ absl::StatusOr<std::unique_ptr<RoundManager>> RoundManager::Create(
     m->devices_[d.info.device_id()] = std::move(d);
   }
   m->rounds_ = std::move(state.rounds);
+  // The virtual queues are the planner's memory: they resume from the newest round that has
+  // decisions (each decision holds the queues after that round's update).
+  for (auto r = m->rounds_.rbegin(); r != m->rounds_.rend(); ++r) {
+    if (r->decisions_size() == 0) continue;
+    for (const auto& d : r->decisions())
+      m->planner_.RestoreQueues(d.device_id(), d.slo_queue(), d.quality_debt());
+    break;
+  }
   m->global_ = std::move(state.global);
   m->optimizer_ = std::move(state.optimizer);
   if (!m->rounds_.empty()) {
@@ -335,19 +385,28 @@ absl::StatusOr<v1::HeartbeatResponse> RoundManager::Heartbeat(const v1::Heartbea
     task->set_round(round->round());
     task->set_global_version(round->base_version());
     task->set_local_steps(policy_.local_steps());
+    task->set_training_share(policy_.training_share());
+    // The planner's budget and ceiling for this device (rounds persisted before planning had
+    // none: the policy's values).
+    for (const auto& decision : round->decisions()) {
+      if (decision.device_id() != d.info.device_id() || !decision.chosen()) continue;
+      task->set_local_steps(std::max<int64_t>(1, decision.budget_steps()));
+      task->set_training_share(decision.share_ceiling());
+    }
     task->set_lr(policy_.lr());
     task->set_prox_mu(policy_.prox_mu());
     task->set_deadline_unix_ms(round->deadline_unix_ms());
-    task->set_training_share(policy_.training_share());
   }
   return response;
 }
 
 void RoundManager::RejectLocked(const std::string& device_id, int64_t round,
-                                const std::string& reason, bool late) {
+                                const std::string& reason, const std::string& kind) {
   COLLM_LOG_WARN("update from {} for round {} rejected: {}", device_id, round, reason);
   status_.set_updates_rejected(status_.updates_rejected() + 1);
+  const bool late = kind == "late";
   if (late) status_.set_late_updates(status_.late_updates() + 1);
+  CountUpdate(late ? "late" : "rejected", kind);
   if (auto it = devices_.find(device_id); it != devices_.end()) {
     it->second.info.set_updates_rejected(it->second.info.updates_rejected() + 1);
     (void)SaveDevicesLocked();
@@ -361,9 +420,9 @@ void RoundManager::RejectLocked(const std::string& device_id, int64_t round,
 }
 
 void RoundManager::RecordRejection(const std::string& device_id, int64_t round,
-                                   const std::string& reason) {
+                                   const std::string& reason, const std::string& kind) {
   std::lock_guard<std::mutex> lock(mu_);
-  RejectLocked(device_id, round, reason, /*late=*/false);
+  RejectLocked(device_id, round, reason, kind);
 }
 
 absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
@@ -381,30 +440,35 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
         const absl::Status s = absl::FailedPreconditionError(
             absl::StrCat("late update: round ", number, " is closed (current round ", current,
                          open != nullptr ? ", collecting" : ", none collecting", ")"));
-        RejectLocked(id, number, std::string(s.message()), /*late=*/true);
+        RejectLocked(id, number, std::string(s.message()), "late");
         return s;
       }
       const absl::Status s = absl::InvalidArgumentError(
           absl::StrCat("round ", number, " does not exist (current round ", current, ")"));
-      RejectLocked(id, number, std::string(s.message()), false);
+      RejectLocked(id, number, std::string(s.message()), "unknown_round");
       return s;
     }
     absl::Status s;
+    std::string kind;
     if (!Contains(open->participants(), id)) {
       s = absl::FailedPreconditionError(
           absl::StrCat("device ", id, " is not a participant of round ", number));
+      kind = "not_participant";
     } else if (updates_.count(id) != 0) {
       s = absl::FailedPreconditionError(
           absl::StrCat("device ", id, " already uploaded an update for round ", number));
+      kind = "duplicate";
     } else if (header.base_version() != open->base_version()) {
       s = absl::FailedPreconditionError(
           absl::StrCat("base_version ", header.base_version(), " does not match round ", number,
                        ", which trains global version ", open->base_version()));
+      kind = "wrong_base";
     } else if (header.num_samples() <= 0) {
       s = absl::InvalidArgumentError(
           absl::StrCat("num_samples must be > 0, got ", header.num_samples()));
+      kind = "bad_header";
     }
-    if (!s.ok()) RejectLocked(id, number, std::string(s.message()), false);
+    if (!s.ok()) RejectLocked(id, number, std::string(s.message()), kind);
     return s;
   };
   {
@@ -413,7 +477,7 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
                                      it->second.session != header.session()) {
       const absl::Status s = absl::FailedPreconditionError(
           absl::StrCat("device ", id, ": unknown device or session: register again"));
-      RejectLocked(id, number, std::string(s.message()), false);
+      RejectLocked(id, number, std::string(s.message()), "session");
       return s;
     }
     COLLM_RETURN_IF_ERROR(check_round());
@@ -436,7 +500,7 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
   std::lock_guard<std::mutex> lock(mu_);
   if (!norm.ok()) {
     const absl::Status s = absl::InvalidArgumentError(norm.status().message());
-    RejectLocked(id, number, std::string(s.message()), false);
+    RejectLocked(id, number, std::string(s.message()), "invalid_adapter");
     return s;
   }
   COLLM_RETURN_IF_ERROR(check_round());  // The round may have closed meanwhile.
@@ -460,6 +524,7 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
   }
   updates_.emplace(id, std::move(update));
   status_.set_updates_accepted(status_.updates_accepted() + 1);
+  CountUpdate("accepted", "none");
   devices_[id].info.set_rounds_participated(devices_[id].info.rounds_participated() + 1);
   if (auto s = SaveStatusLocked(); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
   COLLM_LOG_INFO("round {}: accepted the update from {} ({} samples, delta norm {:.4g}), {}/{}",
@@ -573,26 +638,58 @@ void RoundManager::MaybeOpenRoundLocked() {
     ChangedLocked();
     return;
   }
-  std::vector<std::string> eligible;
+  std::vector<coordination::DeviceLoad> eligible;
   for (const auto& [id, d] : devices_) {
-    if (Online(d)) eligible.push_back(id);
+    if (!Online(d)) continue;
+    const v1::DeviceTelemetry& t = d.info.telemetry();
+    coordination::DeviceLoad load;
+    load.device_id = id;
+    load.arrival_rate_short = t.arrival_rate_1s();
+    load.arrival_rate_long = t.arrival_rate_30s();
+    load.arrival_trend = t.arrival_trend();
+    // Devices without a load report (max_running unset) count as meeting their SLO.
+    load.slo_attainment = t.max_running() > 0 ? t.slo_attainment_window() : 1;
+    load.serving_capacity_rps = t.serving_capacity_rps();
+    load.optimizer_step_seconds = t.optimizer_step_seconds();
+    load.loss_reduction_per_step = t.loss_reduction_per_step();
+    load.new_local_samples = t.new_local_samples();
+    eligible.push_back(std::move(load));
   }
   if (static_cast<int64_t>(eligible.size()) < policy_.min_clients()) return;
   const int64_t number = status_.current_round() + 1;
-  std::mt19937_64 rng(options_.seed ^ (static_cast<uint64_t>(number) * 0x9E3779B97F4A7C15ull));
-  std::shuffle(eligible.begin(), eligible.end(), rng);
-  if (policy_.max_clients() > 0 && static_cast<int64_t>(eligible.size()) > policy_.max_clients()) {
-    eligible.resize(policy_.max_clients());
-  }
-  std::sort(eligible.begin(), eligible.end());
+  coordination::RoundLimits limits;
+  limits.min_clients = policy_.min_clients();
+  limits.max_clients = policy_.max_clients();
+  limits.local_steps = policy_.local_steps();
+  limits.deadline_s = policy_.deadline_s();
+  limits.training_share = policy_.training_share();
+  limits.delivery_s = static_cast<double>(options_.heartbeat_interval_ms) * 1e-3;
+  limits.seed = options_.seed ^ (static_cast<uint64_t>(number) * 0x9E3779B97F4A7C15ull);
+  const coordination::RoundPlan plan = planner_.Plan(std::move(eligible), limits);
+  const std::vector<std::string> participants = plan.Participants();
   v1::RoundInfo round;
   round.set_round(number);
   round.set_state("collecting");
   round.set_base_version(status_.global_version());
-  for (const auto& id : eligible) round.add_participants(id);
+  for (const auto& id : participants) round.add_participants(id);
+  round.set_coordination_policy(coordination::RoundPolicyName(plan.policy) +
+                                (plan.fallback ? " (fallback)" : ""));
+  for (const auto& d : plan.decisions) {
+    v1::RoundDecision* out = round.add_decisions();
+    out->set_device_id(d.device_id);
+    out->set_chosen(d.chosen);
+    out->set_budget_steps(d.budget_steps);
+    out->set_share_ceiling(d.share_ceiling);
+    out->set_forecast_arrival_rate(d.forecast_arrival_rate);
+    out->set_forecast_utilization(d.forecast_utilization);
+    out->set_slo_queue(d.slo_queue);
+    out->set_quality_debt(d.quality_debt);
+    out->set_expected_gain(d.expected_gain);
+    out->set_score(d.score);
+    out->set_reason(d.reason);
+  }
   round.set_started_unix_ms(NowMs());
-  round.set_deadline_unix_ms(NowMs() +
-                             static_cast<int64_t>(std::llround(policy_.deadline_s() * 1000)));
+  round.set_deadline_unix_ms(NowMs() + static_cast<int64_t>(std::llround(plan.deadline_s * 1000)));
   round.set_strategy(policy_.strategy());
   if (auto s = store_->SaveRound(round); !s.ok()) {
     COLLM_LOG_ERROR("cannot open round {}: {}", number, std::string(s.message()));
@@ -602,8 +699,18 @@ void RoundManager::MaybeOpenRoundLocked() {
   updates_.clear();
   status_.set_current_round(number);
   if (auto s = SaveStatusLocked(); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
-  COLLM_LOG_INFO("round {} opened: {} participant(s), base version {}, deadline in {} s", number,
-                 eligible.size(), round.base_version(), policy_.deadline_s());
+  COLLM_LOG_INFO("round {} opened ({}): {} participant(s), base version {}, deadline in {} s",
+                 number, round.coordination_policy(), participants.size(), round.base_version(),
+                 plan.deadline_s);
+  for (const auto& d : plan.decisions) {
+    COLLM_LOG_INFO(
+        "round {}: {} {}: budget {} steps, share ceiling {:.2f}, forecast {:.3g} req/s "
+        "(utilization {:.2f}), SLO queue {:.3g}, quality debt {:.3g}, gain {:.2f}: {}",
+        number, d.device_id, d.chosen ? "chosen" : "not chosen", d.budget_steps, d.share_ceiling,
+        d.forecast_arrival_rate, d.forecast_utilization, d.slo_queue, d.quality_debt,
+        d.expected_gain, d.reason);
+  }
+  ExportDecisionsLocked(round);
   ChangedLocked();
 }
 
@@ -630,6 +737,7 @@ void RoundManager::Tick() {
                                      " updates, the deadline quorum is ", need,
                                      "; global adapter unchanged"));
         COLLM_LOG_WARN("round {} failed: {}", round->round(), std::string(round->note()));
+        CountRound("failed");
         updates_.clear();
         (void)store_->SaveRound(*round);
         (void)SaveStatusLocked();
@@ -646,9 +754,16 @@ void RoundManager::Tick() {
       const AggregationOptions agg = OptionsLocked(*round);
       const int64_t next_version = status_.global_version() + 1;
       lock.unlock();
+      const int64_t aggregation_start = clock_.NowNanos();
       absl::StatusOr<AggregationResult> result =
           Aggregate(options_.model, global, inputs, agg,
                     agg.server_optimizer == ServerOptimizer::kNone ? nullptr : &optimizer_);
+      if (options_.metrics != nullptr) {
+        options_.metrics
+            ->GetHistogram("collm_fed_aggregation_seconds", "Time to aggregate a round's updates",
+                           {0.001, 0.01, 0.1, 0.5, 1, 5, 30})
+            ->Observe(static_cast<double>(clock_.NowNanos() - aggregation_start) * 1e-9);
+      }
       absl::Status saved =
           result.ok() ? store_->SaveGlobal(next_version, result->adapter) : result.status();
       if (saved.ok() && agg.server_optimizer != ServerOptimizer::kNone) {
@@ -673,10 +788,12 @@ void RoundManager::Tick() {
         round->set_result_version(next_version);
         round->set_note(note);
         COLLM_LOG_INFO("round {} done ({}): global version {}", number, note, next_version);
+        CountRound("done");
       } else {
         round->set_state("failed");
         round->set_note(absl::StrCat("aggregation failed: ", saved.message()));
         COLLM_LOG_ERROR("round {} {}", number, std::string(round->note()));
+        CountRound("failed");
       }
       updates_.clear();
       if (auto s = store_->SaveRound(*round); !s.ok())

@@ -88,7 +88,8 @@ grpc::Status FederationServiceImpl::UploadUpdate(grpc::ServerContext* context,
   const v1::UpdateHeader header = chunk.header();
   if (grpc::Status s = CheckIdentity(context, header.device_id()); !s.ok()) return s;
   if (absl::Status s = manager_.CheckSession(header.device_id(), header.session()); !s.ok()) {
-    manager_.RecordRejection(header.device_id(), header.round(), std::string(s.message()));
+    manager_.RecordRejection(header.device_id(), header.round(), std::string(s.message()),
+                             "session");
     return ToGrpcStatus(s);
   }
   auto reject = [&](const std::string& reason) {

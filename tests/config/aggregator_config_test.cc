@@ -49,6 +49,40 @@ TEST(AggregatorConfigTest, ShippedConfigGivesTheDocumentedDefaults) {
   EXPECT_EQ(c->state_dir, (configs / "aggregator-state").lexically_normal().string());
   EXPECT_EQ(c->policy.strategy(), "fedavg");
   EXPECT_EQ(c->policy.local_steps(), 20);
+  const coordination::RoundPlannerOptions planner;
+  EXPECT_EQ(c->coordination.policy, planner.policy);
+  EXPECT_EQ(c->coordination.v, planner.v);
+  EXPECT_EQ(c->coordination.slo_target, planner.slo_target);
+  EXPECT_EQ(c->coordination.max_utilization, planner.max_utilization);
+  EXPECT_EQ(c->coordination.max_share, planner.max_share);
+  EXPECT_EQ(c->coordination.min_budget_steps, planner.min_budget_steps);
+  EXPECT_EQ(c->coordination.deadline_slack, planner.deadline_slack);
+  EXPECT_EQ(c->metrics_address, "127.0.0.1:9500");  // Off ("") unless configured.
+  EXPECT_EQ(defaults.metrics_address, "");
+}
+
+TEST(AggregatorConfigTest, CoordinationSectionIsParsedAndValidated) {
+  absl::StatusOr<AggregatorConfig> c = Parse(
+      "coordination: {policy: uniform, V: 3, slo_target: 0.9, max_utilization: 0.7, "
+      "max_share: 0.5, min_budget_steps: 4, deadline_slack: 2}\nmetrics_address: 127.0.0.1:0\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->coordination.policy, coordination::RoundPolicy::kUniform);
+  EXPECT_EQ(c->coordination.v, 3);
+  EXPECT_EQ(c->coordination.slo_target, 0.9);
+  EXPECT_EQ(c->coordination.max_utilization, 0.7);
+  EXPECT_EQ(c->coordination.max_share, 0.5);
+  EXPECT_EQ(c->coordination.min_budget_steps, 4);
+  EXPECT_EQ(c->coordination.deadline_slack, 2);
+  EXPECT_EQ(c->metrics_address, "127.0.0.1:0");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf("coordination: {policy: greedy}\n"),
+                      "coordination.policy must be uniform or drift_plus_penalty, got 'greedy'");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf("coordination: {V: -1}\n"),
+                      "coordination.V must be >= 0, got -1");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf("coordination: {max_share: 2}\n"),
+                      "coordination.max_share must be in (0, 1], got 2");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf("coordination: {min_budget_steps: 0}\n"),
+                      "coordination.min_budget_steps must be >= 1, got 0");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf("coordination: {vv: 1}\n"), "coordination.vv: unknown key");
 }
 
 TEST(AggregatorConfigTest, StateDirAndModelConfigAreRequired) {

@@ -271,6 +271,7 @@ const std::set<std::string> kDocumentedKeys = {
     "federation.upload_chunk_bytes",
     "federation.install_global",
     "federation.task_training_share",
+    "federation.follow_aggregator_share",
     "server.address",
     "server.max_message_bytes",
     "metrics.enabled",

@@ -116,6 +116,7 @@ struct Device {
     o.model_fingerprint = ModelFingerprint(
         runtime::ModelConfig::FromFile(collm::testing::TinyModelDir() + "/config.json").value());
     o.local_samples = 64;
+    o.serving_address = "127.0.0.1:50051";
     return o;
   }
 
@@ -204,7 +205,18 @@ TEST(FlClientTest, JoinsARoundUploadsTheBudgetAndInstallsTheNextGlobal) {
   {
     std::lock_guard<std::mutex> lock(agg.mu);
     ASSERT_FALSE(agg.telemetry.empty());
-    EXPECT_GE(agg.telemetry.back().slo_attainment(), 0);
+    const v1::DeviceTelemetry& t = agg.telemetry.back();
+    EXPECT_GE(t.slo_attainment(), 0);
+    // The load report, measured by the task it just trained.
+    EXPECT_GT(t.optimizer_step_seconds(), 0);
+    EXPECT_GT(t.train_tokens_per_s_solo(), 0);
+    EXPECT_GE(t.loss_reduction_per_step(), 0);
+    EXPECT_GT(t.max_running(), 0);
+    EXPECT_GT(t.free_kv_fraction(), 0);
+    EXPECT_LE(t.free_kv_fraction(), 1);
+    EXPECT_EQ(t.slo_attainment_window(), 1) << "no request finished: nothing missed";
+    EXPECT_EQ(t.serving_address(), "127.0.0.1:50051");
+    EXPECT_EQ(t.arrival_rate_1s(), 0);
   }
   const std::string text = d.metrics.RenderPrometheus();
   for (const char* needle :
@@ -212,6 +224,27 @@ TEST(FlClientTest, JoinsARoundUploadsTheBudgetAndInstallsTheNextGlobal) {
         "collm_fl_global_version 2", "collm_fl_live_global_version 2", "collm_fl_connected 1"}) {
     EXPECT_NE(text.find(needle), std::string::npos) << needle << " missing in:\n" << text;
   }
+}
+
+// Budgets only (issue 11): the aggregator's policy share in heartbeats does not make a device
+// train between tasks unless its config asks to follow it.
+TEST(FlClientTest, BetweenTasksTheDeviceKeepsItsOwnShareUnlessItFollowsTheAggregator) {
+  Device d;
+  ScriptedAggregator agg;
+  agg.globals[1] = BlobOf(d.Fresh(7));
+  agg.training_share = 0.7;
+  Server server(&agg, 0);
+  ASSERT_TRUE(server.ok());
+  d.StartClient(d.Options(server.port()));
+  ASSERT_TRUE(WaitFor([&] { return d.client->Stats().heartbeats >= 10; }));
+  EXPECT_EQ(d.engine->Stats().training_share, 0);
+  EXPECT_EQ(d.engine->Stats().train_optimizer_steps, 0) << "trained outside any task";
+  d.client->Stop();
+
+  FlClientOptions follow = d.Options(server.port());
+  follow.follow_aggregator_share = true;
+  d.StartClient(follow);
+  ASSERT_TRUE(WaitFor([&] { return d.engine->Stats().training_share == 0.7; }));
 }
 
 TEST(FlClientTest, ACorruptGlobalIsRefusedAndNothingIsInstalled) {

@@ -297,6 +297,109 @@ TEST_F(RoundManagerTest, PolicyAndControlValidation) {
   EXPECT_EQ(m->Status().policy().local_steps(), 7);
 }
 
+// A load report as collmd sends it: `rate` req/s steady, a 10 req/s capacity, 1 s steps.
+v1::HeartbeatRequest LoadBeat(const std::string& id, const std::string& session, double rate,
+                              double attainment = 1.0) {
+  v1::HeartbeatRequest req;
+  req.set_device_id(id);
+  req.set_session(session);
+  v1::DeviceTelemetry* t = req.mutable_telemetry();
+  t->set_arrival_rate_1s(rate);
+  t->set_arrival_rate_30s(rate);
+  t->set_slo_attainment_window(attainment);
+  t->set_serving_capacity_rps(10);
+  t->set_optimizer_step_seconds(1);
+  t->set_loss_reduction_per_step(0.01);
+  t->set_max_running(8);
+  return req;
+}
+
+TEST_F(RoundManagerTest, DriftPlusPenaltyTrainsIdleDevicesWithTheirOwnBudgetsAndExplainsIt) {
+  telemetry::MetricsRegistry metrics;
+  options_.metrics = &metrics;
+  options_.policy.set_min_clients(1);
+  options_.policy.set_local_steps(100);
+  auto m = Make();
+  const std::string s1 = Register(*m, "idle"), s2 = Register(*m, "light"),
+                    s3 = Register(*m, "busy");
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("idle", s1, 0), "test").ok());
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("light", s2, 2), "test").ok());
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("busy", s3, 9), "test").ok());
+  m->Tick();
+  auto round = m->Round(1);
+  ASSERT_TRUE(round.ok()) << round.status();
+  EXPECT_EQ(round->coordination_policy(), "drift_plus_penalty");
+  EXPECT_EQ(std::vector<std::string>(round->participants().begin(), round->participants().end()),
+            (std::vector<std::string>{"idle", "light"}));
+  ASSERT_EQ(round->decisions_size(), 3);
+  for (const auto& d : round->decisions()) EXPECT_FALSE(d.reason().empty()) << d.device_id();
+  // Each participant's task carries its own budget and share ceiling.
+  auto idle = m->Heartbeat(LoadBeat("idle", s1, 0), "test");
+  auto light = m->Heartbeat(LoadBeat("light", s2, 2), "test");
+  auto busy = m->Heartbeat(LoadBeat("busy", s3, 9), "test");
+  ASSERT_TRUE(idle->has_task() && light->has_task());
+  EXPECT_FALSE(busy->has_task());
+  EXPECT_EQ(idle->task().local_steps(), 59);  // (60 s deadline - 1 s delivery) / 1 s per step.
+  EXPECT_DOUBLE_EQ(idle->task().training_share(), 1.0);
+  EXPECT_LT(light->task().local_steps(), idle->task().local_steps());
+  EXPECT_LT(light->task().training_share(), 1.0);
+  const std::string text = metrics.RenderPrometheus();
+  EXPECT_NE(text.find("collm_fed_device_chosen{device=\"busy\"} 0"), std::string::npos) << text;
+  EXPECT_NE(text.find("collm_fed_device_budget_steps{device=\"idle\"} 59"), std::string::npos);
+  EXPECT_NE(text.find("collm_fed_round_participants 2"), std::string::npos);
+}
+
+TEST_F(RoundManagerTest, UniformPolicyAndDevicesWithoutLoadReportsKeepTheOldSampling) {
+  options_.planner.policy = coordination::RoundPolicy::kUniform;
+  auto m = Make();
+  const std::string s1 = Register(*m, "dev-1"), s2 = Register(*m, "dev-2"),
+                    s3 = Register(*m, "dev-3");
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("dev-1", s1, 9), "test").ok());
+  m->Tick();
+  auto round = m->Round(1);
+  ASSERT_TRUE(round.ok());
+  EXPECT_EQ(round->coordination_policy(), "uniform");
+  EXPECT_EQ(round->participants_size(), 3);  // Busy or not: uniform samples everyone.
+  auto hb = m->Heartbeat(LoadBeat("dev-1", s1, 9), "test");
+  EXPECT_EQ(hb->task().local_steps(), DefaultPolicy().local_steps());
+  EXPECT_DOUBLE_EQ(hb->task().training_share(), DefaultPolicy().training_share());
+}
+
+TEST_F(RoundManagerTest, VirtualQueuesSurviveARestartThroughThePersistedDecisions) {
+  options_.policy.set_min_clients(1);
+  options_.policy.set_deadline_s(5);
+  {
+    auto m = Make();
+    const std::string s1 = Register(*m, "good"), s2 = Register(*m, "missing");
+    ASSERT_TRUE(m->Heartbeat(LoadBeat("good", s1, 0), "test").ok());
+    ASSERT_TRUE(m->Heartbeat(LoadBeat("missing", s2, 0, /*attainment=*/0.35), "test").ok());
+    m->Tick();
+    auto round = m->Round(1);
+    ASSERT_TRUE(round.ok());
+    for (const auto& d : round->decisions()) {
+      if (d.device_id() == "missing") {
+        EXPECT_NEAR(d.slo_queue(), 0.6, 1e-9);
+      }
+    }
+    ASSERT_TRUE(m->Shutdown().ok());
+  }
+  auto m = Make();
+  const std::string s1 = Register(*m, "good"), s2 = Register(*m, "missing");
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("good", s1, 0), "test").ok());
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("missing", s2, 0, 0.35), "test").ok());
+  clock_.AdvanceSeconds(6);  // Round 1's deadline passes without updates: it fails.
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("good", s1, 0), "test").ok());
+  ASSERT_TRUE(m->Heartbeat(LoadBeat("missing", s2, 0, 0.35), "test").ok());
+  m->Tick();
+  auto round = m->Round(2);
+  ASSERT_TRUE(round.ok()) << round.status();
+  for (const auto& d : round->decisions()) {
+    if (d.device_id() == "missing") {
+      EXPECT_NEAR(d.slo_queue(), 1.2, 1e-9);  // Resumed, and grown by this round's deficit.
+    }
+  }
+}
+
 TEST(StateStoreTest, CorruptFilesAreNamedAndTempFilesIgnored) {
   const std::string dir = collm::testing::MakeTempDir("state-store");
   const runtime::ModelConfig model = runtime::TinyLlamaConfig();

@@ -77,11 +77,14 @@ Shards MakeShards(const std::string& model_dir, const std::string& data,
   return s;
 }
 
-std::string WriteAggregatorConfig(const Shards& s, const std::string& policy) {
-  const std::string yaml =
-      "server:\n  address: 127.0.0.1:0\n"
-      "state_dir: " +
-      s.dir + "/agg-state\n" + "model_config: " + s.model_dir + "/config.json\n" + R"(
+// `extra`: more top-level YAML (coordination:, metrics_address:, ...).
+std::string WriteAggregatorConfig(const Shards& s, const std::string& policy,
+                                  const std::string& extra = "") {
+  const std::string yaml = extra +
+                           "server:\n  address: 127.0.0.1:0\n"
+                           "state_dir: " +
+                           s.dir + "/agg-state\n" + "model_config: " + s.model_dir +
+                           "/config.json\n" + R"(
 lora:
   rank: 8
   alpha: 16
@@ -406,6 +409,108 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
         << body << "\n"
         << fed.daemon(i).log();
   }
+}
+
+// The shipped configs/collmd-federated.yaml, on loopback ports the kernel picks, as daemon
+// `index` of a cluster.
+std::string WriteShippedFederatedConfig(const std::string& dir, int index, int aggregator_port) {
+  std::string yaml =
+      ReadFileOrDie(std::string(COLLM_SOURCE_DIR) + "/configs/collmd-federated.yaml");
+  auto replace = [&](const std::string& from, const std::string& to) {
+    const size_t at = yaml.find(from);
+    EXPECT_NE(at, std::string::npos) << from << " is no longer in collmd-federated.yaml";
+    if (at != std::string::npos) yaml.replace(at, from.size(), to);
+  };
+  replace("\"${COLLM_AGGREGATOR:-127.0.0.1:50061}\"",
+          "127.0.0.1:" + std::to_string(aggregator_port));
+  replace("\"${COLLM_DEVICE_ID:-edge-1}\"", FederationCluster::DaemonName(index));
+  replace("address: \"127.0.0.1:50051\"", "address: 127.0.0.1:0");
+  replace("address: \"127.0.0.1:9400\"", "address: 127.0.0.1:0");
+  const std::string path = dir + "/" + FederationCluster::DaemonName(index) + ".yaml";
+  WriteFileOrDie(path, yaml);
+  return path;
+}
+
+// The counter `name` (no labels) in a Prometheus text body; -1 when absent.
+double Counter(const std::string& body, const std::string& name) {
+  const size_t at = body.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(body.substr(at + name.size() + 2));
+}
+
+// Issue 11's report: with configs/collmd-federated.yaml ("no local training between rounds"), a
+// device went on training its local data after the last round (collm_train_steps_total rising,
+// train_time_share 0.99). In federated mode a device trains only inside the coordinator's
+// budgets; the round log explains every decision, and the aggregator exports /metrics.
+TEST(FederationE2eTest, AfterTheLastRoundTheShippedFederatedConfigTrainsNoMore) {
+  COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
+  COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-budgets-only");
+  auto started = FederationCluster::Start(
+      s.dir,
+      WriteAggregatorConfig(s, R"(  rounds: 2
+  local_steps: 3
+  lr: 0.003
+  min_clients: 2
+  quorum: 0
+  deadline_s: 120
+  training_share: 0.5
+)",
+                            "metrics_address: 127.0.0.1:0\n"),
+      2, [&](int i, int port) { return WriteShippedFederatedConfig(s.dir, i, port); });
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  ServerProcess& agg = fed.aggregator();
+  Admin admin(agg.address());
+  ASSERT_TRUE(WaitFor([&] { return admin.Status().state() == "finished"; }, 240)) << fed.Logs();
+
+  // Each device trained exactly its budgets, and then nothing more.
+  std::vector<double> steps(2);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          return Metrics(fed.daemon(i).metrics_port()).find("collm_fl_global_version 3") !=
+                 std::string::npos;
+        },
+        60))
+        << fed.daemon(i).log();
+    steps[i] = Counter(Metrics(fed.daemon(i).metrics_port()), "collm_train_steps_total");
+    EXPECT_EQ(steps[i], 6) << "edge-" << i << ": 2 rounds x 3 steps";
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(4));  // > 10 heartbeats of 300 ms.
+  for (int i = 0; i < 2; ++i) {
+    const std::string body = Metrics(fed.daemon(i).metrics_port());
+    EXPECT_EQ(Counter(body, "collm_train_steps_total"), steps[i])
+        << "edge-" << i << " kept training after the last round\n"
+        << body;
+    EXPECT_EQ(Counter(body, "collm_train_micro_steps_total"),
+              Counter(Metrics(fed.daemon(i).metrics_port()), "collm_train_micro_steps_total"));
+  }
+
+  // The second round was planned from the devices' load reports and says so, per device.
+  auto r = RunCommand(Ctl(agg, "round show 2 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto round = nlohmann::json::parse(r.out);
+  EXPECT_EQ(round["coordination_policy"], "drift_plus_penalty") << round.dump();
+  ASSERT_EQ(round["decisions"].size(), 2u) << round.dump();
+  for (const auto& d : round["decisions"]) {
+    EXPECT_TRUE(d["chosen"].get<bool>()) << d.dump();  // Both idle: both train.
+    EXPECT_EQ(d["budget_steps"], "3") << d.dump();
+    EXPECT_FALSE(d["reason"].get<std::string>().empty()) << d.dump();
+  }
+  r = RunCommand(Ctl(agg, "round show 2"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("coordination     drift_plus_penalty"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("SLO_QUEUE"), std::string::npos) << r.out;
+
+  const std::string agg_metrics = Metrics(agg.metrics_port());
+  EXPECT_NE(agg_metrics.find("collm_fed_rounds_total{outcome=\"done\"} 2"), std::string::npos)
+      << agg_metrics;
+  EXPECT_NE(agg_metrics.find("collm_fed_updates_total{outcome=\"accepted\",reason=\"none\"} 4"),
+            std::string::npos)
+      << agg_metrics;
+  EXPECT_NE(agg_metrics.find("collm_fed_device_slo_queue{device=\"edge-0\"}"), std::string::npos);
+  EXPECT_NE(agg_metrics.find("collm_fed_aggregation_seconds_count 2"), std::string::npos);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "collm/common/logging.h"
+#include "collm/coordination/round_planner.h"
 #include "collm/federation/round_manager.h"
 #include "collm/lora/lora_config.h"
 
@@ -43,6 +44,9 @@ struct AggregatorConfig {
   std::string admin_token_file;  // Read the token from this file instead.
   LoggingOptions logging;
   double shutdown_grace_seconds = 5;
+  // The slow timescale (coordination: section): who trains each round and how much.
+  coordination::RoundPlannerOptions coordination;
+  std::string metrics_address;  // Prometheus /metrics listen address; port 0 = any; "" = off.
 
   // ${VAR} / ${VAR:-default} / $${ expand in every value; paths (state_dir, model_config,
   // initial_adapter, tls.*, admin_token_file) expand a leading ~ and resolve relative ones against

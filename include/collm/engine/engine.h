@@ -26,6 +26,7 @@
 #include "collm/common/clock.h"
 #include "collm/coordination/arrival_rate.h"
 #include "collm/coordination/co_execution_policy.h"
+#include "collm/coordination/load_rates.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine_metrics.h"
 #include "collm/engine/peft_trainer.h"
@@ -126,6 +127,29 @@ struct TrainingTask {
   double share_after = -1;      // Share once the task is done, [0, 1]; < 0 = keep.
 };
 
+// The engine's load as the slow timescale and the router plan with it (Engine::LoadReport).
+// 0 = not measured yet for the estimates.
+struct EngineLoadReport {
+  double arrival_rate_1s = 0;   // Requests/s, decayed over ~1 s (coordination::LoadRates).
+  double arrival_rate_30s = 0;  // Requests/s, decayed over ~30 s.
+  double arrival_trend = 0;     // Requests/s per second.
+  int64_t queued = 0;
+  int64_t running = 0;
+  int64_t max_running = 0;
+  double free_kv_fraction = 1;  // Free KV blocks / total.
+  // Serving-only capacity from the measured step cost: max_running sequences each taking
+  // (prefill chunks + mean generated tokens) steps of infer_step_seconds. Optimistic at large
+  // batches (a step costs more with more tokens); planners keep headroom below it.
+  double serving_capacity_rps = 0;
+  double serving_capacity_tokens_per_s = 0;  // capacity_rps x mean tokens per request.
+  double optimizer_step_seconds = 0;         // One optimizer step training alone.
+  double train_tokens_per_s_solo = 0;        // Training tokens/s training alone.
+  double training_share = 0;                 // Current target share.
+  double train_time_share = 0;               // Measured share of busy time (EWMA).
+  bool training_task_active = false;
+  int64_t adapter_version = 0;  // Live adapter version (local publish counter).
+};
+
 struct TrainingReport {
   absl::Status status;          // OK; Cancelled when replaced, superseded by an install or shut
                                 // down; Aborted when cut short with no step done; else the error.
@@ -134,6 +158,8 @@ struct TrainingReport {
   int64_t num_samples = 0;      // Examples trained on during the task (FedAvg weight).
   double mean_train_loss = 0;   // Mean over the task's optimizer steps.
   double held_out_loss = -1;    // Of the snapshot on the publisher's held-out set; < 0 = none.
+  double first_step_loss = 0;   // Loss of the task's first and last optimizer step (the quality
+  double last_step_loss = 0;    // gain estimate: their difference per step).
 };
 
 struct InstallOptions {
@@ -173,6 +199,8 @@ class Engine {
   // cancels what is left, and joins the engine thread. Idempotent.
   void Shutdown(double grace_seconds);
   EngineStats Stats() const;
+  // A snapshot of load and measured costs (engine_load_report.cc).
+  EngineLoadReport LoadReport() const;
 
   // Attaches the shadow-adapter trainer; call before Start(). InvalidArgument for a bad share.
   absl::Status EnableTraining(TrainingSetup setup);
@@ -255,6 +283,8 @@ class Engine {
     int64_t samples = 0;           // Examples in micro-steps so far.
     int64_t samples_in_steps = 0;  // ... of which in completed optimizer steps.
     double loss_sum = 0;
+    double first_loss = 0;
+    double last_loss = 0;
   };
   bool PostCommand(std::function<void()> command);  // False once Shutdown closed the queue.
   void RunCommands();                               // Engine thread.
@@ -282,6 +312,7 @@ class Engine {
   int64_t shutdown_deadline_nanos_ = 0;          // Guarded by mu_; 0 = not shutting down.
   EngineStats stats_;                            // Guarded by mu_.
   coordination::ArrivalRateEstimator arrivals_;  // Guarded by mu_ (Submit records).
+  coordination::LoadRates load_rates_;           // Guarded by mu_ (Submit records).
   std::vector<std::function<void()>> commands_;  // Guarded by mu_.
   bool commands_closed_ = false;                 // Guarded by mu_; set by Shutdown.
 

@@ -4,7 +4,10 @@
 // into the shadow adapter, trains exactly the task's budget inside the engine's co-execution
 // scheduler (serving first, the SLO guard in charge) and uploads the update (chunked, with its
 // sample count and losses). Every newer global version is installed into the shadow and, when
-// configured, offered to the live adapter through the local quality gate. A lost aggregator means
+// configured, offered to the live adapter through the local quality gate. Outside tasks the device
+// trains only at its own configured share (budgets only), unless follow_aggregator_share. Each
+// heartbeat carries the load report (Engine::LoadReport plus windows kept here) the aggregator
+// plans rounds with. A lost aggregator means
 // retries with exponential backoff and jitter; serving never depends on it.
 #ifndef COLLM_FEDERATION_FL_CLIENT_H_
 #define COLLM_FEDERATION_FL_CLIENT_H_
@@ -57,12 +60,17 @@ struct FlClientOptions {
   InstallGlobal install_global = InstallGlobal::kShadowAndLive;
   double task_training_share = 0.5;    // For tasks whose training_share is 0; (0, 1].
   double deadline_margin_seconds = 1;  // Cut training short this long before a round's deadline.
+  // Between tasks the device trains only as its own engine.training_share says (0 = only inside
+  // the coordinator's budgets). true = follow the aggregator's policy training_share instead
+  // (federation.follow_aggregator_share; an explicit ask for local training between rounds).
+  bool follow_aggregator_share = false;
   // Identity sent at Register: filled by collmd from the loaded model, not from YAML.
   std::string model_name;         // e.g. "llama h64 L5".
   std::string model_fingerprint;  // sha256 of config.json (ModelFingerprint); required.
   std::string accelerator = "cpu";
-  int64_t local_samples = 0;  // Local training examples.
-  uint64_t seed = 0;          // Backoff jitter.
+  int64_t local_samples = 0;    // Local training examples.
+  std::string serving_address;  // host:port of this daemon's InferenceService (load report).
+  uint64_t seed = 0;            // Backoff jitter.
 };
 
 // A snapshot of the client's progress, also exported as collm_fl_* metrics.

@@ -15,6 +15,12 @@
 // Pause stops opening rounds (the open one still completes); the federation is "finished" once
 // policy.rounds rounds are done (0 = run until paused).
 //
+// Participants, budgets and share ceilings come from the coordination::RoundPlanner
+// (options.planner: uniform or drift_plus_penalty over the devices' load reports); each round
+// keeps the planner's decision for every online device (RoundInfo.decisions, persisted with the
+// round, logged), and a participant's task carries its own budget and share ceiling. After a
+// restart the planner's virtual queues resume from the last round's decisions.
+//
 // Devices are online while their last call is within offline_after_missed heartbeat intervals.
 // Sessions live in memory only: after a restart heartbeats answer reregister = true, and a device
 // that re-registers keeps its place (and pending task) in the open round.
@@ -39,11 +45,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "collm/common/clock.h"
+#include "collm/coordination/round_planner.h"
 #include "collm/federation/aggregation.h"
 #include "collm/federation/state_store.h"
 #include "collm/lora/lora_adapter.h"
 #include "collm/lora/peft_io.h"
 #include "collm/runtime/model_config.h"
+#include "collm/telemetry/metrics.h"
 #include "collm/v1/federation.pb.h"
 
 namespace collm::federation {
@@ -57,6 +65,10 @@ struct RoundManagerOptions {
                                          // a policy persisted in the state dir wins.
   bool auto_start = false;               // Start running on a fresh state dir (else idle).
   uint64_t seed = 0;                     // Participant sampling (mixed with the round number).
+  coordination::RoundPlannerOptions planner;  // Who trains, how much (configs: coordination:).
+  // Prometheus metrics (rounds, participants, updates by outcome and reason, aggregation time,
+  // virtual queues and per-device decisions); borrowed, must outlive the manager; null = none.
+  telemetry::MetricsRegistry* metrics = nullptr;
 };
 
 // Built-in defaults (every field set).
@@ -89,7 +101,9 @@ class RoundManager {
   // sha256). OK = accepted; any error is also recorded as a rejection.
   absl::Status SubmitUpdate(const v1::UpdateHeader& header, const lora::PeftBlob& blob);
   // Counts a rejection found before SubmitUpdate (transport: bad sha256, size, stream order).
-  void RecordRejection(const std::string& device_id, int64_t round, const std::string& reason);
+  // `kind` is the bounded label of collm_fed_updates_total{outcome="rejected"} (e.g. "transport").
+  void RecordRejection(const std::string& device_id, int64_t round, const std::string& reason,
+                       const std::string& kind = "transport");
   // Global adapter `version` (0 = newest) as PEFT bytes. NotFound for an unknown version.
   absl::StatusOr<std::pair<int64_t, lora::PeftBlob>> GetGlobal(int64_t version) const;
 
@@ -130,8 +144,12 @@ class RoundManager {
   absl::Status SaveDevicesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SaveStatusLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `kind`: a bounded reason class for the metrics (late, not_participant, duplicate, ...).
   void RejectLocked(const std::string& device_id, int64_t round, const std::string& reason,
-                    bool late) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                    const std::string& kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ExportDecisionsLocked(const v1::RoundInfo& round) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CountUpdate(const std::string& outcome, const std::string& reason) const;
+  void CountRound(const std::string& outcome) const;
   AggregationOptions OptionsLocked(const v1::RoundInfo& round) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeOpenRoundLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -154,6 +172,7 @@ class RoundManager {
   std::map<std::string, ClientUpdate> updates_ ABSL_GUARDED_BY(mu_);
   lora::LoraAdapter global_ ABSL_GUARDED_BY(mu_);  // Immutable once published; replaced whole.
   ServerOptimizerState optimizer_;                 // Only Tick() (under tick_mu_) touches it.
+  coordination::RoundPlanner planner_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace collm::federation
