@@ -46,8 +46,7 @@ void StepCostModel::SetEstimates(double full_step_seconds, double decode_step_se
   decode_ = decode_step_seconds;
 }
 
-AdmissionController::AdmissionController(AdmissionMode mode, int64_t max_step_tokens,
-                                         double safety)
+AdmissionController::AdmissionController(AdmissionMode mode, int64_t max_step_tokens, double safety)
     : mode_(mode), safety_(safety), costs_(max_step_tokens) {}
 
 double AdmissionController::PredictSecondsToFirstToken(const QueuedRequest& request,
@@ -65,9 +64,8 @@ double AdmissionController::PredictSecondsToFirstToken(const QueuedRequest& requ
   return safety_ * steps * step;
 }
 
-double AdmissionController::PredictTtftSeconds(const QueuedRequest& request,
-                                               int64_t prefill_ahead, const AdmissionLoad& load,
-                                               int64_t now_nanos) const {
+double AdmissionController::PredictTtftSeconds(const QueuedRequest& request, int64_t prefill_ahead,
+                                               const AdmissionLoad& load, int64_t now_nanos) const {
   const double waited = static_cast<double>(now_nanos - request.submit_nanos) * 1e-9;
   return std::max(0.0, waited) + PredictSecondsToFirstToken(request, prefill_ahead, load);
 }

@@ -37,7 +37,7 @@ TEST(AdmissionTest, ParsesModesAndNamesTheKey) {
 TEST(AdmissionTest, StepCostsAreLearnedApartForFullAndDecodeSteps) {
   StepCostModel m(100);
   EXPECT_EQ(m.full_step_seconds(), 0);
-  m.RecordStep(0.002, 4);  // Decode-only.
+  m.RecordStep(0.002, 4);                          // Decode-only.
   EXPECT_DOUBLE_EQ(m.full_step_seconds(), 0.002);  // Falls back until a full step is seen.
   m.RecordStep(0.010, 100);
   EXPECT_DOUBLE_EQ(m.full_step_seconds(), 0.010);
@@ -93,12 +93,12 @@ TEST(AdmissionTest, HopelessRequestsNoLongerDelayThoseBehindThem) {
   a.costs().SetEstimates(0.010, 0.002);
   const int64_t now = 100 * kMs;
   std::vector<QueuedRequest> queue = {
-      Request(200, now, 100),          // 1 step: fine.
+      Request(200, now, 100),            // 1 step: fine.
       Request(50, now - 45 * kMs, 100),  // Waited 45 ms, 2 steps more: hopeless.
       Request(0, now - 90 * kMs, 100),   // No objective: kept, never shed.
-      Request(35, now, 100),           // Behind 200 kept tokens: 3 steps = 30 ms, makes it, because
-                                       // the hopeless one's tokens no longer count.
-      Request(25, now, 100),           // 4 steps = 40 ms: hopeless.
+      Request(35, now, 100),  // Behind 200 kept tokens: 3 steps = 30 ms, makes it, because
+                              // the hopeless one's tokens no longer count.
+      Request(25, now, 100),  // 4 steps = 40 ms: hopeless.
   };
   EXPECT_EQ(a.FindHopeless(queue, Load(0), now), (std::vector<size_t>{1, 4}));
   AdmissionController off(AdmissionMode::kNone, 100);

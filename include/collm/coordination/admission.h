@@ -57,7 +57,7 @@ struct AdmissionLoad {
 
 // One queued (or arriving) request.
 struct QueuedRequest {
-  double ttft_ms = 0;         // Its class's TTFT objective; 0 = none (never shed).
+  double ttft_ms = 0;  // Its class's TTFT objective; 0 = none (never shed).
   int64_t submit_nanos = 0;
   int64_t prompt_tokens = 0;  // Tokens to prefill before its first token.
 };
