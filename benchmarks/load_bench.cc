@@ -92,6 +92,8 @@ struct Options {
   std::string collmd, model, data, trace, json_path, scenarios, workdir;
   double duration = 20, rate = 2, speedup = 1, slo_ttft_ms = 0, slo_tpot_ms = 0, slo_multiple = 5;
   double training_share = 0.5;
+  std::string admission = "none";  // engine.admission (the saturation search always uses none).
+  double max_phase_ms = 0;         // engine.max_phase_ms.
   int max_prompt = 256, max_output = 64, prompt_len = 64, output_len = 32, threads = 0;
   int publish_every = 5, calib_requests = 5, max_examples = 400;
   uint64_t seed = 42;
@@ -136,13 +138,17 @@ class Daemon {
 
 std::string WriteConfig(const Options& o, const Scenario& sc, const std::string& dir,
                         double ttft_ms, double tpot_ms) {
+  // Written only when set, so the benchmark also drives a collmd that predates these keys.
+  std::string engine_extra;
+  if (o.admission != "none") engine_extra += "  admission: " + o.admission + "\n";
+  if (o.max_phase_ms > 0) engine_extra += "  max_phase_ms: " + Fmt("%g", o.max_phase_ms) + "\n";
   std::ostringstream y;
   y << "model: \"" << o.model << "\"\n"
     << "runtime:\n  threads: " << o.threads << "\n"
     << "engine:\n"
     << "  training_share: " << (sc.training ? o.training_share : 0.0) << "\n"
     << "  slo_guard: " << (sc.slo_guard ? "true" : "false") << "\n"
-    << "  slo:\n    default:\n"
+    << engine_extra << "  slo:\n    default:\n"
     << "      ttft_ms: " << ttft_ms << "\n"
     << "      tpot_ms: " << tpot_ms << "\n"
     << "training:\n"
@@ -279,6 +285,46 @@ std::vector<Arrival> TraceArrivals(const Options& o, int* clamped_prompts, int* 
 
 // ---- Scenarios
 
+// The Wilson score interval (95%) of a proportion good / n: what an attainment measured on n
+// requests can be trusted to.
+struct Interval {
+  double lo = 0, hi = 1;
+};
+Interval Wilson(int good, int n) {
+  if (n <= 0) return {};
+  const double z = 1.959964, p = static_cast<double>(good) / n, z2n = z * z / n;
+  const double center = (p + z2n / 2) / (1 + z2n);
+  const double half = z * std::sqrt(p * (1 - p) / n + z2n / (4.0 * n)) / (1 + z2n);
+  return {std::max(0.0, center - half), std::min(1.0, center + half)};
+}
+std::string IntervalText(const Interval& i) {
+  return "[" + Fmt("%.1f", i.lo * 100) + ", " + Fmt("%.1f", i.hi * 100) + "]%";
+}
+
+// Comma-separated positive numbers in ascending order; dies naming `flag` otherwise.
+std::vector<double> ParseFractions(const std::string& csv, const std::string& flag) {
+  std::vector<double> out;
+  std::stringstream ss(csv);
+  for (std::string item; std::getline(ss, item, ',');) {
+    char* end = nullptr;
+    const double v = std::strtod(item.c_str(), &end);
+    if (item.empty() || end == item.c_str() || *end != '\0' || !(v > 0) ||
+        (!out.empty() && v <= out.back())) {
+      Die(flag + " must be ascending positive numbers, got '" + csv + "'");
+    }
+    out.push_back(v);
+  }
+  if (out.empty()) Die(flag + " must not be empty");
+  return out;
+}
+
+// Poisson options whose duration gives about `min_requests` arrivals at o.rate (never shorter
+// than o.duration), so every attainment stands on enough requests.
+Options WithEnoughRequests(Options o, int min_requests) {
+  o.duration = std::max(o.duration, static_cast<double>(min_requests) / o.rate);
+  return o;
+}
+
 struct ScenarioResult {
   json j;
   std::vector<std::string> row;
@@ -345,6 +391,8 @@ ScenarioResult RunScenario(const Options& o, const Scenario& sc,
            {"good", good},
            {"goodput_rps", goodput},
            {"slo_attainment", sent > 0 ? json(attainment) : json(nullptr)},
+           {"slo_attainment_ci95",
+            sent > 0 ? json({Wilson(good, sent).lo, Wilson(good, sent).hi}) : json(nullptr)},
            {"ttft_ms", {{"p50", Pct(ttft, 50)}, {"p99", Pct(ttft, 99)}}},
            {"tpot_ms", {{"p50", Pct(tpot, 50)}, {"p99", Pct(tpot, 99)}}},
            {"e2e_ms", {{"p50", Pct(e2e, 50)}, {"p99", Pct(e2e, 99)}}},
@@ -367,6 +415,7 @@ ScenarioResult RunScenario(const Options& o, const Scenario& sc,
              std::to_string(failed),
              Fmt("%.2f", goodput),
              sent > 0 ? Fmt("%.1f%%", attainment * 100) : "-",
+             sent > 0 ? IntervalText(Wilson(good, sent)) : "-",
              Fmt("%.1f", Pct(ttft, 50)),
              Fmt("%.1f", Pct(ttft, 99)),
              Fmt("%.2f", Pct(tpot, 50)),
@@ -430,21 +479,51 @@ int main(int argc, char** argv) {
   app.add_option("--max-examples", o.max_examples,
                  "training.dataset.max_examples (10% are held out and evaluated at each publish)")
       ->capture_default_str();
+  app.add_option("--admission", o.admission,
+                 "engine.admission for the scenarios: none, reject or deprioritize")
+      ->capture_default_str();
+  app.add_option("--max-phase-ms", o.max_phase_ms, "engine.max_phase_ms (0 = no bound)")
+      ->capture_default_str();
   app.add_option("--threads", o.threads, "runtime.threads for collmd (0 = torch default)")
       ->capture_default_str();
   app.add_option("--workdir", o.workdir, "configs and logs (default: a fresh temp dir)");
   app.add_option("--json", o.json_path, "also write JSON here");
-  int saturation_probes = 6;
+  int saturation_probes = 6, saturation_bisect = 3, min_requests = 200;
   double saturation_attainment = 0.9;
+  std::string sweep_fractions = "0.5,0.75,1,1.25,1.5", load_fractions = "0.5";
   app.add_flag("--find-saturation", find_saturation,
-               "Poisson only: search the inference-only rate where SLO attainment falls below "
-               "--saturation-attainment, then run the scenarios at 50% of it (overrides --rate)");
-  app.add_option("--saturation-probes", saturation_probes, "inference-only runs in the search")
+               "Poisson only: find the highest inference-only rate that keeps "
+               "--saturation-attainment (search from --rate, verified by a sweep), then run the "
+               "scenarios at --load-fractions of it (overrides --rate)");
+  app.add_option("--saturation-probes", saturation_probes,
+                 "doubling probes of the search (from --rate) before it gives up on finding a "
+                 "failing rate")
+      ->capture_default_str();
+  app.add_option("--saturation-bisect", saturation_bisect,
+                 "bisection probes between the last holding and the first failing rate")
       ->capture_default_str();
   app.add_option("--saturation-attainment", saturation_attainment,
                  "attainment that counts as sustained")
       ->capture_default_str();
+  app.add_option("--sweep-fractions", sweep_fractions,
+                 "the verifying sweep: fractions of the searched rate, ascending")
+      ->capture_default_str();
+  app.add_option("--load-fractions", load_fractions,
+                 "with --find-saturation: fractions of the saturation rate to run the scenarios at")
+      ->capture_default_str();
+  app.add_option("--min-requests", min_requests,
+                 "Poisson: each probe and scenario runs long enough for about this many requests "
+                 "(never shorter than --duration)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (o.admission != "none" && o.admission != "reject" && o.admission != "deprioritize")
+    Die("--admission must be none, reject or deprioritize, got '" + o.admission + "'");
+  if (!(o.max_phase_ms >= 0)) Die("--max-phase-ms must be >= 0");
+  if (saturation_probes < 1 || saturation_bisect < 0 || min_requests < 1)
+    Die("--saturation-probes >= 1, --saturation-bisect >= 0, --min-requests >= 1");
+  if (!(saturation_attainment > 0 && saturation_attainment <= 1))
+    Die("--saturation-attainment must be in (0, 1]");
+
   if (find_saturation && !o.trace.empty())
     Die("--find-saturation needs Poisson arrivals (no --trace)");
   if (o.duration <= 0 || o.rate <= 0 || o.speedup <= 0)
@@ -528,85 +607,168 @@ int main(int argc, char** argv) {
             << "), TPOT <= " << Fmt("%.3f", o.slo_tpot_ms) << " ms ("
             << multiple(o.slo_tpot_ms, unloaded_tpot_ms) << ")\n";
 
-  // Saturation: double the rate while inference-only sustains the attainment, then bisect.
+  // Saturation: the highest rate at which inference-only keeps the attainment target. Searched
+  // (double the rate while it holds, then bisect), then verified by a plain sweep around it; every
+  // probe sends at least --min-requests requests and prints the Wilson interval of its attainment.
   json saturation = nullptr;
+  double saturation_rate = 0;
   if (find_saturation) {
-    double lo = 0, hi = 0, r = o.rate;
-    json probes = json::array();
-    for (int i = 0; i < saturation_probes; ++i) {
+    auto probe = [&](const std::string& name, double rate) {
       Options po = o;
-      po.rate = r;
-      ScenarioResult pr =
-          RunScenario(po, {"saturation-probe-" + std::to_string(i), false, true, true},
-                      PoissonArrivals(po), vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3);
-      const double att =
-          pr.j["slo_attainment"].is_null() ? 0.0 : pr.j["slo_attainment"].get<double>();
-      std::cout << "saturation probe " << i << ": rate " << Fmt("%.2f", r) << " req/s, attainment "
-                << Fmt("%.1f%%", att * 100) << "\n";
-      probes.push_back({{"rate", r}, {"slo_attainment", att}});
-      if (att >= saturation_attainment) {
+      po.rate = rate;
+      po.admission = "none";  // Saturation is the engine's own, without shedding.
+      po = WithEnoughRequests(po, min_requests);
+      ScenarioResult pr = RunScenario(po, {name, false, true, true}, PoissonArrivals(po), vocab,
+                                      o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3);
+      const int sent = pr.j["sent"].get<int>(), good = pr.j["good"].get<int>();
+      const double att = sent > 0 ? static_cast<double>(good) / sent : 0.0;
+      const Interval ci = Wilson(good, sent);
+      json j = {{"rate", rate},
+                {"sent", sent},
+                {"good", good},
+                {"slo_attainment", att},
+                {"slo_attainment_ci95", {ci.lo, ci.hi}},
+                {"goodput_rps", pr.j["goodput_rps"]}};
+      std::cout << name << ": rate " << Fmt("%.2f", rate) << " req/s, " << sent
+                << " requests, attainment " << Fmt("%.1f%%", att * 100) << " (95% CI "
+                << IntervalText(ci) << ")\n";
+      return j;
+    };
+    double lo = 0, hi = 0, r = o.rate;
+    json search = json::array();
+    // Doubling (or halving, when --rate already fails) until a holding and a failing rate are
+    // known, then bisection between them.
+    for (int probes = 0, bisected = 0;; ++probes) {
+      const bool bracketed = lo > 0 && hi > 0;
+      if (bracketed ? bisected >= saturation_bisect : probes >= saturation_probes) break;
+      json j = probe("saturation-search-" + std::to_string(probes), r);
+      search.push_back(j);
+      if (j["slo_attainment"].get<double>() >= saturation_attainment) {
         lo = r;
-        r = hi > 0 ? (lo + hi) / 2 : r * 2;
       } else {
         hi = r;
-        r = (lo + hi) / 2;
       }
+      if (bracketed) ++bisected;
+      r = lo > 0 && hi > 0 ? (lo + hi) / 2 : (hi > 0 ? hi / 2 : lo * 2);
     }
     if (lo <= 0) Die("inference-only missed the attainment even at " + Fmt("%.3f", hi) + " req/s");
-    o.rate = lo / 2;
-    arrivals = PoissonArrivals(o);
-    std::cout << "saturation: " << Fmt("%.2f", lo) << " req/s sustained (upper bound "
-              << (hi > 0 ? Fmt("%.2f", hi) : std::string("not found"))
-              << "); scenarios run at 50% = " << Fmt("%.2f", o.rate) << " req/s ("
-              << arrivals.size() << " requests)\n";
-    load_desc += "; --find-saturation replaced the rate with " + Fmt("%.2f", o.rate) + " req/s";
-    saturation = {{"sustained_rate", lo},
+    // The plain sweep: fixed fractions of the searched rate, each run on its own.
+    json sweep = json::array();
+    std::vector<std::vector<std::string>> sweep_rows = {
+        {"x searched", "rate", "sent", "SLO att", "att 95% CI", "goodput/s", "holds"}};
+    double sweep_sustained = 0;
+    bool below_all_hold = true;
+    for (double f : ParseFractions(sweep_fractions, "--sweep-fractions")) {
+      json j = probe("saturation-sweep-" + Fmt("%.2f", f), lo * f);
+      const bool holds = j["slo_attainment"].get<double>() >= saturation_attainment;
+      if (holds && below_all_hold) sweep_sustained = lo * f;
+      if (!holds) below_all_hold = false;
+      j["fraction_of_searched"] = f;
+      j["holds"] = holds;
+      const auto ci = j["slo_attainment_ci95"];
+      sweep_rows.push_back({Fmt("%.2f", f), Fmt("%.2f", lo * f),
+                            std::to_string(j["sent"].get<int>()),
+                            Fmt("%.1f%%", j["slo_attainment"].get<double>() * 100),
+                            IntervalText({ci[0].get<double>(), ci[1].get<double>()}),
+                            Fmt("%.2f", j["goodput_rps"].get<double>()), holds ? "yes" : "no"});
+      sweep.push_back(j);
+    }
+    std::cout << "\nsaturation sweep (inference-only, target attainment "
+              << Fmt("%.0f%%", saturation_attainment * 100) << "):\n";
+    PrintTable(sweep_rows);
+    // The sweep is the plain measurement: where it disagrees with the search, it wins.
+    const bool verified = sweep_sustained > 0 && std::abs(sweep_sustained - lo) <= 1e-9 * lo;
+    saturation_rate = sweep_sustained > 0 ? sweep_sustained : lo;
+    // Without a failing rate, in the search or at the sweep's top, the true saturation is higher.
+    const bool lower_bound = hi <= 0 || (below_all_hold && sweep_sustained > 0);
+    std::cout << "saturation: search " << Fmt("%.2f", lo) << " req/s (first failing "
+              << (hi > 0 ? Fmt("%.2f", hi) : std::string("not found")) << "), sweep "
+              << (sweep_sustained > 0 ? Fmt("%.2f", sweep_sustained) : std::string("none holds"))
+              << " req/s: " << (verified ? "verified" : "NOT verified, using the sweep's rate")
+              << "; saturation = " << Fmt("%.2f", saturation_rate) << " req/s"
+              << (lower_bound ? " (a LOWER BOUND: no failing rate was found)" : "") << "\n";
+    saturation = {{"rate", saturation_rate},
+                  {"searched_rate", lo},
                   {"failing_rate", hi > 0 ? json(hi) : json(nullptr)},
+                  {"verified_by_sweep", verified},
+                  {"lower_bound", lower_bound},
                   {"attainment_threshold", saturation_attainment},
-                  {"probes", probes},
-                  {"rate_used", o.rate}};
+                  {"min_requests", min_requests},
+                  {"search", search},
+                  {"sweep", sweep}};
   }
-
-  std::vector<ScenarioResult> results;
-  for (const std::string& name : [&] {
-         std::vector<std::string> v;
-         std::stringstream ss(o.scenarios);
-         for (std::string s; std::getline(ss, s, ',');)
-           if (!s.empty()) v.push_back(s);
-         return v;
-       }()) {
-    Scenario sc{name};
-    if (name == "inference-only")
-      sc = {name, false, true, true};
-    else if (name == "guarded")
-      sc = {name, true, true, true};
-    else if (name == "unguarded")
-      sc = {name, true, false, true};
-    else if (name == "training-only")
-      sc = {name, true, true, false};
-    else
-      Die("unknown scenario " + name);
-    results.push_back(
-        RunScenario(o, sc, arrivals, vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3));
+  // The scenarios run at each load fraction of the saturation rate (or once at --rate).
+  std::vector<double> fractions = {0};
+  if (find_saturation) fractions = ParseFractions(load_fractions, "--load-fractions");
+  const std::string base_desc =
+      find_saturation ? "Poisson, seed " + std::to_string(o.seed) + ", prompt " +
+                            std::to_string(std::min(o.prompt_len, o.max_prompt)) + " / output " +
+                            std::to_string(std::min(o.output_len, o.max_output)) + " tokens"
+                      : load_desc;
+  const double base_duration = o.duration;
+  json loads = json::array();
+  std::vector<std::vector<std::string>> rows = {
+      {"load", "scenario", "sent", "ok", "failed", "goodput/s", "SLO att", "att 95% CI", "TTFT p50",
+       "TTFT p99", "TPOT p50", "TPOT p99", "train steps/s", "held-out loss"}};
+  for (const double fraction : fractions) {
+    std::string load_name = o.trace.empty() ? Fmt("%.2f req/s", o.rate) : std::string("trace");
+    if (find_saturation) {
+      o.rate = saturation_rate * fraction;
+      o.duration = base_duration;
+      o = WithEnoughRequests(o, min_requests);
+      arrivals = PoissonArrivals(o);
+      load_name = Fmt("%.0f%% sat", fraction * 100);
+      load_desc = base_desc + "; " + load_name + " = " + Fmt("%.2f", o.rate) + " req/s of " +
+                  Fmt("%.2f", saturation_rate) + " req/s saturation, " +
+                  std::to_string(arrivals.size()) + " requests over " + Fmt("%.1f", o.duration) +
+                  " s";
+      std::cout << "\nscenarios at " << load_desc << "\n";
+    }
+    std::vector<ScenarioResult> results;
+    for (const std::string& name : [&] {
+           std::vector<std::string> v;
+           std::stringstream ss(o.scenarios);
+           for (std::string s; std::getline(ss, s, ',');)
+             if (!s.empty()) v.push_back(s);
+           return v;
+         }()) {
+      Scenario sc{name};
+      if (name == "inference-only")
+        sc = {name, false, true, true};
+      else if (name == "guarded")
+        sc = {name, true, true, true};
+      else if (name == "unguarded")
+        sc = {name, true, false, true};
+      else if (name == "training-only")
+        sc = {name, true, true, false};
+      else
+        Die("unknown scenario " + name);
+      if (find_saturation) sc.name = Fmt("%.0f", fraction * 100) + "pct-" + name;
+      results.push_back(
+          RunScenario(o, sc, arrivals, vocab, o.slo_ttft_ms / 1e3, o.slo_tpot_ms / 1e3));
+    }
+    json load = {{"load", load_desc},
+                 {"fraction_of_saturation", find_saturation ? json(fraction) : json(nullptr)},
+                 {"rate", o.trace.empty() ? json(o.rate) : json(nullptr)},
+                 {"requests", arrivals.size()},
+                 {"duration_s", o.duration},
+                 {"scenarios", json::array()}};
+    for (auto& r : results) {
+      r.row.insert(r.row.begin(), load_name);
+      rows.push_back(r.row);
+      load["scenarios"].push_back(r.j);
+    }
+    loads.push_back(load);
   }
-
-  std::vector<std::vector<std::string>> rows = {{"scenario", "sent", "ok", "failed", "goodput/s",
-                                                 "SLO att", "TTFT p50", "TTFT p99", "TPOT p50",
-                                                 "TPOT p99", "train steps/s", "held-out loss"}};
-  for (const auto& r : results) rows.push_back(r.row);
   std::cout << "\n";
   PrintTable(rows);
-  std::cout
-      << "   (latencies in ms; goodput = requests meeting both SLOs / " << o.duration
-      << " s; train steps/s over the send window; loss = GetStats live_held_out_loss at the end)\n";
+  std::cout << "   (latencies in ms; goodput = requests meeting both SLOs / the send window; "
+               "att 95% CI = Wilson interval of the attainment; train steps/s over the send "
+               "window; loss = GetStats live_held_out_loss at the end)\n";
   if (!o.trace.empty()) std::cout << "   NOTE: trace lengths were clamped (see above).\n";
 
   if (!o.json_path.empty()) {
-    json j = {{"load", load_desc},
-              {"requests", arrivals.size()},
-              {"duration_s", o.duration},
-              {"rate", o.trace.empty() ? json(o.rate) : json(nullptr)},
-              {"trace", o.trace},
+    json j = {{"trace", o.trace},
               {"speedup", o.speedup},
               {"saturation", saturation},
               {"lengths_clamped", !o.trace.empty()},
@@ -624,8 +786,7 @@ int main(int argc, char** argv) {
                 {"unloaded_tpot_ms",
                  std::isnan(unloaded_tpot_ms) ? json(nullptr) : json(unloaded_tpot_ms)},
                 {"multiple", std::isnan(unloaded_ttft_ms) ? json(nullptr) : json(o.slo_multiple)}}},
-              {"scenarios", json::array()}};
-    for (const auto& r : results) j["scenarios"].push_back(r.j);
+              {"loads", loads}};
     std::ofstream(o.json_path) << j.dump(2) << "\n";
     std::cout << "wrote " << o.json_path << "\n";
   }

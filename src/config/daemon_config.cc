@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <limits>
 #include <utility>
@@ -79,9 +80,10 @@ absl::Status ParseSlo(const Section& parent, const std::string& key, engine::Slo
 
 absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   COLLM_ASSIGN_OR_RETURN(
-      Section s, root.Sub("engine", {"max_step_tokens", "max_running", "max_queued", "kv_cache",
-                                     "default_adapter", "slo", "training_share", "slo_guard",
-                                     "guard_safety", "guard_idle_risk"}));
+      Section s,
+      root.Sub("engine", {"max_step_tokens", "max_running", "max_queued", "kv_cache",
+                          "default_adapter", "slo", "training_share", "slo_guard", "guard_safety",
+                          "guard_idle_risk", "max_phase_ms", "admission"}));
   COLLM_RETURN_IF_ERROR(s.Int("max_step_tokens", &out.max_step_tokens));
   COLLM_RETURN_IF_ERROR(s.Int("max_running", &out.max_running));
   COLLM_RETURN_IF_ERROR(s.Int("max_queued", &out.max_queued));
@@ -90,6 +92,12 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   COLLM_RETURN_IF_ERROR(s.Bool("slo_guard", &out.slo_guard));
   COLLM_RETURN_IF_ERROR(s.Double("guard_safety", &out.guard_safety));
   COLLM_RETURN_IF_ERROR(s.Double("guard_idle_risk", &out.guard_idle_risk));
+  COLLM_RETURN_IF_ERROR(s.Double("max_phase_ms", &out.max_phase_ms));
+  COLLM_RETURN_IF_ERROR(s.Enum("admission",
+                               {{"none", coordination::AdmissionMode::kNone},
+                                {"reject", coordination::AdmissionMode::kReject},
+                                {"deprioritize", coordination::AdmissionMode::kDeprioritize}},
+                               &out.admission));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_step_tokens"), out.max_step_tokens));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_running"), out.max_running));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_queued"), out.max_queued));
@@ -104,6 +112,10 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
   if (!(out.guard_idle_risk >= 0 && out.guard_idle_risk <= 1)) {
     return InvalidValue(s.PathOf("guard_idle_risk"),
                         absl::StrCat("must be in [0, 1], got ", out.guard_idle_risk));
+  }
+  if (!(out.max_phase_ms >= 0) || !std::isfinite(out.max_phase_ms)) {
+    return InvalidValue(s.PathOf("max_phase_ms"),
+                        absl::StrCat("must be a finite number >= 0, got ", out.max_phase_ms));
   }
 
   COLLM_ASSIGN_OR_RETURN(Section kv, s.Sub("kv_cache", {"block_size", "num_blocks", "max_bytes"}));
@@ -210,9 +222,10 @@ absl::Status ParseDataset(const Section& training, engine::DatasetOptions& out) 
 
 absl::Status ParseTrainer(const Section& training, engine::TrainerOptions& out) {
   COLLM_ASSIGN_OR_RETURN(
-      Section s, training.Sub("trainer", {"lr", "schedule", "warmup_steps", "total_steps",
-                                          "min_lr_ratio", "max_grad_norm", "micro_batch_size",
-                                          "grad_accum_steps", "seed", "weight_decay"}));
+      Section s,
+      training.Sub("trainer", {"lr", "schedule", "warmup_steps", "total_steps", "min_lr_ratio",
+                               "max_grad_norm", "micro_batch_size", "grad_accum_steps", "seed",
+                               "weight_decay", "head_chunk_rows"}));
   COLLM_RETURN_IF_ERROR(s.Double("lr", &out.lr));
   COLLM_RETURN_IF_ERROR(
       s.Enum("schedule",
@@ -226,6 +239,7 @@ absl::Status ParseTrainer(const Section& training, engine::TrainerOptions& out) 
   COLLM_RETURN_IF_ERROR(s.Int("grad_accum_steps", &out.grad_accum_steps));
   COLLM_RETURN_IF_ERROR(s.Uint("seed", &out.seed));
   COLLM_RETURN_IF_ERROR(s.Double("weight_decay", &out.adamw.weight_decay));
+  COLLM_RETURN_IF_ERROR(s.Int("head_chunk_rows", &out.head_chunk_rows));
   // Checked here because Validate() would name it by its struct path (adamw.weight_decay).
   COLLM_RETURN_IF_ERROR(CheckNonNegative(s.PathOf("weight_decay"), out.adamw.weight_decay));
   if (out.total_steps < 0) {

@@ -10,6 +10,8 @@ namespace collm::coordination {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+// Target rows of a head phase whose per-row cost is not yet measured.
+constexpr int64_t kHeadProbeRows = 4;
 
 }  // namespace
 
@@ -26,6 +28,10 @@ absl::Status ValidateCoExecutionOptions(const CoExecutionOptions& o) {
   if (!(o.guard_idle_risk >= 0 && o.guard_idle_risk <= 1)) {
     return absl::InvalidArgumentError(
         absl::StrCat("engine.guard_idle_risk must be in [0, 1], got ", o.guard_idle_risk));
+  }
+  if (!(o.max_phase_ms >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine.max_phase_ms must be >= 0, got ", o.max_phase_ms));
   }
   return absl::OkStatus();
 }
@@ -56,6 +62,10 @@ double CoExecutionPolicy::IdleBudget() const {
   // A request arriving now waits for the phase in flight, then for its first (prefill) step.
   const double ttft_ms = options_.tightest_ttft_ms > 0 ? options_.tightest_ttft_ms : kInf;
   return ttft_ms * 1e-3 - costs_.infer_step_seconds();
+}
+
+double CoExecutionPolicy::PhaseBound() const {
+  return options_.max_phase_ms > 0 ? options_.max_phase_ms * 1e-3 : kInf;
 }
 
 void CoExecutionPolicy::RecordIteration(double infer_seconds, double train_seconds) {
@@ -115,17 +125,22 @@ CoExecutionDecision CoExecutionPolicy::Decide(const ServingSnapshot& serving,
     return d;
   }
 
+  // max_phase_ms bounds the predicted cost itself (no safety factor), whatever the guard says;
+  // it is applied on top of the budget and no idle-risk fallback may exceed it.
+  const double bound = PhaseBound();
   const double worst = costs_.WorstPhaseSecondsPerToken();
   if (!trainer.micro_step_active) {
     // Size the micro-step (in padded tokens: phase costs grow with them) so that its costliest
-    // phase fits the budget.
+    // per-token phase fits the budget. The head phase is bounded apart, by its row chunks.
     d.action = Action::kBeginMicroStep;
     d.max_tokens = kInf;
-    if (std::isfinite(budget)) {
+    const double bound_tokens = worst > 0 ? bound / worst : kInf;
+    if (std::isfinite(budget) || std::isfinite(bound)) {
       if (worst <= 0) {
-        d.max_tokens = idle ? -1 : 0;  // Cost unknown: measure it with one example, only idle.
+        // Cost unknown: measure it with one example, only idle (or without the guard).
+        d.max_tokens = idle || !std::isfinite(budget) ? -1 : 0;
       } else {
-        d.max_tokens = budget / (safety * worst);
+        d.max_tokens = std::min(budget / (safety * worst), bound_tokens);
       }
     }
     if (idle && options_.guard_idle_risk > 0 && worst > 0) {
@@ -133,15 +148,41 @@ CoExecutionDecision CoExecutionPolicy::Decide(const ServingSnapshot& serving,
       // expected share of delayed arrivals within the risk.
       const double per_token_risk = serving.arrival_rate * safety * worst;
       d.has_fallback = true;
-      d.fallback_max_tokens =
-          per_token_risk <= 0 ? kInf : options_.guard_idle_risk / per_token_risk;
+      d.fallback_max_tokens = std::min(
+          per_token_risk <= 0 ? kInf : options_.guard_idle_risk / per_token_risk, bound_tokens);
     }
     return d;
   }
 
-  const bool go =
-      !std::isfinite(budget) || allowed(costs_.PhaseSecondsPerToken(trainer.next_phase) *
-                                        static_cast<double>(trainer.micro_step_tokens));
+  if (trainer.head_rows_left > 0) {
+    // The head phase in row chunks: as many target rows as fit both the budget and the bound.
+    d.action = Action::kRunPhase;
+    const double limit = std::min(budget / safety, bound);
+    if (!std::isfinite(limit)) return d;  // max_head_rows = 0: all rows at once.
+    const double per_row = costs_.head_seconds_per_row();
+    if (per_row <= 0) {
+      // Unknown cost (the first micro-step, begun idle): measure it on a few rows; one row is
+      // ~1 ms of full-vocabulary GEMMs at stories15M's size.
+      d.max_head_rows = kHeadProbeRows;
+      return d;
+    }
+    const int64_t rows = static_cast<int64_t>(
+        std::min<double>(static_cast<double>(trainer.head_rows_left), std::floor(limit / per_row)));
+    if (rows >= 1) {
+      d.max_head_rows = rows;
+    } else if (per_row <= bound && allowed(per_row)) {
+      d.max_head_rows = 1;
+    } else {
+      d.action = Action::kBlocked;
+    }
+    return d;
+  }
+
+  const double phase_seconds = costs_.PhaseSecondsPerToken(trainer.next_phase) *
+                               static_cast<double>(trainer.micro_step_tokens);
+  // A micro-step sized before its costs were known may hold a phase over the bound; the bound
+  // still holds for every micro-step begun after the first measurement.
+  const bool go = !std::isfinite(budget) || allowed(phase_seconds);
   d.action = go ? Action::kRunPhase : Action::kBlocked;
   return d;
 }

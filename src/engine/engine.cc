@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "collm/common/logging.h"
@@ -26,6 +28,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   co.slo_guard = options.slo_guard;
   co.guard_safety = options.guard_safety;
   co.guard_idle_risk = options.guard_idle_risk;
+  co.max_phase_ms = options.max_phase_ms;
   co.tightest_ttft_ms = options.default_slo.ttft_ms > 0 ? options.default_slo.ttft_ms : 0;
   for (const auto& [name, slo] : options.slo_classes) {
     if (slo.ttft_ms > 0 && (co.tightest_ttft_ms <= 0 || slo.ttft_ms < co.tightest_ttft_ms)) {
@@ -45,6 +48,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   e->options_ = options;
   e->clock_ = &clock;
   e->policy_ = std::make_unique<coordination::CoExecutionPolicy>(co, 0, clock);
+  e->admission_ = std::make_unique<coordination::AdmissionController>(options.admission,
+                                                                      options.max_step_tokens);
+  e->load_.max_running = options.max_running;
   COLLM_ASSIGN_OR_RETURN(e->cache_, runtime::KvCache::Create(e->model_->config(), options.kv_cache,
                                                              e->model_->runtime()));
   e->stats_.kv_blocks_total = e->cache_->num_blocks();
@@ -122,10 +128,38 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
     return absl::ResourceExhaustedError(
         absl::StrCat("request queue is full (", options_.max_queued, ")"));
   }
+  // SLO-aware admission: would it make its TTFT behind what is queued in front and the running
+  // batch? The prediction uses the step cost measured so far; before any, everything is admitted.
+  coordination::QueuedRequest candidate;
+  candidate.ttft_ms = seq->slo.ttft_ms;
+  candidate.submit_nanos = seq->submit_nanos;
+  candidate.prompt_tokens = n;
+  const int64_t ahead = FrontPrefillTokensLocked();
+  if (admission_->WillMiss(candidate, ahead, load_, seq->submit_nanos)) {
+    if (admission_->mode() == coordination::AdmissionMode::kReject) {
+      CountShedLocked(*seq, "rejected");
+      const double predicted_ms =
+          admission_->PredictTtftSeconds(candidate, ahead, load_, seq->submit_nanos) * 1e3;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "request cannot meet its TTFT objective of ", seq->slo.ttft_ms, " ms (slo_class '",
+          seq->request.slo_class.empty() ? "default" : seq->request.slo_class, "'): predicted ",
+          static_cast<int64_t>(std::lround(predicted_ms)), " ms with ", ahead,
+          " prompt tokens queued ahead and ", load_.running, " running; retry later"));
+    }
+    seq->deprioritized = true;
+    CountShedLocked(*seq, "deprioritized");
+  }
   seq->id = next_id_++;
   const uint64_t id = seq->id;
   stats_.queued_prompt_tokens += seq->prompt_size();
-  queue_.push_back(std::move(seq));
+  if (seq->deprioritized) {
+    queue_.push_back(std::move(seq));
+  } else {
+    // In front of every deprioritised request, first come first served among the others.
+    auto at = std::find_if(queue_.begin(), queue_.end(),
+                           [](const std::unique_ptr<Sequence>& q) { return q->deprioritized; });
+    queue_.insert(at, std::move(seq));
+  }
   stats_.queued = static_cast<int64_t>(queue_.size());
   wake_.notify_one();
   return id;
@@ -178,6 +212,8 @@ bool Engine::StepForTest() { return Step(); }
 
 void Engine::SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_token) {
   policy_->mutable_costs().SetEstimates(infer_step_seconds, phase_seconds_per_token);
+  std::lock_guard<std::mutex> lock(mu_);
+  admission_->costs().SetEstimates(infer_step_seconds, infer_step_seconds);
 }
 
 void Engine::Loop() {
@@ -243,6 +279,42 @@ void Engine::Finish(Sequence& s, const absl::Status& status, runtime::FinishReas
   if (s.sink) s.sink->OnFinish(r);
 }
 
+int64_t Engine::FrontPrefillTokensLocked() const {
+  int64_t tokens = 0;
+  for (const auto& q : queue_) {
+    if (q->deprioritized) break;
+    tokens += q->prompt_size();
+  }
+  return tokens;
+}
+
+void Engine::CountShedLocked(const Sequence& s, const char* reason) {
+  if (std::string(reason) == "rejected") {
+    ++stats_.rejected_slo;
+  } else {
+    ++stats_.deprioritized;
+  }
+  if (metrics_) metrics_->RecordShed(s.request.slo_class, reason);
+}
+
+void Engine::DeprioritizeHopelessLocked() {
+  if (admission_->mode() == coordination::AdmissionMode::kNone) return;
+  std::vector<coordination::QueuedRequest> front;
+  for (const auto& q : queue_) {
+    if (q->deprioritized) break;
+    front.push_back({q->slo.ttft_ms, q->submit_nanos, q->prompt_size()});
+  }
+  const std::vector<size_t> hopeless = admission_->FindHopeless(front, load_, clock_->NowNanos());
+  if (hopeless.empty()) return;
+  for (size_t i : hopeless) {
+    queue_[i]->deprioritized = true;
+    CountShedLocked(*queue_[i], "deprioritized");
+  }
+  // Stable: both halves keep their arrival order, so no request overtakes another of its kind.
+  std::stable_partition(queue_.begin(), queue_.end(),
+                        [](const std::unique_ptr<Sequence>& q) { return !q->deprioritized; });
+}
+
 bool Engine::InferenceStep() {
   const int64_t now = clock_->NowNanos();
   std::vector<std::unique_ptr<Sequence>> dropped;  // Finished outside the lock.
@@ -284,9 +356,11 @@ bool Engine::InferenceStep() {
     did_work = true;
   }
 
-  // Admission, first come first served: a request enters when its whole KV need fits.
+  // Admission, first come first served (deprioritised requests last): a request enters when its
+  // whole KV need fits.
   {
     std::lock_guard<std::mutex> lock(mu_);
+    DeprioritizeHopelessLocked();
     while (!queue_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
       Sequence& s = *queue_.front();
       if (!cache_->Reserve(s.kv, s.prompt_size() + s.limit).ok()) break;
@@ -301,6 +375,7 @@ bool Engine::InferenceStep() {
     std::lock_guard<std::mutex> lock(mu_);
     RecordLoadSignals();
     stats_.running = 0;
+    load_.running = load_.running_prefill_left = 0;
     stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
     return did_work;
   }
@@ -318,6 +393,10 @@ bool Engine::InferenceStep() {
   last_infer_seconds_ = static_cast<double>(after - forward_start) * 1e-9;
   policy_->RecordInferenceStep(last_infer_seconds_);
   ApplyStep(plan, *logits, after, model_->config());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    admission_->costs().RecordStep(last_infer_seconds_, plan.num_tokens());
+  }
   // Retire finished sequences.
   for (auto it = running_.begin(); it != running_.end();) {
     Sequence& s = **it;
@@ -336,6 +415,10 @@ bool Engine::InferenceStep() {
   stats_.last_batch_tokens = plan.num_tokens();
   stats_.infer_step_seconds = policy_->costs().infer_step_seconds();
   stats_.running = static_cast<int64_t>(running_.size());
+  // What a request submitted before the next step is predicted against.
+  load_.running = stats_.running;
+  load_.running_prefill_left = 0;
+  for (const auto& s : running_) load_.running_prefill_left += s->prompt_size() - s->prefilled;
   stats_.kv_blocks_used = cache_->num_blocks() - cache_->num_free_blocks();
   RecordLoadSignals();
   return true;

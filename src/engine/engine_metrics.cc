@@ -2,7 +2,8 @@
 
 namespace collm::engine {
 
-EngineMetrics::EngineMetrics(telemetry::MetricsRegistry& r, int64_t kv_blocks_total) {
+EngineMetrics::EngineMetrics(telemetry::MetricsRegistry& r, int64_t kv_blocks_total)
+    : registry_(&r) {
   const auto latency = telemetry::ExponentialBuckets(0.001, 2, 16);  // 1 ms .. 33 s.
   ttft = r.GetHistogram("collm_ttft_seconds", "Time to first token, queueing included", latency);
   tpot =
@@ -55,6 +56,16 @@ void EngineMetrics::RecordFinish(const RequestResult& r, bool had_first_token, i
     requests_cancelled->Increment();
   }
   generated_tokens->Increment(static_cast<double>(generated));
+}
+
+void EngineMetrics::RecordShed(const std::string& slo_class, const std::string& reason) {
+  // Labelled by class, so series appear as classes are shed (the registry returns the existing
+  // series for a repeated label set).
+  registry_
+      ->GetCounter("collm_requests_shed_total",
+                   "Requests shed by SLO-aware admission (predicted to miss their TTFT objective)",
+                   {{"slo_class", slo_class.empty() ? "default" : slo_class}, {"reason", reason}})
+      ->Increment();
 }
 
 }  // namespace collm::engine

@@ -47,6 +47,7 @@ bool Engine::MaybeTrain() {
     if (state.micro_step_active) {
       state.next_phase = trainer.next_phase();
       state.micro_step_tokens = trainer.micro_step_tokens();
+      state.head_rows_left = trainer.head_rows_left();
     }
     const coordination::CoExecutionDecision d = policy_->Decide(ServingSnapshotNow(), state);
     if (d.action == Action::kStop) break;
@@ -72,7 +73,7 @@ bool Engine::MaybeTrain() {
         break;
       }
     }
-    const bool finished = RunTrainingPhase();
+    const bool finished = RunTrainingPhase(d.max_head_rows);
     ran = true;
     // While serving, one phase between inference steps; without the guard a whole micro-step
     // (the naive interleaving it is measured against); when idle, phases until a request arrives
@@ -129,17 +130,24 @@ void Engine::RunEvaluationSlice(int64_t examples) {
   PollPublisher();
 }
 
-bool Engine::RunTrainingPhase() {
+bool Engine::RunTrainingPhase(int64_t max_head_rows) {
   PeftTrainer& trainer = *training_.trainer;
   const int64_t phase = trainer.next_phase();
   const int64_t n = trainer.micro_step_examples();
   const int64_t tokens = trainer.micro_step_tokens();
+  const int64_t head_rows_before = trainer.head_rows_left();
   const int64_t start = clock_->NowNanos();
-  auto result = trainer.AdvanceMicroStep();
+  auto result = trainer.AdvanceMicroStep(max_head_rows);
   const double seconds = static_cast<double>(clock_->NowNanos() - start) * 1e-9;
   last_train_seconds_ += seconds;
   micro_step_seconds_ += seconds;
-  policy_->RecordPhase(phase, seconds, tokens);
+  if (phase == trainer.head_phase()) {
+    // The head runs on target rows only; a failed phase aborted the run (0 rows left).
+    const int64_t rows = head_rows_before - trainer.head_rows_left();
+    if (result.ok() && rows > 0) policy_->RecordHeadRows(seconds, rows);
+  } else {
+    policy_->RecordPhase(phase, seconds, tokens);
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.train_phases;

@@ -14,12 +14,18 @@ namespace collm::engine {
 namespace {
 
 constexpr char kMicroStepsKey[] = "collm.micro_steps";
+// Target rows per head chunk in evaluation (no gradients, so only the logits chunk is held).
+constexpr int64_t kEvalHeadRows = 256;
 
 // Pads a micro-batch into next-token inputs, targets and a target mask.
 struct Batch {
   at::Tensor inputs;   // [B, L-1] int64
   at::Tensor targets;  // [B, L-1] int64
   at::Tensor mask;     // [B, L-1] float, 1 where targets[b, i] counts.
+  // The target positions only: their row in the flattened [B * (L-1)] inputs and their token.
+  // The head never sees any other position.
+  at::Tensor target_rows;  // [num_targets] int64
+  at::Tensor target_ids;   // [num_targets] int64
   int64_t tokens = 0;
   int64_t num_targets = 0;
 };
@@ -45,17 +51,22 @@ Batch MakeBatch(const std::vector<const TrainingExample*>& examples) {
   b.inputs = tokens.narrow(1, 0, len - 1).contiguous();
   b.targets = tokens.narrow(1, 1, len - 1).contiguous();
   b.mask = mask.narrow(1, 1, len - 1).contiguous();
-  b.num_targets = static_cast<int64_t>(b.mask.sum().item<double>());
+  b.target_rows = b.mask.reshape({-1}).nonzero().reshape({-1});
+  b.target_ids = b.targets.reshape({-1}).index_select(0, b.target_rows);
+  b.num_targets = b.target_rows.numel();
   return b;
 }
 
-// Sum of token cross-entropies over masked targets.
-at::Tensor MaskedLossSum(const at::Tensor& logits, const Batch& b) {
-  const int64_t V = logits.size(-1);
-  at::Tensor ce =
-      at::cross_entropy_loss(logits.reshape({-1, V}), b.targets.reshape({-1}).to(logits.device()),
-                             {}, at::Reduction::None);
-  return (ce * b.mask.reshape({-1}).to(logits.device())).sum();
+// Summed cross-entropy of target rows [begin, end) of `b`, given the last decoder layer's output
+// `hidden` [B, L-1, hidden]: the head runs on those rows only.
+absl::StatusOr<at::Tensor> TargetLossSum(const runtime::LlamaModel& model, const at::Tensor& hidden,
+                                         const Batch& b, int64_t begin, int64_t end) {
+  const auto dev = hidden.device();
+  at::Tensor rows = b.target_rows.narrow(0, begin, end - begin).to(dev);
+  at::Tensor x = hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows);
+  COLLM_ASSIGN_OR_RETURN(at::Tensor logits, model.DenseHead(x));
+  return at::cross_entropy_loss(logits, b.target_ids.narrow(0, begin, end - begin).to(dev), {},
+                                at::Reduction::Sum);
 }
 
 }  // namespace
@@ -70,6 +81,9 @@ absl::Status TrainerOptions::Validate() const {
   if (warmup_steps < 0)
     return bad("warmup_steps", absl::StrCat("must be >= 0, got ", warmup_steps));
   if (!(min_lr_ratio >= 0 && min_lr_ratio <= 1)) return bad("min_lr_ratio", "must be in [0, 1]");
+  if (head_chunk_rows <= 0) {
+    return bad("head_chunk_rows", absl::StrCat("must be > 0, got ", head_chunk_rows));
+  }
   if (micro_batch_size <= 0)
     return bad("micro_batch_size", absl::StrCat("must be > 0, got ", micro_batch_size));
   if (grad_accum_steps <= 0)
@@ -142,9 +156,22 @@ absl::StatusOr<LossSum> EvaluateLossSum(const runtime::LlamaModel& model,
         examples.begin() + i, examples.begin() + std::min(examples.size(), i + batch_size));
     Batch b = MakeBatch(chunk);
     if (b.num_targets == 0) continue;
-    COLLM_ASSIGN_OR_RETURN(at::Tensor logits, model.DenseLogits(b.inputs, adapter));
+    if (adapter != nullptr &&
+        static_cast<int64_t>(adapter->layers.size()) != model.config().num_hidden_layers) {
+      return absl::InvalidArgumentError("evaluation: adapter layer count differs from the model");
+    }
+    COLLM_ASSIGN_OR_RETURN(auto ctx, model.DenseBegin(b.inputs));
+    at::Tensor x = ctx.hidden;
+    for (int64_t l = 0; l < model.config().num_hidden_layers; ++l) {
+      COLLM_ASSIGN_OR_RETURN(x, model.DenseLayer(ctx, l, x, adapter, 0.0, false));
+    }
     try {
-      total.sum += MaskedLossSum(logits, b).item<double>();
+      for (int64_t r = 0; r < b.num_targets; r += kEvalHeadRows) {
+        COLLM_ASSIGN_OR_RETURN(
+            at::Tensor sum,
+            TargetLossSum(model, x, b, r, std::min(b.num_targets, r + kEvalHeadRows)));
+        total.sum += sum.item<double>();
+      }
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("evaluation: ", e.what_without_backtrace()));
     }
@@ -197,6 +224,9 @@ struct PeftTrainer::Run {
   runtime::LlamaModel::DenseContext ctx;
   std::vector<at::Tensor> inputs, outputs;  // Per layer.
   at::Tensor grad;                          // d loss / d (output of the layer to backprop next).
+  at::Tensor top;                           // The last layer's output, detached, during the head.
+  int64_t head_done = 0;                    // Target rows the head phase has run.
+  double loss_sum = 0;                      // Their summed cross-entropy.
   int64_t phase = 0;
 };
 
@@ -205,6 +235,11 @@ PeftTrainer::~PeftTrainer() = default;
 
 int64_t PeftTrainer::num_phases() const { return 2 * model_->config().num_hidden_layers + 1; }
 int64_t PeftTrainer::next_phase() const { return run_ ? run_->phase : 0; }
+int64_t PeftTrainer::head_phase() const { return model_->config().num_hidden_layers; }
+int64_t PeftTrainer::head_rows_left() const {
+  if (run_ == nullptr || run_->phase > head_phase()) return 0;
+  return run_->batch.num_targets - run_->head_done;
+}
 int64_t PeftTrainer::micro_step_examples() const { return run_ ? run_->examples : 0; }
 int64_t PeftTrainer::micro_step_tokens() const { return run_ ? run_->batch.inputs.numel() : 0; }
 void PeftTrainer::AbortMicroStep() { run_.reset(); }
@@ -256,7 +291,7 @@ absl::Status PeftTrainer::BeginMicroStep(const std::vector<const TrainingExample
   return absl::OkStatus();
 }
 
-absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep() {
+absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep(int64_t max_head_rows) {
   if (run_ == nullptr) return absl::FailedPreconditionError("no micro-step in flight");
   Run& r = *run_;
   const int64_t layers = model_->config().num_hidden_layers;
@@ -277,14 +312,25 @@ absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep() {
       if (!out.ok()) return fail(out.status());
       r.outputs[l] = *std::move(out);
     } else if (r.phase == layers) {  // Head, loss, and its backward down to the last layer.
-      at::Tensor top = r.outputs[layers - 1].detach().requires_grad_(true);
-      auto logits = model_->DenseHead(top);
-      if (!logits.ok()) return fail(logits.status());
-      at::Tensor loss_sum = MaskedLossSum(*logits, r.batch);
-      const double mean = loss_sum.item<double>() / static_cast<double>(r.batch.num_targets);
-      if (!std::isfinite(mean)) return fail(absl::InternalError("training loss is not finite"));
-      at::Tensor objective =
-          loss_sum / (static_cast<double>(r.batch.num_targets) * options_.grad_accum_steps);
+      if (!r.top.defined()) r.top = r.outputs[layers - 1].detach().requires_grad_(true);
+      const double denom = static_cast<double>(r.batch.num_targets) * options_.grad_accum_steps;
+      const int64_t end = max_head_rows > 0
+                              ? std::min(r.batch.num_targets, r.head_done + max_head_rows)
+                              : r.batch.num_targets;
+      // Each chunk's backward runs before the next chunk's forward, so only one chunk of
+      // full-vocabulary logits (and its softmax gradient) is alive at a time; the gradients
+      // accumulate in r.top.grad().
+      while (r.head_done < end) {
+        const int64_t stop = std::min(end, r.head_done + options_.head_chunk_rows);
+        auto sum = TargetLossSum(*model_, r.top, r.batch, r.head_done, stop);
+        if (!sum.ok()) return fail(sum.status());
+        const double value = sum->item<double>();
+        if (!std::isfinite(value)) return fail(absl::InternalError("training loss is not finite"));
+        (*sum / denom).backward();
+        r.loss_sum += value;
+        r.head_done = stop;
+      }
+      if (r.head_done < r.batch.num_targets) return result;  // More head rows in a later call.
       // FedProx: the proximal term belongs once to each optimizer step, so each micro-batch adds
       // its share. It depends on the factors directly, not through the layers, so its gradient
       // lands here in full. Skipped entirely at mu = 0 so plain training stays bit-identical.
@@ -299,12 +345,11 @@ absl::StatusOr<PeftTrainer::PhaseResult> PeftTrainer::AdvanceMicroStep() {
             prox = prox + (w.a - anchor.a).square().sum() + (w.b - anchor.b).square().sum();
           }
         }
-        objective = objective + prox.to(objective.device()) *
-                                    (options_.prox_mu / 2 / options_.grad_accum_steps);
+        (prox * (options_.prox_mu / 2 / options_.grad_accum_steps)).backward();
       }
-      objective.backward();
-      r.grad = top.grad();
-      accum_loss_ += mean;
+      r.grad = r.top.grad();
+      r.top = at::Tensor();
+      accum_loss_ += r.loss_sum / static_cast<double>(r.batch.num_targets);
     } else {  // Backward of layer `l`, top to bottom.
       const int64_t l = 2 * layers - r.phase;
       if (r.outputs[l].requires_grad()) r.outputs[l].backward(r.grad);

@@ -199,6 +199,8 @@ const std::set<std::string> kDocumentedKeys = {
     "engine.slo_guard",
     "engine.guard_safety",
     "engine.guard_idle_risk",
+    "engine.max_phase_ms",
+    "engine.admission",
     "engine.kv_cache.block_size",
     "engine.kv_cache.num_blocks",
     "engine.kv_cache.max_bytes",
@@ -250,6 +252,7 @@ const std::set<std::string> kDocumentedKeys = {
     "training.trainer.grad_accum_steps",
     "training.trainer.seed",
     "training.trainer.weight_decay",
+    "training.trainer.head_chunk_rows",
     "training.publish.every_steps",
     "training.publish.quality_gate",
     "training.publish.min_improvement",
@@ -428,6 +431,9 @@ TEST(DaemonConfigTest, OutOfRangeValuesAreNamed) {
       {"engine:\n  max_queued: 0\n", "engine.max_queued must be > 0, got 0"},
       {"engine:\n  guard_safety: 0.5\n", "engine.guard_safety must be >= 1, got 0.5"},
       {"engine:\n  guard_idle_risk: 2\n", "engine.guard_idle_risk must be in [0, 1], got 2"},
+      {"engine:\n  max_phase_ms: -5\n", "engine.max_phase_ms must be a finite number >= 0"},
+      {"engine:\n  admission: drop\n",
+       "engine.admission must be one of none, reject, deprioritize, got 'drop'"},
       {"engine:\n  kv_cache: {block_size: 0}\n", "engine.kv_cache.block_size must be > 0, got 0"},
       {"engine:\n  kv_cache: {num_blocks: -2}\n", "engine.kv_cache.num_blocks must be >= 0"},
       {"engine:\n  slo: {default: {ttft_ms: -1}}\n", "engine.slo.default.ttft_ms must be >= 0"},
@@ -456,6 +462,8 @@ TEST(DaemonConfigTest, OutOfRangeValuesAreNamed) {
        "training.trainer.micro_batch_size must be > 0, got 0"},
       {"training:\n  trainer: {weight_decay: -0.1}\n",
        "training.trainer.weight_decay must be >= 0, got -0.1"},
+      {"training:\n  trainer: {head_chunk_rows: 0}\n",
+       "training.trainer.head_chunk_rows must be > 0, got 0"},
       {"training:\n  dataset: {held_out_fraction: 1}\n",
        "training.dataset.held_out_fraction must be in [0, 1), got 1"},
       {"training:\n  dataset: {max_length: 1}\n",
@@ -943,6 +951,25 @@ TEST(DaemonConfigTest, HttpSectionErrorsNameTheKey) {
   EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  api_keys: 5\n")), "http.api_keys");
   EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("http:\n  enable: true\n")),
                       "http.enable: unknown key");
+}
+
+// Issue 10: the phase bound, the head's row chunks and SLO-aware admission.
+TEST(DaemonConfigTest, ParsesPhaseBoundHeadChunksAndAdmission) {
+  absl::StatusOr<DaemonConfig> d = Parse(WithModel(""));
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->engine.max_phase_ms, 0);
+  EXPECT_EQ(d->engine.admission, coordination::AdmissionMode::kNone);
+  EXPECT_EQ(d->training.trainer.head_chunk_rows, 128);
+  absl::StatusOr<DaemonConfig> c =
+      Parse(WithModel("engine: {max_phase_ms: 5, admission: deprioritize}\n"
+                      "training: {trainer: {head_chunk_rows: 32}}\n"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->engine.max_phase_ms, 5);
+  EXPECT_EQ(c->engine.admission, coordination::AdmissionMode::kDeprioritize);
+  EXPECT_EQ(c->training.trainer.head_chunk_rows, 32);
+  c = Parse(WithModel("engine: {admission: reject}\n"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->engine.admission, coordination::AdmissionMode::kReject);
 }
 
 }  // namespace

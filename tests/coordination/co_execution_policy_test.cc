@@ -178,3 +178,106 @@ TEST(CoExecutionPolicyTest, OptionsOutOfRangeNameTheField) {
 
 }  // namespace
 }  // namespace collm::coordination
+
+namespace collm::coordination {
+namespace {
+
+// max_phase_ms bounds every phase's predicted cost, by construction, from the learned costs.
+CoExecutionOptions Bounded(double max_phase_ms) {
+  CoExecutionOptions o = Options(1.0);
+  o.max_phase_ms = max_phase_ms;
+  return o;
+}
+
+TrainerSnapshot AtHead(int64_t phase, int64_t tokens, int64_t rows_left) {
+  TrainerSnapshot t = InFlight(phase, tokens);
+  t.head_rows_left = rows_left;
+  return t;
+}
+
+TEST(CoExecutionPolicyTest, PhaseBoundSizesTheMicroStepFromTheCostliestPerTokenPhase) {
+  FakeClock clock;
+  CoExecutionPolicy p(Bounded(5), 3, clock);
+  p.RecordPhase(0, 0.001, 10);  // 0.1 ms per token.
+  p.RecordPhase(2, 0.004, 20);  // 0.2 ms per token: the costliest.
+  p.RecordHeadRows(0.010, 10);  // 1 ms per target row: bounded by its chunks, not by tokens.
+  const CoExecutionDecision idle = p.Decide(ServingSnapshot{}, TrainerSnapshot{});
+  EXPECT_EQ(idle.action, Action::kBeginMicroStep);
+  EXPECT_NEAR(idle.max_tokens, 25, 1e-9);  // 5 ms / 0.2 ms: every phase predicted <= 5 ms.
+  // Busy with slack larger than the bound: the bound still holds.
+  const CoExecutionDecision busy = p.Decide(Waiting(1000, clock.NowNanos()), TrainerSnapshot{});
+  EXPECT_EQ(busy.action, Action::kBeginMicroStep);
+  EXPECT_NEAR(busy.max_tokens, 25, 1e-9);
+  // Busy with less slack than the bound: the slack decides (10 ms TTFT - 0 step cost ... 2 ms).
+  clock.AdvanceNanos(8 * kMs);
+  const CoExecutionDecision tight = p.Decide(Waiting(10, 0), TrainerSnapshot{});
+  EXPECT_NEAR(tight.max_tokens, 10, 1e-9);  // 2 ms / 0.2 ms.
+}
+
+TEST(CoExecutionPolicyTest, PhaseBoundHoldsWithoutTheGuardAndCapsTheIdleRiskFallback) {
+  FakeClock clock;
+  CoExecutionOptions o = Bounded(5);
+  o.slo_guard = false;
+  CoExecutionPolicy unguarded(o, 2, clock);
+  unguarded.RecordPhase(1, 0.001, 1);  // 1 ms per token.
+  EXPECT_NEAR(unguarded.Decide(ServingSnapshot{}, TrainerSnapshot{}).max_tokens, 5, 1e-9);
+  EXPECT_NEAR(unguarded.Decide(Waiting(1, 0), TrainerSnapshot{}).max_tokens, 5, 1e-9);
+
+  CoExecutionOptions risky = Bounded(5);
+  risky.guard_idle_risk = 0.5;
+  risky.tightest_ttft_ms = 1;  // An arrival could wait 1 ms: the fallback would allow more.
+  CoExecutionPolicy p(risky, 2, clock);
+  p.RecordPhase(1, 0.001, 1);
+  ServingSnapshot idle;
+  idle.arrival_rate = 0.001;  // Rare arrivals: risk alone would allow 500 000 tokens.
+  const CoExecutionDecision d = p.Decide(idle, TrainerSnapshot{});
+  ASSERT_TRUE(d.has_fallback);
+  EXPECT_NEAR(d.fallback_max_tokens, 5, 1e-9);
+}
+
+TEST(CoExecutionPolicyTest, PhaseBoundWithUnknownCostsMeasuresWithOneExample) {
+  FakeClock clock;
+  CoExecutionPolicy p(Bounded(5), 3, clock);
+  EXPECT_EQ(p.Decide(ServingSnapshot{}, TrainerSnapshot{}).max_tokens, -1);
+}
+
+TEST(CoExecutionPolicyTest, HeadPhaseRunsInRowChunksThatFitTheBound) {
+  FakeClock clock;
+  CoExecutionPolicy p(Bounded(5.5), 3, clock);
+  p.RecordPhase(0, 0.001, 10);
+  // Unknown head cost: a small probe.
+  CoExecutionDecision d = p.Decide(ServingSnapshot{}, AtHead(1, 10, 40));
+  EXPECT_EQ(d.action, Action::kRunPhase);
+  EXPECT_GT(d.max_head_rows, 0);
+  EXPECT_LE(d.max_head_rows, 8);
+  p.RecordHeadRows(0.004, 4);  // 1 ms per row.
+  d = p.Decide(ServingSnapshot{}, AtHead(1, 10, 40));
+  EXPECT_EQ(d.action, Action::kRunPhase);
+  EXPECT_EQ(d.max_head_rows, 5);  // 5 rows x 1 ms <= 5.5 ms.
+  d = p.Decide(ServingSnapshot{}, AtHead(1, 10, 3));
+  EXPECT_EQ(d.max_head_rows, 3);  // Fewer left than fit.
+  // One row costlier than the bound: never run.
+  p.mutable_costs().Reset(3);
+  p.RecordHeadRows(0.008, 1);
+  EXPECT_EQ(p.Decide(ServingSnapshot{}, AtHead(1, 10, 3)).action, Action::kBlocked);
+}
+
+TEST(CoExecutionPolicyTest, HeadPhaseWithoutBoundOrObjectiveRunsWhole) {
+  FakeClock clock;
+  CoExecutionPolicy p(Options(1.0), 3, clock);
+  p.RecordHeadRows(0.004, 4);
+  const CoExecutionDecision d = p.Decide(ServingSnapshot{}, AtHead(1, 10, 40));
+  EXPECT_EQ(d.action, Action::kRunPhase);
+  EXPECT_EQ(d.max_head_rows, 0);
+}
+
+TEST(CoExecutionPolicyTest, NegativePhaseBoundIsRejected) {
+  CoExecutionOptions o = Options(0.5);
+  o.max_phase_ms = -1;
+  const absl::Status s = ValidateCoExecutionOptions(o);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("engine.max_phase_ms"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace collm::coordination

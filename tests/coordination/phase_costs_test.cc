@@ -55,3 +55,19 @@ TEST(PhaseCostsTest, SetEstimatesFillsEveryPhase) {
 
 }  // namespace
 }  // namespace collm::coordination
+
+namespace collm::coordination {
+namespace {
+
+TEST(PhaseCostsTest, HeadIsCostedPerTargetRowApartFromThePerTokenPhases) {
+  PhaseCosts c(3);
+  c.RecordPhase(0, 0.001, 10);
+  c.RecordHeadRows(0.010, 10);
+  EXPECT_DOUBLE_EQ(c.head_seconds_per_row(), 0.001);
+  EXPECT_DOUBLE_EQ(c.WorstPhaseSecondsPerToken(), 0.0001);  // The head does not count here.
+  c.Reset(3);
+  EXPECT_EQ(c.head_seconds_per_row(), 0);
+}
+
+}  // namespace
+}  // namespace collm::coordination

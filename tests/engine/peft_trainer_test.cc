@@ -114,6 +114,77 @@ TEST(PeftTrainerTest, GradientAccumulationEqualsOneLargeBatch) {
   EXPECT_LT((f1.b - f2.b).abs().max().item<double>(), 1e-5);
 }
 
+// The whole graph at once, the way training ran before the head was restricted to target rows:
+// full-vocabulary logits at every position, masked cross-entropy, one backward, on a copy of the
+// trainer's parameters. The reference the phased, target-only, chunked trainer must reproduce.
+struct FullLogitsReference {
+  runtime::LoraFactors factors;  // With .grad() of loss / (targets * grad_accum).
+  double loss = 0;               // Mean token loss over the targets.
+};
+
+FullLogitsReference RunFullLogitsReference(const runtime::LlamaModel& model,
+                                           const PeftTrainer& trainer,
+                                           const std::vector<TrainingExample>& examples) {
+  FullLogitsReference ref;
+  ref.factors.scale = trainer.shadow().factors().scale;
+  for (const auto& layer : trainer.shadow().factors().layers) {
+    std::array<runtime::LoraFactors::Factor, runtime::kNumLoraTargets> copy;
+    for (size_t t = 0; t < layer.size(); ++t) {
+      if (!layer[t].a.defined()) continue;
+      copy[t].a = layer[t].a.detach().clone().requires_grad_(true);
+      copy[t].b = layer[t].b.detach().clone().requires_grad_(true);
+    }
+    ref.factors.layers.push_back(copy);
+  }
+  const int64_t n = static_cast<int64_t>(examples.size());
+  int64_t len = 0;
+  for (const auto& e : examples) len = std::max<int64_t>(len, e.tokens.size());
+  at::Tensor tokens = at::zeros({n, len}, at::kLong), mask = at::zeros({n, len});
+  for (int64_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j < examples[i].tokens.size(); ++j) {
+      tokens[i][j] = examples[i].tokens[j];
+      mask[i][j] = examples[i].loss_mask[j] ? 1.0 : 0.0;
+    }
+  }
+  auto weights = runtime::FuseLora(model.config(), ref.factors).value();
+  at::Tensor logits = model.DenseLogits(tokens.narrow(1, 0, len - 1), &weights, 0.0, true).value();
+  at::Tensor ce =
+      at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}),
+                             tokens.narrow(1, 1, len - 1).reshape({-1}), {}, at::Reduction::None);
+  at::Tensor m = mask.narrow(1, 1, len - 1).reshape({-1});
+  at::Tensor mean = (ce * m).sum() / m.sum();
+  ref.loss = mean.item<double>();
+  (mean / trainer.options().grad_accum_steps).backward();
+  return ref;
+}
+
+// Largest |trainer grad - reference grad| over every factor, and the largest reference gradient.
+std::pair<double, double> GradientGap(const PeftTrainer& trainer, const FullLogitsReference& ref) {
+  double worst = 0, largest = 0;
+  for (size_t l = 0; l < ref.factors.layers.size(); ++l) {
+    for (size_t t = 0; t < ref.factors.layers[l].size(); ++t) {
+      const auto& got = trainer.shadow().factors().layers[l][t];
+      const auto& want = ref.factors.layers[l][t];
+      if (!got.a.defined()) continue;
+      EXPECT_TRUE(got.a.grad().defined()) << "layer " << l << " target " << t;
+      if (!got.a.grad().defined()) return {1e30, 0};
+      worst = std::max(worst, (got.a.grad() - want.a.grad()).abs().max().item<double>());
+      worst = std::max(worst, (got.b.grad() - want.b.grad()).abs().max().item<double>());
+      largest = std::max(largest, want.a.grad().abs().max().item<double>());
+    }
+  }
+  return {worst, largest};
+}
+
+void RandomizeB(PeftTrainer& trainer) {
+  // B = 0 at init would make every A gradient zero: give B values first.
+  for (auto& layer : trainer.shadow().factors().layers) {
+    for (auto& f : layer) {
+      if (f.b.defined()) f.b.data().normal_(0, 0.05);
+    }
+  }
+}
+
 // The phased micro-step (one layer per phase, backward through detached layer boundaries) must
 // give the gradients of one whole-graph backward through DenseLogits.
 TEST(PeftTrainerTest, PhasedMicroStepGivesTheWholeGraphGradients) {
@@ -122,44 +193,10 @@ TEST(PeftTrainerTest, PhasedMicroStepGivesTheWholeGraphGradients) {
   TrainerOptions o;
   o.grad_accum_steps = 2;  // No optimizer step: the gradients stay on the parameters.
   auto trainer = MakeTrainer(model, o, 0.0, 5);
-  // B = 0 at init would make every A gradient zero: give B values first.
-  for (auto& layer : trainer->shadow().factors().layers) {
-    for (auto& f : layer) {
-      if (f.b.defined()) f.b.data().normal_(0, 0.05);
-    }
-  }
-  // Reference: the whole graph at once, on a copy of the parameters.
-  runtime::LoraFactors ref;
-  ref.scale = trainer->shadow().factors().scale;
-  for (const auto& layer : trainer->shadow().factors().layers) {
-    std::array<runtime::LoraFactors::Factor, runtime::kNumLoraTargets> copy;
-    for (size_t t = 0; t < layer.size(); ++t) {
-      if (!layer[t].a.defined()) continue;
-      copy[t].a = layer[t].a.detach().clone().requires_grad_(true);
-      copy[t].b = layer[t].b.detach().clone().requires_grad_(true);
-    }
-    ref.layers.push_back(copy);
-  }
+  RandomizeB(*trainer);
+  const FullLogitsReference ref = RunFullLogitsReference(*model, *trainer, train);
   std::vector<const TrainingExample*> batch;
-  int64_t len = 0;
-  for (const auto& e : train) {
-    batch.push_back(&e);
-    len = std::max<int64_t>(len, e.tokens.size());
-  }
-  at::Tensor tokens = at::zeros({3, len}, at::kLong), mask = at::zeros({3, len});
-  for (int i = 0; i < 3; ++i) {
-    for (size_t j = 0; j < train[i].tokens.size(); ++j) {
-      tokens[i][j] = train[i].tokens[j];
-      mask[i][j] = train[i].loss_mask[j] ? 1.0 : 0.0;
-    }
-  }
-  auto weights = runtime::FuseLora(model->config(), ref).value();
-  at::Tensor logits = model->DenseLogits(tokens.narrow(1, 0, len - 1), &weights, 0.0, true).value();
-  at::Tensor ce =
-      at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}),
-                             tokens.narrow(1, 1, len - 1).reshape({-1}), {}, at::Reduction::None);
-  at::Tensor m = mask.narrow(1, 1, len - 1).reshape({-1});
-  ((ce * m).sum() / (m.sum() * 2)).backward();
+  for (const auto& e : train) batch.push_back(&e);
 
   ASSERT_TRUE(trainer->BeginMicroStep(batch).ok());
   EXPECT_EQ(trainer->num_phases(), 2 * model->config().num_hidden_layers + 1);
@@ -177,21 +214,72 @@ TEST(PeftTrainerTest, PhasedMicroStepGivesTheWholeGraphGradients) {
   }
   EXPECT_EQ(phases, trainer->num_phases());
   EXPECT_FALSE(trainer->micro_step_active());
-  double worst = 0, largest = 0;
-  for (size_t l = 0; l < ref.layers.size(); ++l) {
-    for (size_t t = 0; t < ref.layers[l].size(); ++t) {
-      const auto& got = trainer->shadow().factors().layers[l][t];
-      if (!got.a.defined()) continue;
-      ASSERT_TRUE(got.a.grad().defined()) << "layer " << l << " target " << t;
-      worst =
-          std::max(worst, (got.a.grad() - ref.layers[l][t].a.grad()).abs().max().item<double>());
-      worst =
-          std::max(worst, (got.b.grad() - ref.layers[l][t].b.grad()).abs().max().item<double>());
-      largest = std::max(largest, ref.layers[l][t].a.grad().abs().max().item<double>());
-    }
-  }
+  const auto [worst, largest] = GradientGap(*trainer, ref);
   EXPECT_GT(largest, 1e-6);
   EXPECT_LT(worst, 1e-5 * std::max(1.0, largest));
+}
+
+// The head and loss run on target rows only, in chunks of head_chunk_rows, and the head phase
+// split over several calls (max_head_rows): the loss and every LoRA gradient must still be those
+// of full-vocabulary logits at every position. Examples of different lengths, so padding and
+// prompt positions are both present and must be skipped.
+TEST(PeftTrainerTest, TargetOnlyChunkedHeadGivesTheFullLogitsLossAndGradients) {
+  auto model = Tiny();
+  auto train = PatternExamples(2, 11, 6);
+  for (auto& e : PatternExamples(2, 12, 13)) train.push_back(std::move(e));
+  TrainerOptions o;
+  o.grad_accum_steps = 2;
+  o.head_chunk_rows = 5;  // 32 targets: chunks of 5, the last one short.
+  auto trainer = MakeTrainer(model, o, 0.0, 5);
+  RandomizeB(*trainer);
+  const FullLogitsReference ref = RunFullLogitsReference(*model, *trainer, train);
+  std::vector<const TrainingExample*> batch;
+  for (const auto& e : train) batch.push_back(&e);
+
+  ASSERT_TRUE(trainer->BeginMicroStep(batch).ok());
+  const int64_t layers = model->config().num_hidden_layers;
+  for (int64_t l = 0; l < layers; ++l) ASSERT_TRUE(trainer->AdvanceMicroStep().ok());
+  ASSERT_EQ(trainer->next_phase(), trainer->head_phase());
+  EXPECT_EQ(trainer->head_rows_left(), 32);
+  int head_calls = 0;
+  while (trainer->next_phase() == trainer->head_phase()) {
+    const int64_t left = trainer->head_rows_left();
+    auto r = trainer->AdvanceMicroStep(/*max_head_rows=*/7);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ++head_calls;
+    if (trainer->next_phase() == trainer->head_phase()) {
+      EXPECT_EQ(trainer->head_rows_left(), left - 7);
+    }
+  }
+  EXPECT_EQ(head_calls, 5);  // 7 + 7 + 7 + 7 + 4 rows.
+  EXPECT_EQ(trainer->head_rows_left(), 0);
+  for (;;) {
+    auto r = trainer->AdvanceMicroStep();
+    ASSERT_TRUE(r.ok()) << r.status();
+    if (r->finished) break;
+  }
+  const auto [worst, largest] = GradientGap(*trainer, ref);
+  EXPECT_GT(largest, 1e-6);
+  EXPECT_LT(worst, 1e-5 * std::max(1.0, largest));
+
+  // The loss: a step's reported loss is taken before its update, so one micro-step from the same
+  // parameters reports the reference loss; evaluation (target rows only) agrees with it too.
+  TrainerOptions one = o;
+  one.grad_accum_steps = 1;
+  auto fresh = MakeTrainer(model, one, 0.0, 5);
+  for (size_t l = 0; l < ref.factors.layers.size(); ++l) {
+    for (size_t t = 0; t < ref.factors.layers[l].size(); ++t) {
+      auto& f = fresh->shadow().factors().layers[l][t];
+      if (f.b.defined()) f.b.data().copy_(trainer->shadow().factors().layers[l][t].b.detach());
+    }
+  }
+  auto evaluated = fresh->Evaluate(train);
+  ASSERT_TRUE(evaluated.ok()) << evaluated.status();
+  EXPECT_NEAR(*evaluated, ref.loss, 1e-5);
+  auto stats = fresh->MicroStep(batch);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  ASSERT_TRUE(stats->has_value());
+  EXPECT_NEAR((*stats)->loss, ref.loss, 1e-5);
 }
 
 TEST(PeftTrainerTest, AbortedMicroStepLeavesNoGradient) {

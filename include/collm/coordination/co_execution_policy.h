@@ -34,6 +34,11 @@ struct CoExecutionOptions {
   double guard_idle_risk = 0.02;
   double tightest_ttft_ms = 0;  // Tightest TTFT objective of any request class; 0 = none. Bounds
                                 // what a phase may take while idle.
+  // Bound on the predicted cost of any one training phase (ms), guard or not, busy or idle: the
+  // micro-step's padded tokens are sized so its costliest per-token phase fits, the head phase
+  // is split into row chunks that fit. A micro-step of which not even one example fits never
+  // starts (counted as blocked). >= 0; 0 = no bound. Default 0.
+  double max_phase_ms = 0;
 };
 
 // InvalidArgument naming the field ("engine.<field>", as configured) for options out of range.
@@ -61,6 +66,7 @@ struct TrainerSnapshot {
   bool micro_step_active = false;  // A micro-step is in flight: its next phase is `next_phase`.
   int64_t next_phase = 0;          // REQUIRES: in [0, num_phases) when micro_step_active.
   int64_t micro_step_tokens = 0;   // Padded input tokens of the micro-step in flight.
+  int64_t head_rows_left = 0;      // > 0: the next phase is the head, with this many target rows.
 };
 
 struct CoExecutionDecision {
@@ -80,6 +86,8 @@ struct CoExecutionDecision {
   // `fallback_max_tokens` (idle only, bounded by guard_idle_risk); false = no retry.
   bool has_fallback = false;
   double fallback_max_tokens = 0;
+  // kRunPhase at the head phase: target rows to run at most; 0 = all that are left.
+  int64_t max_head_rows = 0;
   // Whether to ask again after this piece of work in the same iteration (idle, or no guard);
   // a finished micro-step always ends the iteration.
   bool continue_after = false;
@@ -109,12 +117,15 @@ class CoExecutionPolicy {
   double SloSlack(const ServingSnapshot& serving, int64_t now_nanos) const;
   // Seconds a phase may take while idle: the tightest TTFT objective minus a prefill step.
   double IdleBudget() const;
+  // Seconds any one phase may be predicted to take (max_phase_ms; infinity = no bound).
+  double PhaseBound() const;
 
   // Measurements, fed by the engine after the work ran.
   void RecordInferenceStep(double seconds) { costs_.RecordInferenceStep(seconds); }
   void RecordPhase(int64_t phase, double seconds, int64_t tokens) {
     costs_.RecordPhase(phase, seconds, tokens);
   }
+  void RecordHeadRows(double seconds, int64_t rows) { costs_.RecordHeadRows(seconds, rows); }
   void RecordMicroStep(double seconds) { costs_.RecordMicroStep(seconds); }
   void RecordEvaluation(double seconds, int64_t examples) {
     costs_.RecordEvaluation(seconds, examples);

@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "collm/common/clock.h"
+#include "collm/coordination/admission.h"
 #include "collm/coordination/arrival_rate.h"
 #include "collm/coordination/co_execution_policy.h"
 #include "collm/coordination/load_rates.h"
@@ -69,6 +70,18 @@ struct EngineOptions {
   // in [0, 1].
   // Without it a daemon whose SLO is tighter than a phase would never train.
   double guard_idle_risk = 0.02;
+  // Bound on the predicted cost of any one training phase (ms), by construction: micro-steps are
+  // sized from the measured phase costs so every per-token phase fits, and the head phase runs
+  // in row chunks that fit. >= 0; 0 = no bound (collmd.yaml's engine.max_phase_ms).
+  double max_phase_ms = 0;
+
+  // SLO-aware admission (coordination/admission.h): a request predicted, from the measured step
+  // cost and the prefill queued ahead of it, to miss its class's TTFT objective is refused at
+  // Submit (kReject: ResourceExhausted) or queued behind those that can make theirs
+  // (kDeprioritize); a queued request that falls behind is deprioritised in both modes, never
+  // dropped. Classes without a TTFT objective are never shed. Default kNone (first come, first
+  // served). collmd.yaml's engine.admission.
+  coordination::AdmissionMode admission = coordination::AdmissionMode::kNone;
 };
 
 // Where training examples come from: feedback from served requests first, then the dataset.
@@ -91,6 +104,8 @@ struct EngineStats {
   int64_t cancelled = 0;
   int64_t expired = 0;
   int64_t rejected_queue_full = 0;
+  int64_t rejected_slo = 0;   // Refused at Submit: predicted to miss the TTFT objective.
+  int64_t deprioritized = 0;  // Queued behind the rest: predicted to miss it (at or after Submit).
   int64_t slo_met = 0;
   int64_t prompt_tokens = 0;  // Prompt tokens of admitted requests.
   int64_t generated_tokens = 0;
@@ -190,8 +205,8 @@ class Engine {
   RequestLimits request_limits() const;
   // Validates (ValidateRequest, then the SLO class and adapter) and enqueues. InvalidArgument
   // naming the field, NotFound for an unknown adapter,
-  // ResourceExhausted at once when the queue is full or the request can never fit in the KV
-  // cache. Returns the request id.
+  // ResourceExhausted at once when the queue is full, the request can never fit in the KV
+  // cache, or (admission kReject) it is predicted to miss its TTFT objective. Returns the id.
   absl::StatusOr<uint64_t> Submit(EngineRequest request, std::shared_ptr<RequestSink> sink);
   // The request finishes with Cancelled within one step. Unknown ids are ignored.
   void Cancel(uint64_t id);
@@ -220,8 +235,9 @@ class Engine {
   // PeftTrainer::Resume before EnableTraining).
   absl::Status RestoreTrainingCursor(const std::map<std::string, std::string>& state);
 
-  // Replaces the measured costs the SLO guard predicts with (tests with a FakeClock): one
-  // inference step, and one training phase per padded input token (every phase alike).
+  // Replaces the measured costs the SLO guard and admission predict with (tests with a
+  // FakeClock): one inference step (full or decode-only), and one training phase per padded input
+  // token (every phase alike).
   void SetCostEstimatesForTest(double infer_step_seconds, double phase_seconds_per_token);
 
   // --- Federation hooks. Thread-safe; each is applied on the engine thread at the next step
@@ -255,6 +271,13 @@ class Engine {
   void RecordStepMetrics(int64_t batch_tokens);
   // Routers' load signals into stats_ (engine thread, mu_ held).
   void RecordLoadSignals();
+  // SLO-aware admission; the *Locked ones REQUIRE mu_ held.
+  // Moves queued requests predicted to miss their TTFT objective behind the others.
+  void DeprioritizeHopelessLocked();
+  // Prompt tokens of the queued requests ahead of every deprioritised one.
+  int64_t FrontPrefillTokensLocked() const;
+  // Counts a shed request (stats, collm_requests_shed_total{slo_class, reason}).
+  void CountShedLocked(const Sequence& s, const char* reason);
   // Serving as the co-execution policy sees it (queued and running requests, arrival rate).
   coordination::ServingSnapshot ServingSnapshotNow() const;
 
@@ -266,7 +289,8 @@ class Engine {
   // Starts a micro-step of at most `max_examples` whose padded input tokens fit `max_tokens`
   // (< 0: exactly one example, whatever its size).
   BeginResult BeginMicroStep(int64_t max_examples, double max_tokens);
-  bool RunTrainingPhase();  // Returns whether the micro-step finished.
+  // Returns whether the micro-step finished. `max_head_rows`: see PeftTrainer::AdvanceMicroStep.
+  bool RunTrainingPhase(int64_t max_head_rows);
   void RunEvaluationSlice(int64_t examples);
   void PollPublisher(bool wait = false);  // Publishes once a background evaluation is done.
   // Saves the training checkpoint; engine thread, or any thread while the loop is stopped.
@@ -315,6 +339,9 @@ class Engine {
   coordination::LoadRates load_rates_;           // Guarded by mu_ (Submit records).
   std::vector<std::function<void()>> commands_;  // Guarded by mu_.
   bool commands_closed_ = false;                 // Guarded by mu_; set by Shutdown.
+  // SLO-aware admission: Submit predicts against it, the engine thread feeds it step costs.
+  std::unique_ptr<coordination::AdmissionController> admission_;  // Guarded by mu_.
+  coordination::AdmissionLoad load_;  // Guarded by mu_; the running batch after the last step.
 
   std::vector<std::unique_ptr<Sequence>> running_;  // Engine thread only.
   std::thread thread_;

@@ -5,6 +5,7 @@
 #define COLLM_ENGINE_ENGINE_METRICS_H_
 
 #include <cstdint>
+#include <string>
 
 #include "collm/engine/request.h"
 #include "collm/telemetry/metrics.h"
@@ -17,6 +18,9 @@ struct EngineMetrics {
 
   // One finished request: `generated` output tokens (latencies only when it had tokens).
   void RecordFinish(const RequestResult& result, bool had_first_token, int64_t generated);
+  // One request shed by SLO-aware admission: collm_requests_shed_total{slo_class, reason}
+  // ("default" for requests without a class; reason "rejected" or "deprioritized").
+  void RecordShed(const std::string& slo_class, const std::string& reason);
 
   telemetry::Histogram* ttft;
   telemetry::Histogram* tpot;
@@ -41,6 +45,9 @@ struct EngineMetrics {
   telemetry::Gauge* held_out_loss;
   telemetry::Gauge* adapter_version;
   telemetry::Gauge* slo_attainment;
+
+ private:
+  telemetry::MetricsRegistry* registry_;
 };
 
 }  // namespace collm::engine

@@ -38,6 +38,11 @@ struct TrainerOptions {
   // the round's global adapter on non-IID data. >= 0; 0 = off (the step is then bit-identical to
   // training without it).
   double prox_mu = 0;
+  // The LM head and cross-entropy run only on target (completion) positions, this many rows at a
+  // time, each chunk's backward right after its forward: the full-vocabulary logits held at once
+  // are bounded by head_chunk_rows x vocab floats, whatever the micro-batch. > 0; default 128
+  // (collmd.yaml's training.trainer.head_chunk_rows).
+  int64_t head_chunk_rows = 128;
 
   absl::Status Validate() const;  // InvalidArgument naming the field.
 };
@@ -104,6 +109,9 @@ class PeftTrainer {
   // (2 * layers + 1 phases) — so the engine can serve inference between phases and a request
   // never waits for more than one phase. MicroStep == Begin + Advance until finished; the phased
   // backward (one layer at a time, through detached layer boundaries) computes the same gradients.
+  // The head phase (index = layers) covers the target rows only and may itself be split: with
+  // max_head_rows > 0 one call runs at most that many target rows of it (head + loss + their
+  // backward) and next_phase() stays at the head until head_rows_left() is 0.
   struct PhaseResult {
     bool finished = false;          // The micro-step is complete (no phase left).
     std::optional<StepStats> step;  // Set when finishing it applied an optimizer step.
@@ -111,12 +119,14 @@ class PeftTrainer {
   // FailedPrecondition while another micro-step is in flight; InvalidArgument for an empty batch
   // or one without targets.
   absl::Status BeginMicroStep(const std::vector<const TrainingExample*>& batch);
-  absl::StatusOr<PhaseResult> AdvanceMicroStep();
+  absl::StatusOr<PhaseResult> AdvanceMicroStep(int64_t max_head_rows = 0);
   bool micro_step_active() const { return run_ != nullptr; }
   int64_t micro_step_examples() const;  // Examples of the micro-step in flight (0 = none).
   int64_t micro_step_tokens() const;    // Its padded input tokens (examples x length).
   int64_t next_phase() const;           // Index of the phase AdvanceMicroStep runs next.
   int64_t num_phases() const;           // Phases per micro-step: 2 * layers + 1.
+  int64_t head_phase() const;           // Index of the head phase (= layers).
+  int64_t head_rows_left() const;       // Target rows the head phase has still to run (0 = none).
   // Drops the micro-step in flight (its gradients never reach the parameters).
   void AbortMicroStep();
   // A whole optimizer step: grad_accum_steps micro-batches drawn from `sampler`.

@@ -34,6 +34,9 @@ struct Sequence {
   std::optional<runtime::StopStringMatcher> stops;
   int64_t submit_nanos = 0, first_token_nanos = 0, last_token_nanos = 0;
   bool cancelled = false;
+  // SLO-aware admission predicted it to miss its TTFT objective: it waits behind every queued
+  // request that can still make its own (it is still served, never dropped).
+  bool deprioritized = false;
   std::optional<runtime::FinishReason> finished;  // Set when EOS or a stop string ended it.
 
   int64_t prompt_size() const { return static_cast<int64_t>(request.prompt.size()); }
