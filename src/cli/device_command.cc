@@ -12,19 +12,10 @@
 #include "collm/cli/commands.h"
 #include "collm/v1/inference.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "proto_json.h"
 
 namespace collm::cli {
 namespace {
-
-std::string Json(const google::protobuf::Message& m) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions o;
-  o.add_whitespace = true;
-  o.preserve_proto_field_names = true;
-  o.always_print_primitive_fields = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
-  return out;
-}
 
 std::shared_ptr<grpc::Channel> Channel(const DeviceArgs& args) {
   return grpc::CreateChannel(args.address, grpc::InsecureChannelCredentials());

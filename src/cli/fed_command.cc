@@ -23,6 +23,7 @@
 #include "collm/federation/adapter_stream.h"
 #include "collm/federation/state_store.h"
 #include "collm/v1/federation.grpc.pb.h"
+#include "proto_json.h"
 
 namespace collm::cli {
 namespace {
@@ -36,16 +37,6 @@ std::string ReadFile(const std::string& path, std::string* error) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
-}
-
-std::string Json(const google::protobuf::Message& m) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions o;
-  o.add_whitespace = true;
-  o.preserve_proto_field_names = true;
-  o.always_print_primitive_fields = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
-  return out;
 }
 
 std::string Time(int64_t unix_ms) {
