@@ -28,9 +28,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Without OpenBLAS, Debian's libtorch falls back to reference BLAS (~40x slower matmuls).
-if ! ldconfig -p | grep -q openblas-pthread; then
-  echo "setup: warning: libopenblas0-pthread is not registered with ldconfig" >&2
+# Without OpenBLAS, Debian's libtorch falls back to reference BLAS (~40x slower matmuls). libtorch
+# links libblas.so.3, a Debian alternative: check where it resolves, not the library list.
+# (awk reads to the end: exiting early would SIGPIPE ldconfig, fatal under pipefail.)
+blas=$(ldconfig -p | awk '/libblas\.so\.3 / && !found {print $NF; found = 1}')
+if [ -z "$blas" ] || ! readlink -f "$blas" | grep -q openblas; then
+  echo "setup: warning: libblas.so.3 (${blas:-not found}) is not OpenBLAS; matmuls will be ~40x" \
+    "slower (install libopenblas0-pthread or select it with update-alternatives)" >&2
 fi
 
 [ "${SKIP_BUILD:-0}" = 1 ] && exit 0
