@@ -199,9 +199,23 @@ absl::StatusOr<std::unique_ptr<RoundManager>> RoundManager::Create(
   for (auto& info : state.devices) {
     Device d;
     d.info = std::move(info);
+    // Offline until its next heartbeat, which its persisted session makes valid again: the
+    // clock is Unix time, so the stored last-seen keeps its meaning across the restart.
+    d.last_seen_ns = d.info.last_seen_unix_ms() * 1000000;
+    if (auto it = state.sessions.find(d.info.device_id()); it != state.sessions.end())
+      d.session = it->second;
     m->devices_[d.info.device_id()] = std::move(d);
   }
   m->rounds_ = std::move(state.rounds);
+  // The rounds are the record of who took part (devices.json may predate the last accepted
+  // update when the kill came between the two writes), so the count is rebuilt from them.
+  for (auto& [id, d] : m->devices_) d.info.set_rounds_participated(0);
+  for (const auto& r : m->rounds_) {
+    for (const auto& u : r.updates()) {
+      if (auto it = m->devices_.find(u.device_id()); it != m->devices_.end())
+        it->second.info.set_rounds_participated(it->second.info.rounds_participated() + 1);
+    }
+  }
   // The virtual queues are the planner's memory: they resume from the newest round that has
   // decisions (each decision holds the queues after that round's update).
   for (auto r = m->rounds_.rbegin(); r != m->rounds_.rend(); ++r) {
@@ -260,6 +274,14 @@ void RoundManager::ChangedLocked() {
 }
 
 absl::Status RoundManager::SaveStatusLocked() { return store_->SaveStatus(status_); }
+
+absl::Status RoundManager::SaveSessionsLocked() {
+  std::map<std::string, std::string> sessions;
+  for (const auto& [id, d] : devices_) {
+    if (!d.session.empty()) sessions[id] = d.session;
+  }
+  return store_->SaveSessions(sessions);
+}
 
 absl::Status RoundManager::SaveDevicesLocked() {
   std::vector<v1::DeviceInfo> list;
@@ -333,6 +355,10 @@ absl::StatusOr<v1::RegisterResponse> RoundManager::Register(const v1::RegisterRe
   d.last_seen_ns = clock_.NowNanos();
   if (auto s = SaveDevicesLocked(); !s.ok())
     COLLM_LOG_ERROR("saving devices: {}", std::string(s.message()));
+  // Before the device learns its session, so an aggregator restarted after this answer still
+  // knows it; when it cannot be saved the session lasts until a restart (then: register again).
+  if (auto s = SaveSessionsLocked(); !s.ok())
+    COLLM_LOG_ERROR("saving sessions: {}", std::string(s.message()));
   ChangedLocked();
   COLLM_LOG_INFO("device {} registered from {}", id, peer);
   v1::RegisterResponse response;
@@ -527,6 +553,7 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
   CountUpdate("accepted", "none");
   devices_[id].info.set_rounds_participated(devices_[id].info.rounds_participated() + 1);
   if (auto s = SaveStatusLocked(); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
+  if (auto s = SaveDevicesLocked(); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
   COLLM_LOG_INFO("round {}: accepted the update from {} ({} samples, delta norm {:.4g}), {}/{}",
                  number, id, header.num_samples(), *norm, open->updates_size(),
                  open->participants_size());

@@ -97,6 +97,12 @@ absl::Status StateStore::SaveDevices(const std::vector<v1::DeviceInfo>& devices)
   return SaveJson(dir_ + "/devices.json", list);
 }
 
+absl::Status StateStore::SaveSessions(const std::map<std::string, std::string>& session_by_device) {
+  v1::DeviceSessions file;
+  file.mutable_session_by_device()->insert(session_by_device.begin(), session_by_device.end());
+  return SaveJson(dir_ + "/sessions.json", file);
+}
+
 absl::Status StateStore::SaveRound(const v1::RoundInfo& round) {
   const std::string dir = absl::StrCat(dir_, "/rounds/", round.round());
   COLLM_RETURN_IF_ERROR(MakeDirs(dir));
@@ -153,6 +159,12 @@ absl::StatusOr<FederationState> StateStore::Load(const runtime::ModelConfig& mod
     v1::ListDevicesResponse list;
     COLLM_RETURN_IF_ERROR(ReadJson(dir_ + "/devices.json", &list));
     state.devices.assign(list.devices().begin(), list.devices().end());
+  }
+  // Absent in state dirs written before sessions were persisted: those devices register again.
+  if (fs::exists(dir_ + "/sessions.json")) {
+    v1::DeviceSessions file;
+    COLLM_RETURN_IF_ERROR(ReadJson(dir_ + "/sessions.json", &file));
+    state.sessions.insert(file.session_by_device().begin(), file.session_by_device().end());
   }
   // Round directories are named by number; anything else (including a directory created just
   // before a crash, without its round.json yet) is not a round.

@@ -253,20 +253,41 @@ TEST_F(RoundManagerTest, RestartResumesTheOpenRoundWithItsAcceptedUpdates) {
   EXPECT_EQ(st.current_round(), 1);
   EXPECT_EQ(st.updates_accepted(), 1);
   EXPECT_EQ(m->Round(1)->updates_size(), 1);
-  // Old sessions are gone: heartbeats ask to re-register, and the device keeps its task.
-  EXPECT_TRUE(Beat(*m, "dev-2", s2).reregister());
-  s2 = Register(*m, "dev-2");
-  s3 = Register(*m, "dev-3");
-  EXPECT_TRUE(Beat(*m, "dev-2", s2).has_task());
+  // Sessions are persisted: a device that trained through the restart keeps its task and its
+  // update is accepted under the session it registered with, with no re-registration.
+  const v1::HeartbeatResponse hb = Beat(*m, "dev-2", s2);
+  EXPECT_FALSE(hb.reregister());
+  EXPECT_TRUE(hb.has_task());
   ASSERT_TRUE(Submit(*m, "dev-2", s2, 1, Update(1.0f), 10).ok());
+  // A device that registers again gets a new session; the old one stops working.
+  const std::string old_s3 = s3;
+  s3 = Register(*m, "dev-3");
+  EXPECT_NE(s3, old_s3);
+  EXPECT_TRUE(Beat(*m, "dev-3", old_s3).reregister());
   ASSERT_TRUE(Submit(*m, "dev-3", s3, 1, Update(4.0f), 20).ok());
   m->Tick();
   EXPECT_EQ(m->Round(1)->state(), "done");
+  // Per-device history survives: the update accepted before the kill still counts for dev-1.
+  for (const auto& d : m->Devices()) EXPECT_EQ(d.rounds_participated(), 1) << d.device_id();
   auto v2 = store_->ReadGlobal(2, model_);
   ASSERT_TRUE(v2.ok());
   // (1*10 + 1*10 + 4*20) / 40 = 2.5: the update accepted before the restart counted.
   EXPECT_TRUE(torch::allclose(v2->factors.layers[0][0].a, initial_.factors.layers[0][0].a + 2.5f,
                               1e-4, 1e-5));
+}
+
+TEST_F(RoundManagerTest, StateWithoutSessionsFileAsksDevicesToRegisterAgain) {
+  std::string s1;
+  {
+    auto m = Make();
+    s1 = Register(*m, "dev-1");
+  }
+  // A state dir written before sessions were persisted (or whose sessions.json was removed).
+  std::filesystem::remove(dir_ + "/sessions.json");
+  auto m = Make();
+  EXPECT_TRUE(Beat(*m, "dev-1", s1).reregister());
+  const std::string again = Register(*m, "dev-1");
+  EXPECT_FALSE(Beat(*m, "dev-1", again).reregister());
 }
 
 TEST_F(RoundManagerTest, PolicyAndControlValidation) {

@@ -130,7 +130,7 @@ class RoundManager {
  private:
   struct Device {
     v1::DeviceInfo info;
-    std::string session;  // "" until registered in this process.
+    std::string session;  // "" until registered; persisted in the state dir's sessions.json.
     int64_t last_seen_ns = 0;
   };
 
@@ -143,6 +143,7 @@ class RoundManager {
   v1::DeviceInfo DeviceInfoLocked(const Device& d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SaveDevicesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SaveStatusLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status SaveSessionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `kind`: a bounded reason class for the metrics (late, not_participant, duplicate, ...).
   void RejectLocked(const std::string& device_id, int64_t round, const std::string& reason,

@@ -6,8 +6,9 @@
 //   status.json                    FederationStatus (control state, counters, current round,
 //                                  global version); the policy lives apart in policy.json
 //   policy.json                    FederationPolicy
-//   devices.json                   ListDevicesResponse (registry; sessions are not persisted:
-//                                  devices re-register after a restart)
+//   devices.json                   ListDevicesResponse (registry)
+//   sessions.json                  DeviceSessions: the session each device registered with, so
+//                                  a restart does not void an update trained under it
 //   rounds/<N>/round.json          RoundInfo: participants, accepted updates' metadata,
 //                                  rejections, state
 //   rounds/<N>/updates/<device>/   the accepted update's adapter, PEFT format; written before
@@ -37,7 +38,8 @@ struct FederationState {
   v1::FederationStatus status;  // Without policy.
   v1::FederationPolicy policy;
   std::vector<v1::DeviceInfo> devices;
-  std::vector<v1::RoundInfo> rounds;  // Ascending by round number.
+  std::map<std::string, std::string> sessions;  // By device id.
+  std::vector<v1::RoundInfo> rounds;            // Ascending by round number.
   // Adapters of the accepted updates of rounds still "collecting", by round and device.
   std::map<int64_t, std::map<std::string, lora::LoraAdapter>> open_updates;
   lora::LoraAdapter global;  // Version status.global_version().
@@ -62,6 +64,7 @@ class StateStore {
   absl::Status SaveStatus(const v1::FederationStatus& status);  // Policy field is not written.
   absl::Status SavePolicy(const v1::FederationPolicy& policy);
   absl::Status SaveDevices(const std::vector<v1::DeviceInfo>& devices);
+  absl::Status SaveSessions(const std::map<std::string, std::string>& session_by_device);
   absl::Status SaveRound(const v1::RoundInfo& round);
   absl::Status SaveUpdate(int64_t round, const std::string& device_id,
                           const lora::LoraAdapter& adapter);
