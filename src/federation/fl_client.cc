@@ -200,6 +200,8 @@ struct FlClient::Impl {
   absl::Status Cycle();
   absl::Status Register();
   absl::Status Heartbeat(v1::HeartbeatResponse* response);
+  // True when the aggregator answers a heartbeat with "register again".
+  bool SessionLost();
   absl::StatusOr<std::unique_ptr<lora::LoraAdapter>> Fetch(int64_t version, int64_t* got_version);
   absl::Status InstallNewGlobal(int64_t version);
   absl::Status Install(const lora::LoraAdapter& adapter, bool publish, int64_t version);
@@ -374,6 +376,11 @@ v1::DeviceTelemetry FlClient::Impl::Telemetry() {
   return t;
 }
 
+bool FlClient::Impl::SessionLost() {
+  v1::HeartbeatResponse hb;
+  return Heartbeat(&hb).ok() && hb.reregister();
+}
+
 absl::Status FlClient::Impl::Heartbeat(v1::HeartbeatResponse* response) {
   v1::HeartbeatRequest req;
   req.set_device_id(options.device_id);
@@ -512,8 +519,18 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
     if (clock->NowNanos() >= next_heartbeat) {
       // Liveness while training; the aggregator may also have closed the round without us.
       v1::HeartbeatResponse hb;
-      const absl::Status s = Heartbeat(&hb);
+      absl::Status s = Heartbeat(&hb);
       next_heartbeat = After(heartbeat_seconds);
+      if (s.ok() && hb.reregister()) {
+        // The aggregator restarted without our session; its rounds survive a restart, so
+        // register again and keep training if the task is still ours (a failed registration
+        // keeps training too: the next heartbeat asks again).
+        COLLM_LOG_INFO("federation: round {}: the aggregator lost our session; registering again",
+                       round);
+        session.clear();
+        s = Register();
+        if (s.ok()) s = Heartbeat(&hb);
+      }
       if (s.ok() && !cut && (hb.reregister() || !hb.has_task() || hb.task().round() != round)) {
         COLLM_LOG_INFO("federation: round {} closed before our update; stopping its training",
                        round);
@@ -542,9 +559,22 @@ absl::Status FlClient::Impl::RunTask(const v1::RoundTask& task) {
   }
   // Upload, retrying transport failures until the deadline.
   int64_t attempts = 0;
+  bool registered_again = false;
   for (;;) {
     std::string reason;
     const absl::Status s = Upload(task, report, &reason);
+    if (!s.ok() && !Retryable(s) && !registered_again && SessionLost()) {
+      // The aggregator no longer knows our session (its state was restored from before we
+      // registered, or we were registered elsewhere): the finished update is still worth
+      // sending, under a new session, rather than losing the round.
+      COLLM_LOG_INFO(
+          "federation: round {}: the aggregator lost our session; registering again "
+          "and re-sending the update",
+          round);
+      registered_again = true;
+      session.clear();
+      if (Register().ok()) continue;
+    }
     if (s.ok() && reason.empty()) {
       COLLM_LOG_INFO(
           "federation: round {}: update accepted ({} steps, {} samples, loss {:.4f}, "

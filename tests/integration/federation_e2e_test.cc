@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/str_replace.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/peft_trainer.h"
 #include "collm/lora/peft_io.h"
@@ -78,10 +79,12 @@ Shards MakeShards(const std::string& model_dir, const std::string& data,
 }
 
 // `extra`: more top-level YAML (coordination:, metrics_address:, ...).
+// `address`: where it listens; a restarted aggregator takes its predecessor's port.
 std::string WriteAggregatorConfig(const Shards& s, const std::string& policy,
-                                  const std::string& extra = "") {
-  const std::string yaml = extra +
-                           "server:\n  address: 127.0.0.1:0\n"
+                                  const std::string& extra = "",
+                                  const std::string& address = "127.0.0.1:0") {
+  const std::string yaml = extra + "server:\n  address: " + address +
+                           "\n"
                            "state_dir: " +
                            s.dir + "/agg-state\n" + "model_config: " + s.model_dir +
                            "/config.json\n" + R"(
@@ -409,6 +412,101 @@ TEST(FederationE2eTest, ADaemonKilledMidRoundLeavesTheRoundToTheDeadlineQuorum) 
         << body << "\n"
         << fed.daemon(i).log();
   }
+}
+
+// The crash a user met: the aggregator SIGKILLed right after the first of two updates was accepted
+// and restarted at once. The second device trains through it; the round must close on quorum as if
+// nothing had happened, each update counted exactly once, and per-device history must survive.
+// `lose_sessions`: sessions.json is deleted before the restart (a state dir from before sessions
+// were persisted), so the device must register again mid-task and still deliver its update.
+void KillTheAggregatorAfterTheFirstUpdate(const std::string& model_dir, const std::string& data,
+                                          bool lose_sessions) {
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-agg-kill");
+  const std::string policy = R"(  rounds: 1
+  local_steps: 12
+  lr: 0.01
+  min_clients: 2
+  quorum: 0
+  deadline_s: 150
+  strategy: fedavg
+  training_share: 0.5
+)";
+  // edge-1 trains 4x the rows per step, so edge-0's update lands well before edge-1's.
+  auto configs = [&s](int i, int aggregator_port) {
+    const std::string path = WriteDaemonConfig(s, i, aggregator_port);
+    if (i == 1) {
+      WriteFileOrDie(path, absl::StrReplaceAll(ReadFileOrDie(path),
+                                               {{"micro_batch_size: 4", "micro_batch_size: 16"}}));
+    }
+    return path;
+  };
+  auto started = FederationCluster::Start(s.dir, WriteAggregatorConfig(s, policy), 2, configs);
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  const int port = fed.aggregator().grpc_port();
+  {
+    Admin admin(fed.aggregator().address());
+    ASSERT_TRUE(WaitFor([&] { return admin.Round(1).updates_size() >= 1; }, 120)) << fed.Logs();
+    ASSERT_EQ(admin.Round(1).updates_size(), 1) << "edge-1 finished too early for this test";
+  }
+  if (lose_sessions) {
+    fed.aggregator().Kill();
+    std::filesystem::remove(s.dir + "/agg-state/sessions.json");
+  }
+  ASSERT_TRUE(fed.RestartAggregator(
+                     WriteAggregatorConfig(s, policy, "", "127.0.0.1:" + std::to_string(port)))
+                  .ok())
+      << fed.Logs();
+  ServerProcess& agg = fed.aggregator();
+  Admin admin(agg.address());
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string st = admin.Round(1).state();
+        return st == "done" || st == "failed";
+      },
+      170))
+      << fed.Logs();
+
+  auto r = RunCommand(Ctl(agg, "round show 1 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto round = nlohmann::json::parse(r.out);
+  EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << fed.Logs();
+  std::multiset<std::string> from;
+  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
+  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
+  EXPECT_EQ(round["note"].get<std::string>().find("deadline"), std::string::npos)
+      << "closed on quorum, not at the deadline: " << round.dump();
+  EXPECT_EQ(round.value("rejected", nlohmann::json::array()).size(), 0u) << round.dump();
+
+  r = RunCommand(Ctl(agg, "status --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto status = nlohmann::json::parse(r.out);
+  EXPECT_EQ(status["updates_accepted"], "2") << status.dump();
+  EXPECT_EQ(status["rounds_completed"], "1") << status.dump();
+  EXPECT_EQ(status["global_version"], "2") << status.dump();
+
+  r = RunCommand(Ctl(agg, "devices --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto devices = nlohmann::json::parse(r.out);
+  ASSERT_EQ(devices["devices"].size(), 2u) << devices.dump();
+  for (const auto& d : devices["devices"])
+    EXPECT_EQ(d["rounds_participated"], "1") << devices.dump();
+  EXPECT_EQ(agg.log().find("unknown session"), std::string::npos) << agg.log();
+  // With its session persisted the device never notices the restart beyond a few retries.
+  const bool registered_again = fed.daemon(1).log().find("lost our session") != std::string::npos;
+  EXPECT_EQ(registered_again, lose_sessions) << fed.daemon(1).log();
+}
+
+TEST(FederationE2eTest, AnAggregatorKilledAfterTheFirstUpdateResumesTheRoundOnQuorum) {
+  COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
+  COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
+  KillTheAggregatorAfterTheFirstUpdate(model_dir, data, /*lose_sessions=*/false);
+}
+
+TEST(FederationE2eTest, ADeviceWhoseSessionWasLostRegistersAgainAndStillDeliversItsUpdate) {
+  COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
+  COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
+  KillTheAggregatorAfterTheFirstUpdate(model_dir, data, /*lose_sessions=*/true);
 }
 
 // The shipped configs/collmd-federated.yaml, on loopback ports the kernel picks, as daemon

@@ -36,6 +36,10 @@ class FederationCluster {
   int num_daemons() const { return static_cast<int>(daemons_.size()); }
   static std::string DaemonName(int index);
 
+  // Kills the aggregator with SIGKILL (a crash: nothing flushed) when it still runs and starts a
+  // new one with `config`, which must listen on the old port for the daemons to find it again.
+  absl::Status RestartAggregator(const std::string& config);
+
   // Every process's whole log, each under a "--- name ---" header.
   std::string Logs() const;
 
@@ -43,7 +47,9 @@ class FederationCluster {
 
  private:
   FederationCluster() = default;
+  std::string dir_;
   std::unique_ptr<ServerProcess> aggregator_;
+  std::vector<std::unique_ptr<ServerProcess>> killed_aggregators_;  // Kept for their logs.
   std::vector<std::unique_ptr<ServerProcess>> daemons_;
 };
 
