@@ -1,8 +1,10 @@
 // collm_runtime_bench: a scenario benchmark of LlamaModel::Forward, in the manner of LevelDB's
 // db_bench. For each model shape (an HF config.json in the shapes directory) it builds random
-// weights in memory and measures batch-1 decode against the bare GEMV floor, batched decode
-// throughput against batch 1, prefill throughput against batch-1 decode, and resident memory
-// against the weight bytes. Every metric is printed next to its baseline measured in the same run;
+// weights in memory and measures batch-1 decode against the bare GEMV floor and against the
+// machine's read bandwidth (a STREAM-like probe in the same run), the SmallGemm linear path
+// against the libtorch one (same run, same weights), batched decode throughput against batch 1,
+// prefill throughput against batch-1 decode, and resident memory against the weight bytes. Every
+// metric is printed next to its baseline measured in the same run;
 // `--json PATH` writes the same numbers as JSON. See benchmarks/README.md.
 //
 // Each model runs in a fresh child process (this binary re-executed with the hidden
@@ -29,6 +31,7 @@
 #include "collm/runtime/kv_cache.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/runtime/model_config.h"
+#include "collm/runtime/small_gemm.h"
 #include "nlohmann/json.hpp"
 
 namespace collm::runtime {
@@ -62,6 +65,55 @@ std::vector<Stats> Measure(const std::vector<std::function<void()>>& fns,
                            const std::function<void()>& reset, const BenchFlags& flags,
                            int warmup = 2) {
   return bench::Measure(fns, reset, flags.timing(), warmup);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory bandwidth
+
+// Read bandwidth in GB/s, STREAM-like: the best of `rounds` sums over a buffer far larger than the
+// last-level cache, on `threads` threads (1, or torch's intra-op threads via at::parallel_for).
+double ReadBandwidthGbps(int threads, int rounds = 5) {
+  constexpr int64_t kBytes = int64_t{512} << 20;  // 16x a 32 MiB L3.
+  static std::vector<float> buffer(kBytes / sizeof(float), 1.0f);
+  const float* p = buffer.data();
+  const int64_t n = static_cast<int64_t>(buffer.size());
+  // 32 independent lanes, so the adds are not latency-bound and the loop waits only on memory.
+  auto sum = [p](int64_t b, int64_t e) {
+    constexpr int kLanes = 32;
+    float acc[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l];
+    }
+    float total = 0.f;
+    for (; i < e; ++i) total += p[i];
+    for (float v : acc) total += v;
+    return total;
+  };
+  double best = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < rounds; ++r) {
+    const auto t0 = Clock::now();
+    if (threads == 1) {
+      sink = sink + sum(0, n);
+    } else {
+      std::vector<float> partial(at::get_num_threads() * 64, 0.f);
+      at::parallel_for(0, n, n / at::get_num_threads(), [&](int64_t b, int64_t e) {
+        partial[at::get_thread_num() * 64] += sum(b, e);
+      });
+      for (float v : partial) sink = sink + v;
+    }
+    best = std::max(best, kBytes / (Seconds(t0, Clock::now()) * 1e9));
+  }
+  return best;
+}
+
+// Runs `fn` with the runtime's linear layers on SmallGemm (`small`) or on libtorch only.
+void WithSmallGemm(bool small, const std::function<void()>& fn) {
+  SetSmallGemmMaxRows(small ? kSmallGemmDefaultMaxRows : 0);
+  fn();
+  SetSmallGemmMaxRows(kSmallGemmDefaultMaxRows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,6 +194,8 @@ class ModelBench {
   ModelConfig config_;
   std::shared_ptr<const LlamaModel> model_;
   std::vector<std::vector<std::string>> rows_;  // metric, value, baseline, ratio, target.
+  double bandwidth_gbps_ = 0;     // Read bandwidth on torch's threads, measured in this run.
+  double bandwidth_1t_gbps_ = 0;  // The same on one thread.
 };
 
 void ModelBench::Prefill(KvCache& cache, std::vector<SequenceKv>& seqs, int64_t n) {
@@ -175,11 +229,14 @@ json ModelBench::BenchDecodeVsGemv() {
   Prefill(*cache, seqs, ctx);
   GemvFloor gemv(config_, model_->runtime().dtype);
   auto stats = Measure(
-      {[&] { DecodeStep(*cache, seqs); }, [&] { gemv.Run(); }},
+      {[&] { WithSmallGemm(true, [&] { DecodeStep(*cache, seqs); }); },
+       [&] { WithSmallGemm(false, [&] { DecodeStep(*cache, seqs); }); }, [&] { gemv.Run(); }},
       [&] { cache->Truncate(seqs[0], ctx); }, flags_, /*warmup=*/3);
   const Stats& step = stats[0];
-  const Stats& floor = stats[1];
+  const Stats& old_step = stats[1];
+  const Stats& floor = stats[2];
   const double gbps_step = gemv.bytes() / (step.median_ms * 1e6);
+  const double gbps_old = gemv.bytes() / (old_step.median_ms * 1e6);
   const double gbps_gemv = gemv.bytes() / (floor.median_ms * 1e6);
   const double ratio = step.median_ms / floor.median_ms;
   const double target = name_ == "stories110M" ? 1.3 : name_ == "stories15M" ? 2.0 : 0.0;
@@ -188,12 +245,28 @@ json ModelBench::BenchDecodeVsGemv() {
                    "GEMVs only " + Fmt("%.2f ms", floor.median_ms) + Fmt(" (%.1f GB/s)", gbps_gemv),
                    Fmt("%.2f", ratio), target > 0 ? Fmt("<= %.1f", target) : "-",
                    target > 0 ? (ratio <= target ? "ok" : "MISS") : ""});
+  rows_.push_back({"decode b=1 SmallGemm vs libtorch",
+                   Fmt("%.2f ms", step.median_ms) + Fmt(" (%.1f GB/s)", gbps_step),
+                   "libtorch " + Fmt("%.2f ms", old_step.median_ms) + Fmt(" (%.1f GB/s)", gbps_old),
+                   Fmt("%.2fx", old_step.median_ms / step.median_ms), "-", ""});
+  const double frac = gbps_step / bandwidth_gbps_;
+  const bool bw_target = name_ == "stories110M";
+  rows_.push_back(
+      {"decode b=1 weight bytes/s / read bw", Fmt("%.1f GB/s", gbps_step),
+       Fmt("read bw %.1f GB/s", bandwidth_gbps_) + Fmt(" (1 thread %.1f)", bandwidth_1t_gbps_),
+       Fmt("%.2f", frac), bw_target ? ">= 0.90" : "-",
+       bw_target ? (frac >= 0.9 ? "ok" : "MISS") : ""});
   return {{"context", ctx},
           {"step", step.ToJson()},
+          {"step_libtorch_linear", old_step.ToJson()},
           {"gemv_floor", floor.ToJson()},
           {"weight_bytes_streamed", gemv.bytes()},
           {"step_gb_per_s", gbps_step},
+          {"step_libtorch_linear_gb_per_s", gbps_old},
           {"gemv_gb_per_s", gbps_gemv},
+          {"read_bandwidth_gb_per_s", bandwidth_gbps_},
+          {"read_bandwidth_1thread_gb_per_s", bandwidth_1t_gbps_},
+          {"step_fraction_of_read_bandwidth", frac},
           {"ratio_step_over_gemv", ratio},
           {"target_ratio_max", target > 0 ? json(target) : json(nullptr)}};
 }
@@ -201,33 +274,48 @@ json ModelBench::BenchDecodeVsGemv() {
 json ModelBench::BenchBatches(double* b1_tokens_per_s) {
   const int64_t ctx = std::min(flags_.batch_prompt, config_.max_position_embeddings - 1);
   json out = json::array();
-  double base = 0;
+  double base = 0, old_base = 0;
   for (const std::string& b : SplitCsv(flags_.batches)) {
     const int64_t batch = std::stoll(b);
     const int64_t per_seq = (ctx + 1 + kBlock - 1) / kBlock;
     auto cache = MakeCache(batch * per_seq);
     std::vector<SequenceKv> seqs(batch);
     Prefill(*cache, seqs, ctx);
-    const Stats s = Measure(
-        {[&] { DecodeStep(*cache, seqs); }},
+    const std::vector<Stats> st = Measure(
+        {[&] { WithSmallGemm(true, [&] { DecodeStep(*cache, seqs); }); },
+         [&] { WithSmallGemm(false, [&] { DecodeStep(*cache, seqs); }); }},
         [&] {
           for (SequenceKv& kv : seqs) cache->Truncate(kv, ctx);
         },
-        flags_)[0];
+        flags_);
+    const Stats& s = st[0];
     const double tps = batch / (s.median_ms / 1e3);
+    const double old_tps = batch / (st[1].median_ms / 1e3);
     if (base == 0) base = batch == 1 ? tps : 0;
+    if (old_base == 0) old_base = batch == 1 ? old_tps : 0;
     const double ratio = base > 0 ? tps / base : 0;
+    const double old_ratio = old_base > 0 ? old_tps / old_base : 0;
     const bool has_target = batch == 16 && base > 0;
     rows_.push_back({"decode b=" + std::to_string(batch) + " ctx=" + std::to_string(ctx) + " tok/s",
                      Fmt("%.1f tok/s", tps) + Fmt(" (%.1f ms/step)", s.median_ms),
                      base > 0 ? Fmt("b=1 %.1f tok/s", base) : "(no b=1 run)",
                      base > 0 ? Fmt("%.2fx", ratio) : "-", has_target ? ">= 8x" : "-",
                      has_target ? (ratio >= 8 ? "ok" : "MISS") : ""});
-    out.push_back({{"batch", batch},
-                   {"context", ctx},
-                   {"step", s.ToJson()},
-                   {"tokens_per_s", tps},
-                   {"ratio_vs_batch1", base > 0 ? json(ratio) : json(nullptr)}});
+    rows_.push_back({"  same, libtorch linear",
+                     Fmt("%.1f tok/s", old_tps) + Fmt(" (%.1f ms/step)", st[1].median_ms),
+                     old_base > 0 ? Fmt("b=1 %.1f tok/s", old_base) : "(no b=1 run)",
+                     old_base > 0 ? Fmt("%.2fx", old_ratio) : "-", "-",
+                     Fmt("SmallGemm %.2fx", tps / old_tps)});
+    out.push_back(
+        {{"batch", batch},
+         {"context", ctx},
+         {"step", s.ToJson()},
+         {"tokens_per_s", tps},
+         {"ratio_vs_batch1", base > 0 ? json(ratio) : json(nullptr)},
+         {"step_libtorch_linear", st[1].ToJson()},
+         {"tokens_per_s_libtorch_linear", old_tps},
+         {"ratio_vs_batch1_libtorch_linear", old_base > 0 ? json(old_ratio) : json(nullptr)},
+         {"speedup_small_gemm_over_libtorch", tps / old_tps}});
   }
   *b1_tokens_per_s = base;
   return out;
@@ -308,6 +396,12 @@ json ModelBench::Run() {
               {"build_seconds", load_s},
               {"torch_threads", at::get_num_threads()},
               {"fused_cpu_kernels", model_->uses_fused_cpu_kernels()}};
+  bandwidth_1t_gbps_ = ReadBandwidthGbps(1);
+  bandwidth_gbps_ = ReadBandwidthGbps(at::get_num_threads());
+  std::printf(
+      "   read bandwidth %.1f GB/s on %d threads, %.1f GB/s on 1; SmallGemm %s, <= %ld rows\n",
+      bandwidth_gbps_, at::get_num_threads(), bandwidth_1t_gbps_,
+      SmallGemmHasAvx2() ? "avx2/fma" : "portable", static_cast<long>(SmallGemmMaxRows()));
   {
     c10::InferenceMode guard;
     out["decode_vs_gemv"] = BenchDecodeVsGemv();

@@ -15,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "collm/common/status.h"
 #include "collm/runtime/safetensors.h"
+#include "collm/runtime/small_gemm.h"
 
 namespace collm::runtime {
 
@@ -69,9 +70,40 @@ void RmsNormRows(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, floa
   });
 }
 
+// The one place the fused CPU path picks its GEMM: few rows of contiguous f32 activations go to
+// the weight-streaming SmallGemm (see small_gemm.h; it beats OpenBLAS's gemv and small-m sgemm),
+// everything else to libtorch. Returns false when libtorch should run.
+bool RunSmallGemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
+                  bool accumulate) {
+  const int64_t m = x.size(0);
+  if (m > SmallGemmMaxRows() || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat ||
+      !x.device().is_cpu() || x.stride(1) != 1 || !w.is_contiguous() ||
+      (b.defined() && (b.scalar_type() != at::kFloat || !b.is_contiguous())) || y.stride(1) != 1) {
+    return false;
+  }
+  SmallGemmArgs args;
+  args.m = m;
+  args.n = w.size(0);
+  args.k = w.size(1);
+  args.x = x.data_ptr<float>();
+  args.ldx = x.stride(0);
+  args.w = w.data_ptr<float>();
+  args.ldw = args.k;
+  args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.ldy = y.stride(0);
+  args.accumulate = accumulate;
+  SmallGemm(args);
+  return true;
+}
+
 // y = x W^T (+ b). A single row goes through GEMV, which streams the weights much faster than a
 // one-row GEMM in OpenBLAS.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (x.size(0) <= SmallGemmMaxRows()) {
+    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+    if (RunSmallGemm(x, w, b, y, /*accumulate=*/false)) return y;
+  }
   if (x.size(0) == 1) {
     at::Tensor y;
     if (b.defined()) {
@@ -85,8 +117,9 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
 }
 
-// x += a W^T, with the residual add folded into the BLAS call (beta = 1).
+// x += a W^T, with the residual add folded into the GEMM (beta = 1).
 void AddLinear(at::Tensor& x, const at::Tensor& a, const at::Tensor& w) {
+  if (RunSmallGemm(a, w, at::Tensor(), x, /*accumulate=*/true)) return;
   if (x.size(0) == 1) {
     at::Tensor row = x.select(0, 0);
     row.addmv_(w, a.select(0, 0));
