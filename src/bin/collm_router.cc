@@ -2,8 +2,9 @@
 // each replica's load (GetStats), routes every Generate by the configured policy (slack by
 // default: predicted time to first token, training replicas count as slower), ejects unhealthy
 // replicas and re-admits them, retries a request once elsewhere before its first token, and
-// exposes Prometheus /metrics. SIGTERM/SIGINT: stop accepting, let in-flight streams finish within
-// shutdown_grace_seconds, exit.
+// exposes Prometheus /metrics and, with http.enabled, the OpenAI-compatible HTTP API over the same
+// routing path (router_completion_backend.h). SIGTERM/SIGINT: stop accepting, let in-flight streams
+// finish within shutdown_grace_seconds, exit.
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
@@ -20,10 +21,12 @@
 #include "collm/common/shutdown_signals.h"
 #include "collm/coordination/routing_policy.h"
 #include "collm/router/replica_pool.h"
+#include "collm/router/router_completion_backend.h"
 #include "collm/router/router_config.h"
 #include "collm/router/router_service.h"
 #include "collm/serving/grpc_server.h"
 #include "collm/serving/metrics_http_server.h"
+#include "collm/serving/openai_http_server.h"
 #include "collm/telemetry/metrics.h"
 
 namespace {
@@ -41,7 +44,7 @@ int main(int argc, char** argv) {
   std::string config_path, ports_file;
   app.add_option("--config,-c", config_path, "YAML config (see configs/router.yaml)")->required();
   app.add_option("--ports-file", ports_file,
-                 "Write 'grpc=PORT metrics=PORT' here once serving (for port 0)");
+                 "Write 'grpc=PORT metrics=PORT [http=PORT]' here once serving (for port 0)");
   CLI11_PARSE(app, argc, argv);
 
   // Before any thread starts, so only signals.Wait() below receives SIGTERM/SIGINT.
@@ -90,10 +93,34 @@ int main(int argc, char** argv) {
   (*server)->SetServing(true);
   COLLM_LOG_INFO("router on port {}: {} replicas, policy {}", (*server)->port(),
                  cfg->replicas.size(), collm::coordination::RoutingPolicyName(cfg->policy));
+  // The OpenAI API: each request is a Generate on this server, through an in-process channel.
+  std::unique_ptr<collm::router::RouterCompletionBackend> openai_backend;
+  std::unique_ptr<collm::serving::OpenAiHttpServer> openai_server;
+  if (cfg->http.enabled) {
+    const auto& h = cfg->http;
+    const std::string base_id = h.served_model_name.empty() ? "collm" : h.served_model_name;
+    openai_backend = std::make_unique<collm::router::RouterCompletionBackend>(
+        (*server)->InProcessChannel(), **pool, base_id);
+    collm::serving::OpenAiHttpOptions ho;
+    ho.address = h.address;
+    ho.api_keys = h.api_keys;
+    ho.threads = static_cast<int>(h.threads);
+    ho.max_body_bytes = h.max_body_bytes;
+    auto started = collm::serving::OpenAiHttpServer::Start(ho, *openai_backend);
+    if (!started.ok()) return Fail(started.status());
+    openai_server = std::move(*started);
+    COLLM_LOG_INFO("OpenAI API on port {} (base model '{}', {})", openai_server->port(), base_id,
+                   h.api_keys.empty() ? "no API keys" : "API keys required");
+  }
   if (!ports_file.empty()) {
     const std::string tmp = ports_file + ".tmp";
-    std::ofstream(tmp) << "grpc=" << (*server)->port()
-                       << " metrics=" << (metrics_server ? metrics_server->port() : 0) << "\n";
+    {
+      std::ofstream out(tmp);
+      out << "grpc=" << (*server)->port()
+          << " metrics=" << (metrics_server ? metrics_server->port() : 0);
+      if (openai_server) out << " http=" << openai_server->port();
+      out << "\n";
+    }
     std::filesystem::rename(tmp, ports_file);
   }
 
@@ -128,11 +155,15 @@ int main(int argc, char** argv) {
   COLLM_LOG_INFO("signal {}: draining {} streams for up to {} s", sig, service->in_flight(),
                  cfg->shutdown_grace_seconds);
   (*server)->SetServing(false);
+  if (openai_backend) openai_backend->SetDraining();  // /health says 503; new requests too.
   service->StopAccepting();
   const bool drained = service->WaitForIdle(cfg->shutdown_grace_seconds);
   if (!drained) COLLM_LOG_WARN("{} streams still in flight; cancelling", service->in_flight());
   // Shutdown cancels what is left; the relays then finish their calls and end.
   (*server)->Shutdown(drained ? 1.0 : 0.0);
+  // Its streams ended with their Generate calls; then no handler uses the backend.
+  if (openai_server) openai_server->Stop();
+  openai_backend.reset();
   service.reset();  // Waits for the relay threads.
   (*pool)->Stop();
   if (metrics_server) metrics_server->Stop();

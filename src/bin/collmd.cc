@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 
 #include "CLI/CLI.hpp"
 #include "collm/common/logging.h"
@@ -22,6 +23,8 @@
 #include "collm/lora/shadow_adapter.h"
 #include "collm/runtime/llama_model.h"
 #include "collm/runtime/tokenizer.h"
+#include "collm/serving/chat_prompt_encoder.h"
+#include "collm/serving/chat_template.h"
 #include "collm/serving/grpc_server.h"
 #include "collm/serving/inference_service.h"
 #include "collm/serving/metrics_http_server.h"
@@ -176,7 +179,21 @@ int main(int argc, char** argv) {
   (*engine)->SetMetrics(&metrics);
   (*engine)->Start();
 
+  // The chat template serves both doors: the OpenAI chat API and gRPC Generate's `chat` input
+  // (what collm-router forwards). Unrecognised, it stops collmd only where the OpenAI API is on;
+  // otherwise gRPC chat requests are refused.
+  auto chat_template =
+      collm::serving::ChatTemplate::ForModel(cfg->model_dir, cfg->http.chat_template);
+  if (!chat_template.ok()) {
+    if (cfg->http.enabled) return Fail(chat_template.status(), 2);
+    COLLM_LOG_WARN("gRPC chat requests will be refused: {}",
+                   std::string(chat_template.status().message()));
+    chat_template = std::optional<collm::serving::ChatTemplate>();
+  }
+  const collm::serving::ChatPromptEncoder chat_encoder(*chat_template, **tokenizer);
+
   collm::serving::ServiceContext ctx;
+  ctx.chat = &chat_encoder;
   ctx.engine = engine->get();
   ctx.tokenizer = tokenizer->get();
   ctx.registry = &registry;
@@ -199,8 +216,6 @@ int main(int argc, char** argv) {
   std::unique_ptr<collm::serving::OpenAiHttpServer> openai_server;
   if (cfg->http.enabled) {
     const auto& h = cfg->http;
-    auto chat_template = collm::serving::ChatTemplate::ForModel(cfg->model_dir, h.chat_template);
-    if (!chat_template.ok()) return Fail(chat_template.status(), 2);
     collm::serving::EngineBackendContext bc;
     bc.engine = engine->get();
     bc.tokenizer = tokenizer->get();

@@ -20,7 +20,6 @@
 #include "collm/config/shared_sections.h"
 #include "collm/config/yaml_reader.h"
 #include "collm/runtime/lora_weights.h"
-#include "collm/serving/chat_template.h"
 
 namespace collm::config {
 namespace {
@@ -411,29 +410,6 @@ absl::Status ParseMetrics(const Section& root, MetricsConfig& out) {
   COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
   COLLM_RETURN_IF_ERROR(s.String("address", &out.address));
   return CheckNonEmpty(s.PathOf("address"), out.address);
-}
-
-absl::Status ParseHttp(const Section& root, HttpConfig& out) {
-  COLLM_ASSIGN_OR_RETURN(Section s,
-                         root.Sub("http", {"enabled", "address", "api_keys", "chat_template",
-                                           "served_model_name", "threads", "max_body_bytes"}));
-  COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
-  COLLM_RETURN_IF_ERROR(s.String("address", &out.address));
-  COLLM_RETURN_IF_ERROR(CheckNonEmpty(s.PathOf("address"), out.address));
-  COLLM_RETURN_IF_ERROR(s.StringList("api_keys", &out.api_keys));
-  out.api_keys.erase(std::remove(out.api_keys.begin(), out.api_keys.end(), std::string()),
-                     out.api_keys.end());
-  COLLM_RETURN_IF_ERROR(s.String("chat_template", &out.chat_template));
-  if (!out.chat_template.empty()) {
-    if (auto family = serving::ParseChatFamily(out.chat_template); !family.ok())
-      return InvalidValue(s.PathOf("chat_template"), family.status().message());
-  }
-  COLLM_RETURN_IF_ERROR(s.String("served_model_name", &out.served_model_name));
-  COLLM_RETURN_IF_ERROR(s.Int("threads", &out.threads));
-  COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("threads"), out.threads));
-  COLLM_RETURN_IF_ERROR(s.Bytes("max_body_bytes", &out.max_body_bytes));
-  COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_body_bytes"), out.max_body_bytes));
-  return absl::OkStatus();
 }
 
 absl::StatusOr<DaemonConfig> Parse(const YAML::Node& doc, const std::string& base_dir) {

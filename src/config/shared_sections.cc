@@ -10,8 +10,18 @@
 #include "absl/strings/strip.h"
 #include "collm/common/status.h"
 #include "collm/runtime/lora_weights.h"
+#include "collm/serving/chat_template.h"
 
 namespace collm::config {
+
+namespace {
+
+absl::Status CheckPositive(const std::string& path, int64_t value) {
+  if (value > 0) return absl::OkStatus();
+  return InvalidValue(path, absl::StrCat("must be > 0, got ", value));
+}
+
+}  // namespace
 
 // Prefixes a module's own Validate() message with where its struct sits in the file: the message
 // names the field, possibly after the module's own prefix ("lora.rank ...").
@@ -65,6 +75,29 @@ absl::Status ParseLogging(const Section& root, LoggingOptions& out) {
         s.PathOf("level"),
         absl::StrCat("must be one of ", absl::StrJoin(kLevels, ", "), ", got '", out.level, "'"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status ParseHttp(const Section& root, HttpConfig& out) {
+  COLLM_ASSIGN_OR_RETURN(Section s,
+                         root.Sub("http", {"enabled", "address", "api_keys", "chat_template",
+                                           "served_model_name", "threads", "max_body_bytes"}));
+  COLLM_RETURN_IF_ERROR(s.Bool("enabled", &out.enabled));
+  COLLM_RETURN_IF_ERROR(s.String("address", &out.address));
+  if (out.address.empty()) return InvalidValue(s.PathOf("address"), "must not be empty");
+  COLLM_RETURN_IF_ERROR(s.StringList("api_keys", &out.api_keys));
+  out.api_keys.erase(std::remove(out.api_keys.begin(), out.api_keys.end(), std::string()),
+                     out.api_keys.end());
+  COLLM_RETURN_IF_ERROR(s.String("chat_template", &out.chat_template));
+  if (!out.chat_template.empty()) {
+    if (auto family = serving::ParseChatFamily(out.chat_template); !family.ok())
+      return InvalidValue(s.PathOf("chat_template"), family.status().message());
+  }
+  COLLM_RETURN_IF_ERROR(s.String("served_model_name", &out.served_model_name));
+  COLLM_RETURN_IF_ERROR(s.Int("threads", &out.threads));
+  COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("threads"), out.threads));
+  COLLM_RETURN_IF_ERROR(s.Bytes("max_body_bytes", &out.max_body_bytes));
+  COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_body_bytes"), out.max_body_bytes));
   return absl::OkStatus();
 }
 

@@ -49,7 +49,7 @@ absl::StatusOr<RouterConfig> Parse(const YAML::Node& doc) {
       Section::Open(doc, "",
                     {"server", "metrics", "replicas", "policy", "seed", "poll_interval_ms",
                      "poll_timeout_ms", "max_outstanding", "retry_before_first_token", "slack",
-                     "ejection", "logging", "shutdown_grace_seconds"},
+                     "ejection", "http", "logging", "shutdown_grace_seconds"},
                     /*base_dir=*/""));
   RouterConfig c;
   COLLM_ASSIGN_OR_RETURN(Section server, top.Sub("server", {"address", "max_message_bytes"}));
@@ -120,6 +120,14 @@ absl::StatusOr<RouterConfig> Parse(const YAML::Node& doc) {
   COLLM_RETURN_IF_ERROR(ejection.Int("max_backoff_ms", &c.ejection.max_backoff_ms));
   COLLM_RETURN_IF_ERROR(coordination::ValidateEjectionOptions(c.ejection));
 
+  COLLM_RETURN_IF_ERROR(config::ParseHttp(top, c.http));
+  if (c.http.enabled) COLLM_RETURN_IF_ERROR(CheckAddress("http.address", c.http.address));
+  if (!c.http.chat_template.empty()) {
+    return InvalidValue("http.chat_template",
+                        "is not used by collm-router (each replica renders chats with its own "
+                        "model's template; set it in the replicas' configs), got '" +
+                            c.http.chat_template + "'");
+  }
   COLLM_RETURN_IF_ERROR(config::ParseLogging(top, c.logging));
   COLLM_RETURN_IF_ERROR(top.Double("shutdown_grace_seconds", &c.shutdown_grace_seconds));
   if (c.shutdown_grace_seconds < 0) {

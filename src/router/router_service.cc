@@ -26,11 +26,17 @@ bool HasDeadline(std::chrono::system_clock::time_point deadline) {
   return deadline < std::chrono::system_clock::now() + std::chrono::hours(24 * 365);
 }
 
-// The router does not load a tokenizer: text prompts are estimated at ~4 bytes per token (what
-// SentencePiece vocabularies give on English), token prompts are counted.
+// The router does not load a tokenizer: text prompts (and chat messages, before the replica adds
+// its template's few markers) are estimated at ~4 bytes per token (what SentencePiece vocabularies
+// give on English), token prompts are counted.
 int64_t EstimatePromptTokens(const GenerateRequest& request) {
   if (request.input_case() == GenerateRequest::kPromptTokens) {
     return std::max<int64_t>(request.prompt_tokens().ids_size(), 1);
+  }
+  if (request.input_case() == GenerateRequest::kChat) {
+    int64_t bytes = 0;
+    for (const collm::v1::ChatMessage& m : request.chat().messages()) bytes += m.content().size();
+    return bytes / 4 + 1;
   }
   return static_cast<int64_t>(request.prompt().size()) / 4 + 1;
 }

@@ -86,6 +86,15 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
 
 GrpcServer::~GrpcServer() { Shutdown(0); }
 
+std::shared_ptr<grpc::Channel> GrpcServer::InProcessChannel() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (server_ == nullptr) return nullptr;
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);  // The server enforces its own limits.
+  args.SetMaxSendMessageSize(-1);
+  return server_->InProcessChannel(args);
+}
+
 void GrpcServer::SetServing(bool serving) {
   std::lock_guard<std::mutex> lock(mu_);
   if (server_ == nullptr) return;

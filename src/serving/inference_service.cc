@@ -272,6 +272,7 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
   auto* reactor = new GenerateReactor(ctx_.engine, state);
   try {
     engine::EngineRequest req;
+    std::vector<std::string> chat_stop;  // The chat template's end-of-turn strings.
     switch (request->input_case()) {
       case GenerateRequest::kPrompt: {
         if (request->prompt().empty()) {
@@ -291,14 +292,37 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
         req.prompt.assign(ids.begin(), ids.end());
         break;
       }
+      case GenerateRequest::kChat: {
+        if (ctx_.chat == nullptr || !ctx_.chat->has_template()) {
+          reactor->Reject(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                       "this daemon's model has no chat template: set "
+                                       "http.chat_template in its config, or send a prompt"));
+          return reactor;
+        }
+        std::vector<ChatMessage> messages;
+        for (const collm::v1::ChatMessage& m : request->chat().messages()) {
+          messages.push_back({m.role(), m.content()});
+        }
+        absl::StatusOr<ChatPrompt> chat = ctx_.chat->Encode(messages);
+        if (!chat.ok()) {
+          reactor->Reject(ToGrpcStatus(chat.status()));
+          return reactor;
+        }
+        req.prompt = std::move(chat->ids);
+        chat_stop = std::move(chat->stop);
+        break;
+      }
       default:
-        reactor->Reject(InvalidArgument("prompt is empty: set prompt or prompt_tokens"));
+        reactor->Reject(InvalidArgument("prompt is empty: set prompt, prompt_tokens or chat"));
         return reactor;
     }
     req.params = ResolveSampling(request->sampling(), ctx_.default_sampling);
+    for (std::string& s : chat_stop) req.params.stop.push_back(std::move(s));
     const absl::Status valid = engine::ValidateRequest(
         req, ctx_.engine->request_limits(),
-        request->input_case() == GenerateRequest::kPromptTokens ? "prompt_tokens.ids" : "prompt");
+        request->input_case() == GenerateRequest::kPromptTokens ? "prompt_tokens.ids"
+        : request->input_case() == GenerateRequest::kChat       ? "chat.messages"
+                                                                : "prompt");
     if (!valid.ok()) {
       reactor->Reject(ToGrpcStatus(valid));
       return reactor;

@@ -1,7 +1,6 @@
 #include "collm/serving/openai_engine_backend.h"
 
 #include <ctime>
-#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -38,16 +37,9 @@ class EngineSink final : public engine::RequestSink {
 }  // namespace
 
 EngineCompletionBackend::EngineCompletionBackend(EngineBackendContext context)
-    : ctx_(std::move(context)), created_(static_cast<int64_t>(std::time(nullptr))) {
-  if (ctx_.chat_template) {
-    const std::vector<std::string> wanted = ctx_.chat_template->SpecialTokens();
-    const std::set<std::string> wanted_set(wanted.begin(), wanted.end());
-    for (int32_t id = 0; id < ctx_.tokenizer->vocab_size(); ++id) {
-      const std::string piece = ctx_.tokenizer->IdToPiece(id);
-      if (wanted_set.count(piece) > 0 && special_ids_.count(piece) == 0) special_ids_[piece] = id;
-    }
-  }
-}
+    : ctx_(std::move(context)),
+      chat_(ctx_.chat_template, *ctx_.tokenizer),
+      created_(static_cast<int64_t>(std::time(nullptr))) {}
 
 std::vector<ModelInfo> EngineCompletionBackend::Models() const {
   std::vector<ModelInfo> models;
@@ -74,31 +66,7 @@ absl::Status EngineCompletionBackend::Ready() const {
 }
 
 std::vector<int32_t> EngineCompletionBackend::EncodeChat(const std::string& rendered) const {
-  std::vector<int32_t> ids;
-  size_t pos = 0;
-  while (pos < rendered.size()) {
-    // The earliest special token from here (the longest when several start at one place).
-    size_t best = std::string::npos;
-    const std::pair<const std::string, int32_t>* hit = nullptr;
-    for (const auto& entry : special_ids_) {
-      const size_t at = rendered.find(entry.first, pos);
-      if (at == std::string::npos) continue;
-      if (at < best || (at == best && entry.first.size() > hit->first.size())) {
-        best = at;
-        hit = &entry;
-      }
-    }
-    const size_t text_end = hit == nullptr ? rendered.size() : best;
-    if (text_end > pos) {
-      const std::vector<int32_t> text = ctx_.tokenizer->Encode(
-          absl::string_view(rendered).substr(pos, text_end - pos), /*add_bos=*/false);
-      ids.insert(ids.end(), text.begin(), text.end());
-    }
-    if (hit == nullptr) break;
-    ids.push_back(hit->second);
-    pos = best + hit->first.size();
-  }
-  return ids;
+  return chat_.EncodeRendered(rendered);
 }
 
 absl::StatusOr<uint64_t> EngineCompletionBackend::Submit(CompletionRequest request,
@@ -127,15 +95,10 @@ absl::StatusOr<uint64_t> EngineCompletionBackend::Submit(CompletionRequest reque
   if (!request.stop.empty()) p.stop = request.stop;
   p.ignore_eos = p.ignore_eos || request.ignore_eos;
   if (request.chat) {
-    if (!ctx_.chat_template) {
-      return absl::FailedPreconditionError(
-          "this model has no chat template (tokenizer_config.json has no chat_template): set "
-          "http.chat_template in the collmd config, or use /v1/completions");
-    }
-    auto rendered = ctx_.chat_template->Render(request.messages);
-    if (!rendered.ok()) return rendered.status();
-    req.prompt = EncodeChat(*rendered);
-    for (const std::string& s : ctx_.chat_template->StopStrings()) p.stop.push_back(s);
+    absl::StatusOr<ChatPrompt> chat = chat_.Encode(request.messages);
+    if (!chat.ok()) return chat.status();
+    req.prompt = std::move(chat->ids);
+    for (std::string& s : chat->stop) p.stop.push_back(std::move(s));
   } else {
     req.prompt = ctx_.tokenizer->Encode(request.prompt, /*add_bos=*/true);
   }

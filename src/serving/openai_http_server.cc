@@ -464,7 +464,7 @@ class Handlers {
     absl::StatusOr<uint64_t> id =
         backend_.Submit(std::move(req), std::make_shared<QueueSink>(queue));
     if (!id.ok()) return SendError(res, FromStatus(id.status(), chat ? "messages" : "prompt"));
-    if (!stream) return Complete(*queue, shape, res);
+    if (!stream) return Complete(queue, shape, *id, res);
     Stream(queue, shape, include_usage, *id, res);
   }
 
@@ -489,14 +489,44 @@ class Handlers {
     return out;
   }
 
-  // Non-streaming: waits for the whole result. (httplib 0.11 exposes no way to notice a client
-  // that leaves while nothing is written; the request ends at max_tokens at the latest.)
-  void Complete(OutputQueue& queue, ResponseShape& shape, httplib::Response& res) const {
-    std::unique_lock<std::mutex> lock(queue.mu);
-    queue.ready.wait(lock, [&] { return queue.done; });
-    if (!queue.result.status.ok()) return SendError(res, FromStatus(queue.result.status));
-    if (!queue.result.model.empty()) shape.model = queue.result.model;
-    res.set_content(shape.Full(queue.text, queue.result).dump(), "application/json");
+  // Non-streaming. A result ready within one heartbeat is answered whole (errors with their own
+  // status). A longer one is answered 200 at once, as chunked JSON led by one space per heartbeat
+  // (JSON allows leading whitespace): httplib 0.11 tells a handler nothing about a client that
+  // left, but a failed write does, and then the request is cancelled as a vanished stream's is.
+  // An error after that point is the body's {"error": ...} under the 200.
+  void Complete(std::shared_ptr<OutputQueue> queue, ResponseShape shape, uint64_t id,
+                httplib::Response& res) {
+    const auto heartbeat = std::chrono::duration<double>(options_.heartbeat_seconds);
+    {
+      std::unique_lock<std::mutex> lock(queue->mu);
+      if (queue->ready.wait_for(lock, heartbeat, [&] { return queue->done; })) {
+        if (!queue->result.status.ok()) return SendError(res, FromStatus(queue->result.status));
+        if (!queue->result.model.empty()) shape.model = queue->result.model;
+        res.set_content(shape.Full(queue->text, queue->result).dump(), "application/json");
+        return;
+      }
+    }
+    auto finished = std::make_shared<bool>(false);
+    res.set_chunked_content_provider(
+        "application/json",
+        [queue, shape, heartbeat, finished](size_t, httplib::DataSink& sink) mutable {
+          std::string out = " ";
+          {
+            std::unique_lock<std::mutex> lock(queue->mu);
+            if (queue->ready.wait_for(lock, heartbeat, [&] { return queue->done; })) {
+              if (!queue->result.model.empty()) shape.model = queue->result.model;
+              out = queue->result.status.ok() ? shape.Full(queue->text, queue->result).dump()
+                                              : ErrorJson(FromStatus(queue->result.status)).dump();
+              *finished = true;
+            }
+          }
+          if (!sink.write(out.data(), out.size())) return false;
+          if (*finished) sink.done();
+          return true;
+        },
+        [this, id, finished](bool) {
+          if (!*finished) backend_.Cancel(id);
+        });
   }
 
   void Stream(std::shared_ptr<OutputQueue> queue, ResponseShape shape, bool include_usage,

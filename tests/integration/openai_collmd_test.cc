@@ -6,6 +6,7 @@
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/curl.h"
 #include "testing/subprocess.h"
 #include "testing/test_env.h"
 #include "testing/tiny_model.h"
@@ -13,6 +14,7 @@
 namespace collm {
 namespace {
 
+using collm::testing::BodyAndStatus;
 using collm::testing::RunCommand;
 using collm::testing::WriteFileOrDie;
 using nlohmann::json;
@@ -36,30 +38,10 @@ shutdown_grace_seconds: 10
   return dir + "/collmd.yaml";
 }
 
-std::string Url(int port, const std::string& path) {
-  return "http://127.0.0.1:" + std::to_string(port) + path;
-}
-
-std::string Quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
-
 collm::testing::ProcessResult Post(int port, const std::string& path, const json& body,
                                    const std::string& key = "test-key",
                                    const std::string& flags = "") {
-  std::string cmd = "curl -sS --max-time 120 " + flags +
-                    " -w '\\n%{http_code}' -H 'Content-Type: application/json'";
-  if (!key.empty()) cmd += " -H 'Authorization: Bearer " + key + "'";
-  return RunCommand(cmd + " -d " + Quote(body.dump()) + " " + Url(port, path));
-}
-
-// Splits curl's "-w '\n%{http_code}'" output into body and status.
-std::pair<std::string, int> BodyAndStatus(const std::string& out) {
-  const size_t nl = out.rfind('\n');
-  if (nl == std::string::npos) return {out, 0};
-  return {out.substr(0, nl), std::atoi(out.substr(nl + 1).c_str())};
+  return collm::testing::CurlPost(port, path, body.dump(), key, flags);
 }
 
 TEST(OpenAiCollmdTest, CurlCompletionsStreamingErrorsAndKeys) {
@@ -71,14 +53,13 @@ TEST(OpenAiCollmdTest, CurlCompletionsStreamingErrorsAndKeys) {
   const int port = d.port("http");
   ASSERT_GT(port, 0) << "no http= in the ports file";
 
-  auto health = RunCommand("curl -sS -w '\\n%{http_code}' " + Url(port, "/health"));
+  auto health = collm::testing::CurlGet(port, "/health");
   EXPECT_EQ(BodyAndStatus(health.out).second, 200) << health.out << health.err;
 
-  auto models =
-      RunCommand("curl -sS -H 'Authorization: Bearer test-key' " + Url(port, "/v1/models"));
-  const json list = json::parse(models.out, nullptr, false);
-  ASSERT_FALSE(list.is_discarded()) << models.out << models.err;
-  EXPECT_EQ(list["data"][0]["id"], "stories260K-hf") << models.out;
+  auto models = BodyAndStatus(collm::testing::CurlGet(port, "/v1/models", "test-key").out);
+  const json list = json::parse(models.first, nullptr, false);
+  ASSERT_FALSE(list.is_discarded()) << models.first;
+  EXPECT_EQ(list["data"][0]["id"], "stories260K-hf") << models.first;
 
   auto [body, status] = BodyAndStatus(
       Post(port, "/v1/completions",
@@ -99,12 +80,11 @@ TEST(OpenAiCollmdTest, CurlCompletionsStreamingErrorsAndKeys) {
   auto [sse, sse_status] = BodyAndStatus(streamed.out);
   ASSERT_EQ(sse_status, 200) << sse;
   std::string joined;
-  size_t pos = 0, chunks = 0;
-  while ((pos = sse.find("data: {", pos)) != std::string::npos) {
-    const size_t end = sse.find("\n\n", pos);
-    joined += json::parse(sse.substr(pos + 6, end - pos - 6))["choices"][0]["text"];
+  size_t chunks = 0;
+  for (const std::string& data : collm::testing::SseData(sse)) {
+    if (data == "[DONE]") continue;
+    joined += json::parse(data)["choices"][0]["text"];
     ++chunks;
-    pos = end;
   }
   EXPECT_GE(chunks, 3u) << sse;
   EXPECT_EQ(joined, text);
@@ -143,45 +123,15 @@ TEST(OpenAiCollmdTest, OfficialNpmClientStreamsAChatCompletion) {
     GTEST_SKIP() << "node/npm are not installed";
   }
   const std::string dir = collm::testing::MakeTempDir("openai-npm");
-  auto install = RunCommand("cd " + dir +
-                            " && timeout 180 npm install --no-audit --no-fund --silent openai "
-                            "2>&1");
-  if (install.exit_code != 0) {
-    GTEST_SKIP() << "cannot install the openai npm package (registry unreachable?): " << install.out
-                 << install.err;
+  if (absl::Status installed = collm::testing::NpmInstall(dir, "openai"); !installed.ok()) {
+    GTEST_SKIP() << installed.message();
   }
   COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, model_dir, "  chat_template: zephyr\n"), dir,
                      "collmd");
-  WriteFileOrDie(dir + "/chat.mjs", R"(
-import OpenAI from 'openai';
-const client = new OpenAI({ baseURL: process.argv[2], apiKey: 'test-key' });
-const stream = await client.chat.completions.create({
-  model: 'stories260K-hf',
-  messages: [{ role: 'system', content: 'You tell stories.' },
-             { role: 'user', content: 'Once upon a time' }],
-  max_tokens: 20,
-  stream: true,
-  stream_options: { include_usage: true },
-});
-let text = '', chunks = 0, finish = null, usage = null;
-for await (const chunk of stream) {
-  if (chunk.usage) usage = chunk.usage;
-  for (const c of chunk.choices) {
-    text += c.delta?.content ?? '';
-    if (c.finish_reason) finish = c.finish_reason;
-  }
-  chunks++;
-}
-const models = await client.models.list();
-console.log(JSON.stringify({ text, chunks, finish, usage, models: models.data.map(m => m.id) }));
-try {
-  await client.chat.completions.create({ model: 'nope', messages: [{role: 'user', content: 'x'}] });
-} catch (e) {
-  console.log(JSON.stringify({ errorStatus: e.status }));
-}
-)");
+  WriteFileOrDie(dir + "/chat.mjs", collm::testing::ReadFileOrDie(
+                                        COLLM_SOURCE_DIR "/tests/testing/openai_stream_chat.mjs"));
   auto run = RunCommand("cd " + dir + " && timeout 120 node chat.mjs http://127.0.0.1:" +
-                        std::to_string(d.port("http")) + "/v1");
+                        std::to_string(d.port("http")) + "/v1 stories260K-hf");
   ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
   const size_t nl = run.out.find('\n');
   const json result = json::parse(run.out.substr(0, nl), nullptr, false);

@@ -29,6 +29,24 @@ TEST(RouterConfigTest, TheShippedConfigParsesWithItsDocumentedDefaults) {
   EXPECT_EQ(c->max_outstanding, defaults.max_outstanding);
   EXPECT_EQ(c->poll_timeout_ms, defaults.poll_timeout_ms);
   EXPECT_EQ(c->shutdown_grace_seconds, defaults.shutdown_grace_seconds);
+  EXPECT_FALSE(c->http.enabled);
+  EXPECT_EQ(c->http.address, "127.0.0.1:8080");  // Next to a collmd on 8000.
+  EXPECT_EQ(c->http.threads, defaults.http.threads);
+  EXPECT_EQ(c->http.max_body_bytes, defaults.http.max_body_bytes);
+}
+
+TEST(RouterConfigTest, TheHttpSectionReadsAsCollmdsDoes) {
+  setenv("COLLM_API_KEY", "k1", 1);
+  auto c = RouterConfig::FromYaml(
+      "replicas: [a:1]\nhttp:\n  enabled: true\n  address: 127.0.0.1:0\n  api_keys: "
+      "[\"${COLLM_API_KEY:-}\", \"${COLLM_NO_SUCH_KEY:-}\"]\n  served_model_name: base\n"
+      "  max_body_bytes: 1MiB\n");
+  unsetenv("COLLM_API_KEY");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->http.enabled);
+  EXPECT_EQ(c->http.api_keys, std::vector<std::string>{"k1"});  // The empty one is dropped.
+  EXPECT_EQ(c->http.served_model_name, "base");
+  EXPECT_EQ(c->http.max_body_bytes, 1 << 20);
 }
 
 TEST(RouterConfigTest, ReplicasComeFromTheEnvironment) {
@@ -62,6 +80,11 @@ TEST(RouterConfigTest, BadValuesNameTheKey) {
             "ejection.failures_to_eject must be >= 1, got 0");
   EXPECT_EQ(Error("replicas: [a:1]\nserver:\n  address: x:99999\n"),
             "server.address has a bad port in 'x:99999'");
+  EXPECT_EQ(Error("replicas: [a:1]\nhttp:\n  threads: 0\n"), "http.threads must be > 0, got 0");
+  EXPECT_EQ(Error("replicas: [a:1]\nhttp:\n  enabled: true\n  address: nohost\n"),
+            "http.address must be host:port, got 'nohost'");
+  const std::string chat = Error("replicas: [a:1]\nhttp:\n  chat_template: zephyr\n");
+  EXPECT_NE(chat.find("http.chat_template is not used by collm-router"), std::string::npos) << chat;
   const std::string typo = Error("replicas: [a:1]\nslack:\n  tie_margn: 1\n");
   EXPECT_NE(typo.find("slack.tie_margn: unknown key"), std::string::npos) << typo;
   EXPECT_NE(typo.find("did you mean tie_margin?"), std::string::npos) << typo;

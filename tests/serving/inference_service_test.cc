@@ -14,6 +14,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -48,6 +49,7 @@ struct FixtureOptions {
   bool start_engine = true;
   int slow_step_ms = 5;
   bool feedback = true;
+  std::optional<ChatTemplate> chat_template;  // For Generate's `chat` input; none = refused.
 };
 
 // A real server on 127.0.0.1:0 in front of an engine on the tiny model, and a client channel.
@@ -77,6 +79,8 @@ class Fixture {
     ctx.registry = registry_.get();
     ctx.feedback = feedback_;
     ctx.default_sampling.temperature = 0;
+    chat_ = std::make_unique<ChatPromptEncoder>(options.chat_template, *tokenizer_);
+    ctx.chat = chat_.get();
     service_ = std::make_unique<InferenceServiceImpl>(std::move(ctx));
     GrpcServerOptions so;
     so.address = "127.0.0.1:0";
@@ -140,6 +144,7 @@ class Fixture {
   std::unique_ptr<lora::AdapterRegistry> registry_;
   std::unique_ptr<engine::Engine> engine_;
   std::shared_ptr<engine::InteractionBuffer> feedback_;
+  std::unique_ptr<ChatPromptEncoder> chat_;
   std::unique_ptr<InferenceServiceImpl> service_;
   std::unique_ptr<GrpcServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -189,6 +194,52 @@ TEST(InferenceServiceTest, GenerateStreamsTheTextOfAGeneratorRunAlone) {
   for (size_t i = 0; i + 1 < r.messages.size(); ++i) {
     EXPECT_EQ(r.messages[i].finish_reason(), collm::v1::FINISH_REASON_UNSPECIFIED);
   }
+}
+
+// collm-router forwards OpenAI chats as messages: the daemon renders them with its template and
+// serves exactly the prompt the OpenAI chat API would have built.
+TEST(InferenceServiceTest, ChatInputIsRenderedWithTheDaemonsTemplate) {
+  FixtureOptions o;
+  o.chat_template = ChatTemplate(ChatFamily::kZephyr);
+  Fixture f(o);
+  GenerateRequest chat = Greedy("", 12);
+  auto* m = chat.mutable_chat()->add_messages();
+  m->set_role("system");
+  m->set_content("You tell stories.");
+  m = chat.mutable_chat()->add_messages();
+  m->set_role("user");
+  m->set_content("Once upon a time");
+  StreamResult r = f.Generate(chat);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  const ChatPrompt expected =
+      f.chat_->Encode({{"system", "You tell stories."}, {"user", "Once upon a time"}}).value();
+  GenerateRequest tokens = Greedy("", 12);
+  for (int32_t id : expected.ids) tokens.mutable_prompt_tokens()->add_ids(id);
+  for (const std::string& s : expected.stop) tokens.mutable_sampling()->add_stop(s);
+  StreamResult same = f.Generate(tokens);
+  ASSERT_TRUE(same.status.ok()) << same.status.error_message();
+  EXPECT_EQ(r.ids, same.ids);
+  EXPECT_EQ(r.messages.back().usage().prompt_tokens(), static_cast<int>(expected.ids.size()));
+
+  // A conversation the template cannot take names the message.
+  GenerateRequest bad = Greedy("", 4);
+  m = bad.mutable_chat()->add_messages();
+  m->set_role("wizard");
+  m->set_content("x");
+  StreamResult refused = f.Generate(bad);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST(InferenceServiceTest, ChatInputWithoutATemplateIsAFailedPrecondition) {
+  Fixture f;
+  GenerateRequest chat = Greedy("", 4);
+  auto* m = chat.mutable_chat()->add_messages();
+  m->set_role("user");
+  m->set_content("hi");
+  StreamResult r = f.Generate(chat);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(r.status.error_message().find("http.chat_template"), std::string::npos)
+      << r.status.error_message();
 }
 
 TEST(InferenceServiceTest, TokenPromptsAndStopStringsAreServed) {

@@ -20,11 +20,13 @@
 #include "collm/serving/openai_engine_backend.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/curl.h"
 #include "testing/tiny_model.h"
 
 namespace collm::serving {
 namespace {
 
+using collm::testing::SseData;
 using nlohmann::json;
 
 struct Options {
@@ -138,18 +140,6 @@ class Fixture {
   std::thread driver_;
   std::atomic<bool> stop_driver_{false};
 };
-
-// The "data: ..." payloads of an SSE body, in order.
-std::vector<std::string> SseData(const std::string& body) {
-  std::vector<std::string> out;
-  size_t pos = 0;
-  while ((pos = body.find("data: ", pos)) != std::string::npos) {
-    const size_t end = body.find("\n\n", pos);
-    out.push_back(body.substr(pos + 6, end - pos - 6));
-    pos = end;
-  }
-  return out;
-}
 
 TEST(OpenAiHttpServerTest, CompletionIsTheGeneratorsTextWithUsage) {
   Fixture f;
@@ -366,17 +356,15 @@ TEST(OpenAiHttpServerTest, FullQueueIs429AndDrainingIs503) {
   for (auto& t : holders) t.join();
 }
 
-TEST(OpenAiHttpServerTest, AClientThatLeavesAStreamCancelsItsRequest) {
-  Options o;
-  o.start_engine = false;
-  Fixture f(o);
+// Sends `body` to POST /v1/completions on a raw socket, waits until the answer started (headers,
+// maybe a first chunk) and the engine runs the request, then closes the connection.
+void PostAndLeave(Fixture& f, const std::string& body) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(f.server_->port()));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  const std::string body = R"({"prompt":"Hi","max_tokens":500,"ignore_eos":true,"stream":true})";
   const std::string request =
       "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
       "application/json\r\nContent-Length: " +
@@ -386,9 +374,34 @@ TEST(OpenAiHttpServerTest, AClientThatLeavesAStreamCancelsItsRequest) {
   ASSERT_GT(read(fd, buf, sizeof(buf)), 0);  // Headers (and maybe the first chunk) arrived.
   ASSERT_TRUE(f.WaitFor([](const engine::EngineStats& s) { return s.running == 1; }));
   close(fd);
+}
+
+TEST(OpenAiHttpServerTest, AClientThatLeavesAStreamCancelsItsRequest) {
+  Options o;
+  o.start_engine = false;
+  Fixture f(o);
+  PostAndLeave(f, R"({"prompt":"Hi","max_tokens":500,"ignore_eos":true,"stream":true})");
   EXPECT_TRUE(f.WaitFor([](const engine::EngineStats& s) { return s.cancelled == 1; }))
       << "the engine still runs the request of a client that is gone";
   EXPECT_LT(f.engine_->Stats().generated_tokens, 500);
+}
+
+// A long non-streaming answer starts after one heartbeat with whitespace, which is how a client
+// that left is noticed; what a client that stays gets is still one JSON document.
+TEST(OpenAiHttpServerTest, AClientThatLeavesANonStreamingRequestCancelsIt) {
+  Options o;
+  o.start_engine = false;
+  Fixture f(o);
+  PostAndLeave(f, R"({"prompt":"Hi","max_tokens":500,"ignore_eos":true})");
+  EXPECT_TRUE(f.WaitFor([](const engine::EngineStats& s) { return s.cancelled == 1; }))
+      << "the engine still runs the request of a client that is gone";
+  EXPECT_LT(f.engine_->Stats().generated_tokens, 500);
+
+  const Fixture::Reply stayed = f.Post("/v1/completions", R"({"prompt":"Hi","max_tokens":8})");
+  EXPECT_EQ(stayed.status, 200) << stayed.raw;
+  ASSERT_FALSE(stayed.body.is_discarded()) << stayed.raw;
+  EXPECT_EQ(stayed.raw.front(), ' ') << "answered whole: the slow engine was not slow enough";
+  EXPECT_EQ(stayed.body["usage"]["completion_tokens"], 8) << stayed.raw;
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "collm/common/logging.h"
+#include "collm/config/shared_sections.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine.h"
 #include "collm/engine/peft_trainer.h"
@@ -55,19 +56,6 @@ struct MetricsConfig {
 // FlClientOptions'); collmd fills the identity fields (model_name, ...) before FlClient::Create.
 struct FederationConfig : federation::FlClientOptions {
   bool enabled = false;
-};
-
-// The OpenAI-compatible HTTP API (serving/openai_http_server.h), off unless enabled.
-struct HttpConfig {
-  bool enabled = false;
-  std::string address = "127.0.0.1:8000";  // host:port; port 0 = pick a free one (logged).
-  std::vector<std::string> api_keys;       // Bearer keys; empty = open. Empty entries (an unset
-                                           // ${VAR:-}) are dropped.
-  std::string chat_template;               // Family name overriding tokenizer_config.json's
-                                           // chat_template ("" = recognise it).
-  std::string served_model_name;           // The base model's id ("" = the model dir's name).
-  int64_t threads = 32;                    // Concurrent connections (a stream holds one).
-  int64_t max_body_bytes = 4 << 20;        // Larger request bodies get 413.
 };
 
 struct DaemonConfig {

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "collm/common/logging.h"
+#include "collm/config/shared_sections.h"
 #include "collm/coordination/replica_health.h"
 #include "collm/coordination/routing_policy.h"
 
@@ -30,6 +31,9 @@ struct RouterConfig {
   int64_t poll_timeout_ms = 500;  // A poll slower than this counts as a failure; >= 1.
   int64_t max_outstanding = 256;  // Generate calls in flight through the router; more are refused.
   bool retry_before_first_token = true;  // Retry once elsewhere when no token was streamed yet.
+  // The OpenAI-compatible HTTP API in front of the replicas (the same http: keys as collmd's;
+  // chat_template must stay empty: each replica renders chats with its own model's template).
+  config::HttpConfig http;
   LoggingOptions logging;
   double shutdown_grace_seconds = 10;  // SIGTERM: how long in-flight streams may finish.
 

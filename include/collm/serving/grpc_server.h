@@ -32,6 +32,10 @@ class GrpcServer {
   int port() const { return port_; }
   // Overall and per-service health.
   void SetServing(bool serving);
+  // A channel to this server that never leaves the process (no socket, same services and
+  // limits as remote callers get): for a front end in the same binary that must take the path a
+  // remote call takes. Null after Shutdown.
+  std::shared_ptr<grpc::Channel> InProcessChannel();
   // Stops accepting new calls and waits up to `grace_seconds` for in-flight ones. Idempotent.
   void Shutdown(double grace_seconds);
 

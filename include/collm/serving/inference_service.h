@@ -11,6 +11,7 @@
 #include "collm/lora/adapter_registry.h"
 #include "collm/runtime/sampler.h"
 #include "collm/runtime/tokenizer.h"
+#include "collm/serving/chat_prompt_encoder.h"
 #include "collm/v1/inference.grpc.pb.h"
 
 namespace collm::serving {
@@ -24,6 +25,8 @@ struct ServiceContext {
   engine::DatasetOptions feedback_format;               // How feedback becomes examples.
   runtime::SamplingParams default_sampling;             // For unset request fields.
   Clock* clock = &Clock::Real();
+  // Renders Generate's `chat` input; null: chat requests are refused (FAILED_PRECONDITION).
+  const ChatPromptEncoder* chat = nullptr;
 };
 
 // Thread-safe (gRPC calls it from its own threads).

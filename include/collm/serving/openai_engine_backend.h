@@ -7,7 +7,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,6 +16,7 @@
 #include "collm/lora/adapter_registry.h"
 #include "collm/runtime/sampler.h"
 #include "collm/runtime/tokenizer.h"
+#include "collm/serving/chat_prompt_encoder.h"
 #include "collm/serving/chat_template.h"
 #include "collm/serving/openai_backend.h"
 
@@ -45,15 +45,13 @@ class EngineCompletionBackend final : public CompletionBackend {
   // From now on Ready() is Unavailable and new requests get 503 (SIGTERM drain).
   void SetDraining() { draining_ = true; }
 
-  // The prompt ids of a rendered chat: the template's special-token strings become their ids
-  // (when the vocabulary has them, as HF tokenizers split special tokens before BPE), the text
-  // between them is encoded without BOS. Public for tests.
+  // ChatPromptEncoder::EncodeRendered with this backend's template. Public for tests.
   std::vector<int32_t> EncodeChat(const std::string& rendered) const;
 
  private:
   EngineBackendContext ctx_;
-  std::map<std::string, int32_t> special_ids_;  // Special-token string -> id (immutable).
-  int64_t created_ = 0;                         // Unix seconds at construction.
+  const ChatPromptEncoder chat_;
+  int64_t created_ = 0;  // Unix seconds at construction.
   std::atomic<bool> draining_{false};
 };
 

@@ -29,8 +29,9 @@ struct OpenAiHttpOptions {
   std::vector<std::string> api_keys;
   int threads = 32;                  // Connections served at once (a stream holds one); > 0.
   int64_t max_body_bytes = 4 << 20;  // Larger request bodies get 413; > 0.
-  double heartbeat_seconds = 1.0;    // Idle streams send an SSE comment this often, which is
-                                     // also how a vanished client is noticed; > 0.
+  double heartbeat_seconds = 1.0;    // Idle streams send an SSE comment this often, and
+                                     // non-streaming answers not ready by then a space, which
+                                     // is how a vanished client is noticed; > 0.
 };
 
 // Serves from its own threads until Stop() or destruction. The backend must outlive it.
