@@ -208,7 +208,7 @@ done
 ROUND_S=$(($(date +%s) - t0))
 fed round show 1 >"$WORK/round-1.txt" || true
 version=$(fed --json status | python3 -c 'import json,sys; print(json.load(sys.stdin).get("global_version", 0))')
-pass "federation: round 1 completed in ${ROUND_S}s with 3 devices, global version $version"
+pass "federation: $done_rounds round(s) completed ${ROUND_S}s after fed start, 3 devices, global version $version"
 
 # --- metrics and Prometheus ---------------------------------------------------------------------
 for port in 19401 19402 19403 19500 19501; do
