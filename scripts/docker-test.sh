@@ -55,6 +55,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 DOCKER="$SUDO $DOCKER"
+# $SUDO is "" or "sudo": split on purpose.
+# shellcheck disable=SC2206
 COMPOSE=(env COLLM_WORK="$WORK" COLLM_IMAGE="$IMAGE" COLLM_PROMETHEUS_IMAGE="$PROM_IMAGE"
   $SUDO docker-compose -p "$PROJECT" -f docker/compose.yaml)
 
@@ -80,7 +82,10 @@ if ! $DOCKER info >/dev/null 2>&1; then
   log "no engine answers: starting dockerd --bridge=none --iptables=false"
   $SUDO dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
   STARTED_DOCKERD=$!
-  for _ in $(seq 60); do $DOCKER info >/dev/null 2>&1 && break || sleep 1; done
+  for _ in $(seq 60); do
+    if $DOCKER info >/dev/null 2>&1; then break; fi
+    sleep 1
+  done
   $DOCKER info >/dev/null 2>&1 || fail "dockerd did not start (see $WORK/dockerd.log)"
 fi
 log "engine $($DOCKER version --format '{{.Server.Version}}')"
@@ -164,7 +169,7 @@ done
 pass "collmctl health: 3 devices and the router SERVING"
 
 # --- requests through the router (gRPC) and the OpenAI API (HTTP) -------------------------------
-for i in 1 2 3 4 5 6; do
+for _ in 1 2 3 4 5 6; do
   out=$(ctl generate --daemon 127.0.0.1:17050 --prompt "3 + 4" --max-tokens 8 --temperature 0 2>&1) ||
     fail "generate through the router: $out"
 done
