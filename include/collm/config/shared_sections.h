@@ -6,6 +6,8 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "collm/common/logging.h"
 #include "collm/config/yaml_reader.h"
 #include "collm/lora/lora_config.h"
@@ -17,6 +19,11 @@ absl::Status ParseLora(const Section& parent, lora::LoraConfig& out);
 
 // `parent`.logging: level (trace ... off) and json.
 absl::Status ParseLogging(const Section& parent, LoggingOptions& out);
+
+// A bearer secret given inline (`token`) or in a file (`token_file`, read now, surrounding
+// whitespace dropped). InvalidArgument naming `file_key` when the file cannot be read or is empty.
+absl::StatusOr<std::string> ResolveToken(const std::string& token, const std::string& token_file,
+                                         absl::string_view file_key);
 
 // Prefixes a module's own Validate() message with where its struct sits in the file: the message
 // names the field, possibly after the module's own prefix ("lora.rank ...").
