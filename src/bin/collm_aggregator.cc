@@ -16,6 +16,7 @@
 #include "collm/common/logging.h"
 #include "collm/common/shutdown_signals.h"
 #include "collm/config/aggregator_config.h"
+#include "collm/config/shared_sections.h"
 #include "collm/federation/fingerprint.h"
 #include "collm/federation/round_manager.h"
 #include "collm/federation/state_store.h"
@@ -71,14 +72,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (auto s = collm::InitLogging(cfg->logging); !s.ok()) return Fail(s, 2);
-  std::string admin_token = cfg->admin_token;
-  if (!cfg->admin_token_file.empty()) {
-    auto t = ReadText(cfg->admin_token_file, "admin_token_file");
-    if (!t.ok()) return Fail(t.status(), 2);
-    admin_token = std::string(absl::StripAsciiWhitespace(*t));
-    if (admin_token.empty())
-      return Fail(absl::InvalidArgumentError("admin_token_file is empty"), 2);
-  }
+  auto token =
+      collm::config::ResolveToken(cfg->admin_token, cfg->admin_token_file, "admin_token_file");
+  if (!token.ok()) return Fail(token.status(), 2);
+  const std::string admin_token = *token;
   if (admin_token.empty()) {
     COLLM_LOG_WARN("no admin_token: admin calls are not authenticated");
   }

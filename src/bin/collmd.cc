@@ -12,6 +12,7 @@
 #include "collm/common/logging.h"
 #include "collm/common/shutdown_signals.h"
 #include "collm/config/daemon_config.h"
+#include "collm/config/shared_sections.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine.h"
 #include "collm/engine/peft_trainer.h"
@@ -200,6 +201,16 @@ int main(int argc, char** argv) {
   ctx.feedback = feedback;
   ctx.feedback_format = FitToContext(cfg->training.dataset, **model);
   ctx.default_sampling = cfg->default_sampling;
+  ctx.adapter_roots = cfg->server.adapter_roots;
+  auto admin_token = collm::config::ResolveToken(
+      cfg->server.admin_token, cfg->server.admin_token_file, "server.admin_token_file");
+  if (!admin_token.ok()) return Fail(admin_token.status());
+  ctx.admin_token = *admin_token;
+  if (!ctx.adapter_roots.empty() && ctx.admin_token.empty()) {
+    COLLM_LOG_WARN(
+        "server.adapter_roots is set without server.admin_token: any client that "
+        "reaches the gRPC port may load and unload adapters");
+  }
   collm::serving::InferenceServiceImpl service(ctx);
   collm::serving::GrpcServerOptions server_options;
   server_options.address = cfg->server.address;

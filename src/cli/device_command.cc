@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 
@@ -124,6 +125,11 @@ int RunAdapters(const DeviceArgs& args, const std::string& verb, std::ostream& o
   auto stub = v1::InferenceService::NewStub(Channel(args));
   grpc::ClientContext ctx;
   SetDeadline(ctx, args);
+  std::string token = args.token;
+  if (token.empty()) {
+    if (const char* env = std::getenv("COLLM_ADMIN_TOKEN")) token = env;
+  }
+  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
   if (verb == "list") {
     v1::ListAdaptersResponse res;
     const grpc::Status s = stub->ListAdapters(&ctx, v1::ListAdaptersRequest(), &res);
@@ -200,6 +206,9 @@ void AddDeviceCommands(CLI::App& app, DeviceArgs& args, int& exit_code) {
   adapters->add_option("--daemon,-d", args.address, "collmd gRPC address host:port")
       ->capture_default_str();
   adapters->add_flag("--json", args.json, "Print JSON instead of a table");
+  adapters->add_option("--token", args.token,
+                       "collmd's server.admin_token, for load and unload (default: "
+                       "$COLLM_ADMIN_TOKEN)");
   common(adapters);
   adapters->add_subcommand("list", "Adapters with version, rank, held-out loss, source")
       ->callback([&] { exit_code = RunAdapters(args, "list", std::cout, std::cerr); });

@@ -3,11 +3,13 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace collm {
 namespace {
@@ -53,6 +55,30 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& con
   // The rename is durable only once the directory entry is.
   FsyncDirectory(std::filesystem::path(path).parent_path().string());
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ResolveInsideRoots(const std::string& path,
+                                               const std::vector<std::string>& roots) {
+  namespace fs = std::filesystem;
+  if (roots.empty()) return absl::FailedPreconditionError("no allowed roots are configured");
+  std::error_code ec;
+  const fs::path resolved = fs::canonical(path, ec);
+  if (ec) return absl::NotFoundError(absl::StrCat(path, ": ", ec.message()));
+  std::vector<std::string> shown;
+  for (const std::string& root : roots) {
+    const fs::path r = fs::canonical(root, ec);
+    if (ec) {
+      shown.push_back(absl::StrCat(root, " (", ec.message(), ")"));
+      continue;
+    }
+    shown.push_back(r.string());
+    // Component-wise, so /models2 is not inside /models.
+    if (std::mismatch(r.begin(), r.end(), resolved.begin(), resolved.end()).first == r.end())
+      return resolved.string();
+  }
+  return absl::PermissionDeniedError(absl::StrCat(path, " resolves to ", resolved.string(),
+                                                  ", which is outside the allowed roots [",
+                                                  absl::StrJoin(shown, ", "), "]"));
 }
 
 }  // namespace collm

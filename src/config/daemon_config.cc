@@ -392,9 +392,21 @@ absl::Status ParseFederation(const Section& root, const TrainingConfig& training
 }
 
 absl::Status ParseServer(const Section& root, ServerConfig& out) {
-  COLLM_ASSIGN_OR_RETURN(Section s, root.Sub("server", {"address", "max_message_bytes"}));
+  COLLM_ASSIGN_OR_RETURN(
+      Section s, root.Sub("server", {"address", "max_message_bytes", "adapter_roots", "admin_token",
+                                     "admin_token_file"}));
   COLLM_RETURN_IF_ERROR(s.String("address", &out.address));
   COLLM_RETURN_IF_ERROR(s.Bytes("max_message_bytes", &out.max_message_bytes));
+  COLLM_RETURN_IF_ERROR(s.StringList("adapter_roots", &out.adapter_roots, /*paths=*/true));
+  for (size_t i = 0; i < out.adapter_roots.size(); ++i) {
+    COLLM_RETURN_IF_ERROR(
+        CheckNonEmpty(absl::StrCat(s.PathOf("adapter_roots"), "[", i, "]"), out.adapter_roots[i]));
+  }
+  COLLM_RETURN_IF_ERROR(s.String("admin_token", &out.admin_token));
+  COLLM_RETURN_IF_ERROR(s.Path("admin_token_file", &out.admin_token_file));
+  if (!out.admin_token.empty() && !out.admin_token_file.empty()) {
+    return InvalidValue(s.PathOf("admin_token_file"), "and server.admin_token are exclusive");
+  }
   COLLM_RETURN_IF_ERROR(CheckNonEmpty(s.PathOf("address"), out.address));
   COLLM_RETURN_IF_ERROR(CheckPositive(s.PathOf("max_message_bytes"), out.max_message_bytes));
   if (out.max_message_bytes > std::numeric_limits<int32_t>::max()) {

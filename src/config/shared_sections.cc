@@ -1,10 +1,13 @@
 #include "collm/config/shared_sections.h"
 
 #include <algorithm>
+#include <fstream>
 #include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
@@ -22,6 +25,19 @@ absl::Status CheckPositive(const std::string& path, int64_t value) {
 }
 
 }  // namespace
+
+absl::StatusOr<std::string> ResolveToken(const std::string& token, const std::string& token_file,
+                                         absl::string_view file_key) {
+  if (token_file.empty()) return token;
+  std::ifstream in(token_file, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(file_key, ": cannot read ", token_file));
+  std::stringstream text;
+  text << in.rdbuf();
+  std::string secret(absl::StripAsciiWhitespace(text.str()));
+  if (secret.empty())
+    return absl::InvalidArgumentError(absl::StrCat(file_key, ": ", token_file, " is empty"));
+  return secret;
+}
 
 // Prefixes a module's own Validate() message with where its struct sits in the file: the message
 // names the field, possibly after the module's own prefix ("lora.rank ...").

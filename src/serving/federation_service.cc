@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "collm/common/grpc_status.h"
 #include "collm/federation/adapter_stream.h"
+#include "collm/serving/bearer_auth.h"
 
 namespace collm::serving {
 namespace {
@@ -23,14 +24,6 @@ bool SendBlob(int64_t version, const lora::PeftBlob& blob, int64_t chunk_bytes,
     c.set_data(std::move(data));
     return writer->Write(c);
   });
-}
-
-// Constant time in the token's length, so timing does not reveal a matching prefix.
-bool SameSecret(const std::string& a, const std::string& b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
 }
 
 }  // namespace
@@ -141,18 +134,7 @@ grpc::Status FederationServiceImpl::FetchGlobal(grpc::ServerContext* context,
 }
 
 grpc::Status FederationAdminServiceImpl::Authorize(grpc::ServerContext* context) const {
-  if (options_.admin_token.empty()) return grpc::Status::OK;
-  const auto& md = context->client_metadata();
-  auto it = md.find("authorization");
-  if (it == md.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "admin calls need metadata 'authorization: Bearer <admin token>'");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  if (!SameSecret(value, "Bearer " + options_.admin_token)) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong admin token");
-  }
-  return grpc::Status::OK;
+  return CheckBearerToken(*context, options_.admin_token, "admin");
 }
 
 #define COLLM_AUTHORIZE()                                       \

@@ -2,17 +2,23 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "collm/common/file_io.h"
 #include "collm/common/grpc_status.h"
 #include "collm/common/logging.h"
+#include "collm/serving/bearer_auth.h"
 
 namespace collm::serving {
 namespace {
@@ -247,24 +253,72 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, grpc::Stat
   return reactor;
 }
 
-// Runs a unary handler body so that no exception reaches gRPC.
+// Runs a handler body so that no exception reaches gRPC.
 template <typename Fn>
-grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, const char* method, Fn&& fn) {
-  grpc::Status status;
+grpc::Status Guarded(const char* method, Fn&& fn) {
   try {
-    status = fn();
+    return fn();
   } catch (const std::exception& e) {
     COLLM_LOG_ERROR("{} failed: {}", method, e.what());
-    status = grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat(method, ": ", e.what()));
+    return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat(method, ": ", e.what()));
   } catch (...) {
-    status = grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat(method, ": unknown error"));
+    return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat(method, ": unknown error"));
   }
-  return Reply(context, std::move(status));
+}
+
+template <typename Fn>
+grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, const char* method, Fn&& fn) {
+  return Reply(context, Guarded(method, std::forward<Fn>(fn)));
 }
 
 }  // namespace
 
-InferenceServiceImpl::InferenceServiceImpl(ServiceContext context) : ctx_(std::move(context)) {}
+// One thread and a queue; the destructor runs what is queued, then joins.
+class InferenceServiceImpl::Worker {
+ public:
+  Worker() : thread_([this] { Run(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void Post(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+  std::thread thread_;  // Last: starts once the members it uses exist.
+};
+
+InferenceServiceImpl::InferenceServiceImpl(ServiceContext context)
+    : ctx_(std::move(context)), loader_(std::make_unique<Worker>()) {}
+
+InferenceServiceImpl::~InferenceServiceImpl() = default;
 
 grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
     grpc::CallbackServerContext* context, const GenerateRequest* request) {
@@ -372,34 +426,61 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::ListAdapters(
 grpc::ServerUnaryReactor* InferenceServiceImpl::LoadAdapter(
     grpc::CallbackServerContext* context, const collm::v1::LoadAdapterRequest* request,
     collm::v1::LoadAdapterResponse* response) {
-  return Unary(context, "LoadAdapter", [&] {
+  grpc::Status refused = Guarded("LoadAdapter", [&] {
+    if (grpc::Status s = CheckBearerToken(*context, ctx_.admin_token, "admin"); !s.ok()) return s;
     if (request->name().empty()) return InvalidArgument("name is empty");
     if (request->path().empty()) return InvalidArgument("path is empty");
-    auto loaded = ctx_.registry->LoadPeft(request->name(), request->path());
-    if (!loaded.ok()) {
-      const auto code = loaded.status().code() == absl::StatusCode::kNotFound
-                            ? grpc::StatusCode::NOT_FOUND
-                            : grpc::StatusCode::INVALID_ARGUMENT;
-      return grpc::Status(code, std::string(loaded.status().message()));
-    }
-    const lora::AdapterSnapshot& snap = **loaded;
-    lora::AdapterInfo info;
-    info.name = snap.name;
-    info.version = snap.version;
-    info.source = snap.source;
-    info.held_out_loss = snap.held_out_loss;
-    for (const lora::AdapterInfo& listed : ctx_.registry->List()) {
-      if (listed.name == snap.name && listed.version == snap.version) info = listed;
-    }
-    ToProto(info, response->mutable_adapter());
     return grpc::Status::OK;
   });
+  if (!refused.ok()) return Reply(context, std::move(refused));
+  auto path = ResolveInsideRoots(request->path(), ctx_.adapter_roots);
+  if (!path.ok()) {
+    const absl::Status& s = path.status();
+    if (s.code() == absl::StatusCode::kFailedPrecondition) {
+      return Reply(context, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                         "LoadAdapter is disabled on this daemon: its config "
+                                         "sets no server.adapter_roots"));
+    }
+    return Reply(context, grpc::Status(s.code() == absl::StatusCode::kNotFound
+                                           ? grpc::StatusCode::NOT_FOUND
+                                           : grpc::StatusCode::PERMISSION_DENIED,
+                                       absl::StrCat(s.message(), " (server.adapter_roots)")));
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  loader_->Post([this, reactor, request, response, path = *std::move(path)] {
+    reactor->Finish(Guarded("LoadAdapter", [&] { return Load(*request, path, response); }));
+  });
+  return reactor;
+}
+
+grpc::Status InferenceServiceImpl::Load(const collm::v1::LoadAdapterRequest& request,
+                                        const std::string& path,
+                                        collm::v1::LoadAdapterResponse* response) {
+  auto loaded = ctx_.registry->LoadPeft(request.name(), path);
+  if (!loaded.ok()) {
+    const auto code = loaded.status().code() == absl::StatusCode::kNotFound
+                          ? grpc::StatusCode::NOT_FOUND
+                          : grpc::StatusCode::INVALID_ARGUMENT;
+    return grpc::Status(code, std::string(loaded.status().message()));
+  }
+  const lora::AdapterSnapshot& snap = **loaded;
+  lora::AdapterInfo info;
+  info.name = snap.name;
+  info.version = snap.version;
+  info.source = snap.source;
+  info.held_out_loss = snap.held_out_loss;
+  for (const lora::AdapterInfo& listed : ctx_.registry->List()) {
+    if (listed.name == snap.name && listed.version == snap.version) info = listed;
+  }
+  ToProto(info, response->mutable_adapter());
+  return grpc::Status::OK;
 }
 
 grpc::ServerUnaryReactor* InferenceServiceImpl::UnloadAdapter(
     grpc::CallbackServerContext* context, const collm::v1::UnloadAdapterRequest* request,
     collm::v1::UnloadAdapterResponse* /*response*/) {
   return Unary(context, "UnloadAdapter", [&] {
+    if (grpc::Status s = CheckBearerToken(*context, ctx_.admin_token, "admin"); !s.ok()) return s;
     if (request->name().empty()) return InvalidArgument("name is empty");
     return ToGrpcStatus(ctx_.registry->Unload(request->name()));
   });

@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "collm/common/logging.h"
+#include "collm/common/secret.h"
 #include "nlohmann/json.hpp"
 
 namespace collm::serving {
@@ -398,7 +399,7 @@ class Handlers {
     if (absl::StartsWithIgnoreCase(header, kBearer)) {
       const std::string key = header.substr(kBearer.size());
       for (const std::string& k : options_.api_keys) {
-        if (ConstantTimeEquals(k, key)) return true;
+        if (SameSecret(k, key)) return true;
       }
     }
     SendError(res, ApiError{401,
@@ -469,13 +470,6 @@ class Handlers {
   }
 
  private:
-  static bool ConstantTimeEquals(const std::string& a, const std::string& b) {
-    if (a.size() != b.size()) return false;
-    unsigned char diff = 0;
-    for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-    return diff == 0;
-  }
-
   static json ModelJson(const ModelInfo& m) {
     json out = {
         {"id", m.id}, {"object", "model"}, {"created", m.created}, {"owned_by", m.owned_by}};

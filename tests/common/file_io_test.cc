@@ -164,5 +164,35 @@ TEST(WriteFileAtomicallyTest, TargetThatIsADirectoryFailsAndRemovesTheTemporaryF
   EXPECT_TRUE(fs::is_directory(path));
 }
 
+TEST(ResolveInsideRootsTest, AcceptsPathsInsideAndRefusesEveryWayOut) {
+  TempDir dir;
+  const std::string root = dir.path() + "/models";
+  fs::create_directories(root + "/a/b");
+  fs::create_directories(dir.path() + "/models2/x");  // Shares the root's prefix, not its tree.
+  fs::create_directories(dir.path() + "/secret");
+  fs::create_directory_symlink(dir.path() + "/secret", root + "/escape");
+  fs::create_directory_symlink(root + "/a/b", dir.path() + "/alias");  // Outside, pointing in.
+
+  auto inside = ResolveInsideRoots(root + "/a/./b/", {root});
+  ASSERT_TRUE(inside.ok()) << inside.status();
+  EXPECT_EQ(*inside, fs::canonical(root + "/a/b").string());
+  EXPECT_TRUE(ResolveInsideRoots(root, {root}).ok());
+  EXPECT_TRUE(ResolveInsideRoots(dir.path() + "/alias", {root}).ok());  // Resolved: inside.
+  EXPECT_TRUE(
+      ResolveInsideRoots(dir.path() + "/models2/x", {"/nonexistent", dir.path() + "/models2"})
+          .ok());
+
+  for (const std::string& out :
+       {root + "/../secret", root + "/escape", dir.path() + "/models2/x", std::string("/")}) {
+    auto r = ResolveInsideRoots(out, {root});
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied) << out;
+    EXPECT_NE(r.status().message().find("outside the allowed roots"), std::string::npos)
+        << r.status();
+  }
+  EXPECT_EQ(ResolveInsideRoots(root + "/missing", {root}).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(ResolveInsideRoots(root, {}).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace collm

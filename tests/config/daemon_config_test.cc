@@ -277,6 +277,9 @@ const std::set<std::string> kDocumentedKeys = {
     "federation.follow_aggregator_share",
     "server.address",
     "server.max_message_bytes",
+    "server.adapter_roots",
+    "server.admin_token",
+    "server.admin_token_file",
     "metrics.enabled",
     "metrics.address",
     "http.enabled",
@@ -378,6 +381,11 @@ TEST(DaemonConfigTest, ShippedConfigsCommentEveryKey) {
 // ------------------------------------------------------------------
 
 TEST(DaemonConfigTest, UnknownKeysAreNamedWithTheirFullPath) {
+  EXPECT_PRED_FORMAT2(Contains,
+                      ErrorOf(WithModel("server:\n  admin_token: t\n  admin_token_file: f\n")),
+                      "server.admin_token_file and server.admin_token are exclusive");
+  EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("server:\n  adapter_roots: [\"\"]\n")),
+                      "server.adapter_roots[0]");
   EXPECT_PRED_FORMAT2(Contains, ErrorOf(WithModel("modle: x\n")),
                       "modle: unknown key (known: model, ");
   const std::string engine = ErrorOf(WithModel("engine:\n  max_step_tokenz: 5\n"));

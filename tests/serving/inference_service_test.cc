@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -50,6 +51,8 @@ struct FixtureOptions {
   int slow_step_ms = 5;
   bool feedback = true;
   std::optional<ChatTemplate> chat_template;  // For Generate's `chat` input; none = refused.
+  std::vector<std::string> adapter_roots;  // ServiceContext's.
+  std::string admin_token;
 };
 
 // A real server on 127.0.0.1:0 in front of an engine on the tiny model, and a client channel.
@@ -81,6 +84,8 @@ class Fixture {
     ctx.default_sampling.temperature = 0;
     chat_ = std::make_unique<ChatPromptEncoder>(options.chat_template, *tokenizer_);
     ctx.chat = chat_.get();
+    ctx.adapter_roots = options.adapter_roots;
+    ctx.admin_token = options.admin_token;
     service_ = std::make_unique<InferenceServiceImpl>(std::move(ctx));
     GrpcServerOptions so;
     so.address = "127.0.0.1:0";
@@ -419,8 +424,11 @@ lora::LoraAdapter RandomAdapter(const runtime::ModelConfig& c, uint64_t seed) {
 }
 
 TEST(InferenceServiceTest, LoadsListsServesAndUnloadsAdapters) {
-  Fixture f;
-  const std::string dir = collm::testing::MakeTempDir("collm-serving") + "/math";
+  const std::string root = collm::testing::MakeTempDir("collm-serving");
+  FixtureOptions options;
+  options.adapter_roots = {root};
+  Fixture f(options);
+  const std::string dir = root + "/math";
   ASSERT_TRUE(lora::WritePeftAdapter(dir, RandomAdapter(f.model_->config(), 3)).ok());
 
   collm::v1::LoadAdapterRequest load;
@@ -474,6 +482,70 @@ TEST(InferenceServiceTest, LoadsListsServesAndUnloadsAdapters) {
               grpc::StatusCode::NOT_FOUND);
   }
   EXPECT_EQ(f.Generate(req).status.error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// A client names a path on the daemon's machine: only dirs inside server.adapter_roots may be
+// read, after resolving ".." and symlinks, and only with the admin token when one is set.
+TEST(InferenceServiceTest, AdapterLoadsAreConfinedToTheRootsAndNeedTheAdminToken) {
+  const std::string root = collm::testing::MakeTempDir("collm-roots");
+  const std::string outside = collm::testing::MakeTempDir("collm-outside");
+  FixtureOptions options;
+  options.adapter_roots = {root};
+  options.admin_token = "s3cret";
+  Fixture f(options);
+  const auto adapter = RandomAdapter(f.model_->config(), 3);
+  ASSERT_TRUE(lora::WritePeftAdapter(root + "/ok", adapter).ok());
+  ASSERT_TRUE(lora::WritePeftAdapter(outside + "/evil", adapter).ok());
+  std::filesystem::create_directory_symlink(outside + "/evil", root + "/link");
+
+  auto load = [&](const std::string& path, const std::string& token) {
+    grpc::ClientContext ctx;
+    if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+    collm::v1::LoadAdapterRequest req;
+    req.set_name("a");
+    req.set_path(path);
+    collm::v1::LoadAdapterResponse out;
+    return f.stub_->LoadAdapter(&ctx, req, &out);
+  };
+  grpc::Status s = load(root + "/ok", "");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  EXPECT_NE(s.error_message().find("authorization: Bearer"), std::string::npos);
+  EXPECT_EQ(load(root + "/ok", "wrong").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  for (const std::string& escape :
+       {outside + "/evil", root + "/../" + outside.substr(outside.rfind('/') + 1) + "/evil",
+        root + "/link"}) {
+    s = load(escape, "s3cret");
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << escape;
+    EXPECT_NE(s.error_message().find("outside the allowed roots"), std::string::npos)
+        << s.error_message();
+  }
+  s = load(root + "/ok", "s3cret");
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  {
+    grpc::ClientContext ctx;
+    collm::v1::UnloadAdapterRequest req;
+    req.set_name("a");
+    collm::v1::UnloadAdapterResponse out;
+    EXPECT_EQ(f.stub_->UnloadAdapter(&ctx, req, &out).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext authorized;
+    authorized.AddMetadata("authorization", "Bearer s3cret");
+    EXPECT_TRUE(f.stub_->UnloadAdapter(&authorized, req, &out).ok());
+  }
+}
+
+TEST(InferenceServiceTest, AdapterLoadingIsOffWithoutRoots) {
+  Fixture f;
+  const std::string dir = collm::testing::MakeTempDir("collm-noroots") + "/a";
+  ASSERT_TRUE(lora::WritePeftAdapter(dir, RandomAdapter(f.model_->config(), 3)).ok());
+  grpc::ClientContext ctx;
+  collm::v1::LoadAdapterRequest req;
+  req.set_name("a");
+  req.set_path(dir);
+  collm::v1::LoadAdapterResponse out;
+  const grpc::Status s = f.stub_->LoadAdapter(&ctx, req, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("server.adapter_roots"), std::string::npos) << s.error_message();
 }
 
 TEST(InferenceServiceTest, FeedbackBecomesTrainingData) {

@@ -125,6 +125,7 @@ struct DeviceArgs {
   double timeout_s = 5;                     // Per call.
   std::string name;                         // adapters load/unload NAME.
   std::string path;                         // adapters load PEFT_DIR.
+  std::string token;  // adapters load/unload: collmd's server.admin_token ("" = none sent).
 };
 
 int RunHealth(const DeviceArgs& args, std::ostream& out, std::ostream& err);

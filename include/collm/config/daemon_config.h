@@ -43,6 +43,11 @@ struct TrainingConfig {
 struct ServerConfig {
   std::string address = "127.0.0.1:50051";  // gRPC listen address; port 0 = pick a free one.
   int64_t max_message_bytes = 64 << 20;
+  // LoadAdapter may read only PEFT dirs inside these (relative to the config file); empty =
+  // LoadAdapter refused.
+  std::vector<std::string> adapter_roots;
+  std::string admin_token;       // Bearer token for LoadAdapter/UnloadAdapter ("" = none).
+  std::string admin_token_file;  // Read the token from this file instead (exclusive).
 };
 
 struct MetricsConfig {
@@ -73,7 +78,8 @@ struct DaemonConfig {
   double shutdown_grace_seconds = 10;  // Drain time on SIGTERM/SIGINT.
 
   // Parses YAML text. Every value may use ${VAR} or ${VAR:-default} (an unset VAR without a
-  // default is an error; "$${" is a literal "${"). Paths (model, adapters, training.data,
+  // default is an error; "$${" is a literal "${"). Paths (model, adapters, server.adapter_roots,
+  // server.admin_token_file, training.data,
   // training.init_adapter, training.checkpoint_dir, federation.tls.{ca,cert,key}) expand a leading
   // "~/" to $HOME; relative ones resolve against `base_dir` ("" = leave them relative). Errors are
   // InvalidArgument naming the key path; YAML syntax errors give "line L, column C" (1-based).

@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "collm/common/logging.h"
 #include "collm/config/yaml_reader.h"
 #include "collm/lora/lora_config.h"
@@ -38,6 +40,10 @@ absl::Status ParseLogging(const Section& parent, LoggingOptions& out);
 // `parent`.http: enabled, address, api_keys, chat_template (a family name), served_model_name,
 // threads, max_body_bytes; validated.
 absl::Status ParseHttp(const Section& parent, HttpConfig& out);
+// A bearer secret given inline (`token`) or in a file (`token_file`, read now, surrounding
+// whitespace dropped). InvalidArgument naming `file_key` when the file cannot be read or is empty.
+absl::StatusOr<std::string> ResolveToken(const std::string& token, const std::string& token_file,
+                                         absl::string_view file_key);
 
 // Prefixes a module's own Validate() message with where its struct sits in the file: the message
 // names the field, possibly after the module's own prefix ("lora.rank ...").

@@ -4,6 +4,8 @@
 #define COLLM_SERVING_INFERENCE_SERVICE_H_
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "collm/common/clock.h"
 #include "collm/engine/dataset.h"
@@ -27,12 +29,18 @@ struct ServiceContext {
   Clock* clock = &Clock::Real();
   // Renders Generate's `chat` input; null: chat requests are refused (FAILED_PRECONDITION).
   const ChatPromptEncoder* chat = nullptr;
+  // LoadAdapter reads only PEFT directories inside these (symlinks and ".." resolved); empty =
+  // LoadAdapter is refused, as a client must not make the daemon read arbitrary server paths.
+  std::vector<std::string> adapter_roots;
+  // Bearer token LoadAdapter and UnloadAdapter require ("" = none: anyone who reaches the port).
+  std::string admin_token;
 };
 
 // Thread-safe (gRPC calls it from its own threads).
 class InferenceServiceImpl final : public collm::v1::InferenceService::CallbackService {
  public:
   explicit InferenceServiceImpl(ServiceContext context);
+  ~InferenceServiceImpl() override;
 
   grpc::ServerWriteReactor<collm::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const collm::v1::GenerateRequest* request) override;
@@ -56,7 +64,13 @@ class InferenceServiceImpl final : public collm::v1::InferenceService::CallbackS
                                      collm::v1::GetStatsResponse* response) override;
 
  private:
+  class Worker;
+  // The body of LoadAdapter, on loader_ once the call is authorized and `path` confined.
+  grpc::Status Load(const collm::v1::LoadAdapterRequest& request, const std::string& path,
+                    collm::v1::LoadAdapterResponse* response);
   ServiceContext ctx_;
+  // Runs adapter loads (disk reads and parsing) off gRPC's callback threads, one at a time.
+  std::unique_ptr<Worker> loader_;
 };
 
 }  // namespace collm::serving
