@@ -51,7 +51,7 @@ struct FixtureOptions {
   int slow_step_ms = 5;
   bool feedback = true;
   std::optional<ChatTemplate> chat_template;  // For Generate's `chat` input; none = refused.
-  std::vector<std::string> adapter_roots;  // ServiceContext's.
+  std::vector<std::string> adapter_roots;     // ServiceContext's.
   std::string admin_token;
 };
 
