@@ -20,6 +20,11 @@ int main(int argc, char** argv) {
   collm::cli::DeviceArgs device_args;
   collm::cli::AddDeviceCommands(app, device_args, exit_code);
 
+  collm::cli::TaskArgs task_args;
+  collm::cli::AddTaskCommand(app, task_args, exit_code);
+  collm::cli::DemoArgs demo_args;
+  collm::cli::AddDemoCommand(app, demo_args, exit_code);
+
   collm::LoggingOptions logging;
   logging.level = "warn";
   (void)collm::InitLogging(logging);

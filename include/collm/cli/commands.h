@@ -135,6 +135,41 @@ int RunAdapters(const DeviceArgs& args, const std::string& verb, std::ostream& o
                 std::ostream& err);
 void AddDeviceCommands(CLI::App& app, DeviceArgs& args, int& exit_code);
 
+// `collmctl task make --kind K --out DIR`: writes a built-in, deterministic (seeded) task as
+// DIR/train.jsonl and DIR/heldout.jsonl, {"prompt","completion"} records. The two splits never
+// share a prompt. Kinds: "parity" ("Number: 37\nParity: " -> "odd") and "copy" (a few letters
+// repeated back). Exit codes: 0 ok, 1 cannot write, 2 bad arguments.
+struct TaskArgs {
+  std::string kind = "parity";
+  std::string out_dir;
+  int train = 2000;   // Training examples.
+  int heldout = 100;  // Held-out examples (never in train.jsonl).
+  uint64_t seed = 0;
+};
+
+int RunTaskMake(const TaskArgs& args, std::ostream& out, std::ostream& err);
+void AddTaskCommand(CLI::App& app, TaskArgs& args, int& exit_code);
+
+// `collmctl demo --daemon ADDR --heldout FILE`: the main job's driver. Sends client load to a
+// running collmd over gRPC, evaluates the served adapter greedily on the held-out split every
+// --eval-every seconds (exact match of the completion), shows one refreshing status line on
+// `err` and ends with a summary table on `out`. Exit codes: 0 ok, 1 daemon unreachable or
+// failing, 2 bad arguments.
+struct DemoArgs {
+  std::string daemon = "127.0.0.1:50051";
+  std::string heldout;           // heldout.jsonl from `collmctl task make`.
+  std::string adapter = "live";  // The served adapter to evaluate (training.adapter_name).
+  double duration_s = 60;        // How long to drive load.
+  double eval_every_s = 10;      // Seconds between held-out evaluations.
+  int eval_examples = 50;        // Held-out examples per evaluation (first N).
+  int clients = 2;               // Concurrent client streams.
+  int max_tokens = 8;            // Per client request and per evaluation.
+  bool live = true;              // Refresh the status line with \r (false: one line per update).
+};
+
+int RunDemo(const DemoArgs& args, std::ostream& out, std::ostream& err);
+void AddDemoCommand(CLI::App& app, DemoArgs& args, int& exit_code);
+
 // Where the offline default model lives: $COLLM_CACHE_DIR, else $XDG_CACHE_HOME/collm, else
 // ~/.cache/collm, plus "/tiny-random". Written on first use.
 std::string DefaultTinyModelDir();
