@@ -170,12 +170,13 @@ TEST(CollmctlFinetuneTest, BadInputGivesClearErrors) {
 namespace collm::cli {
 namespace {
 
-std::string WriteDaemonConfig(const std::string& dir) {
+// `server_keys`: more lines of the server: section, each indented by two spaces.
+std::string WriteDaemonConfig(const std::string& dir, const std::string& server_keys = "") {
   collm::testing::WriteFileOrDie(dir + "/collmd.yaml",
                                  "model: " + collm::testing::TinyModelDir() + R"(
 server:
   address: 127.0.0.1:0
-metrics:
+)" + server_keys + R"(metrics:
   address: 127.0.0.1:0
 shutdown_grace_seconds: 5
 )");
@@ -221,12 +222,23 @@ TEST(CollmctlDeviceTest, AdaptersLoadListUnload) {
   auto model = runtime::LlamaModel::Load(collm::testing::TinyModelDir(), {}).value();
   auto adapter = lora::LoraAdapter::Create(model->config(), lora::LoraConfig{}, 7).value();
   ASSERT_TRUE(lora::WritePeftAdapter(dir + "/peft", adapter).ok());
-  COLLM_START_SERVER(d, "src/collmd", WriteDaemonConfig(dir), dir, "collmd");
-  const std::string ctl = Collmctl() + " adapters -d " + d.address();
-  auto empty = RunCommand(ctl + " list");
+  const std::string outside = collm::testing::MakeTempDir("collmctl-outside");
+  ASSERT_TRUE(lora::WritePeftAdapter(outside + "/peft", adapter).ok());
+  COLLM_START_SERVER(d, "src/collmd",
+                     WriteDaemonConfig(dir, "  adapter_roots: [" + dir + "]\n  admin_token: tok\n"),
+                     dir, "collmd");
+  const std::string anonymous = Collmctl() + " adapters -d " + d.address();
+  const std::string ctl = anonymous + " --token tok";
+  auto empty = RunCommand(anonymous + " list");  // Listing needs no token.
   ASSERT_EQ(empty.exit_code, 0) << empty.err;
   EXPECT_NE(empty.out.find("no adapters"), std::string::npos) << empty.out;
-  auto load = RunCommand(ctl + " load support " + dir + "/peft");
+  auto refused = RunCommand(anonymous + " load support " + dir + "/peft");
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_NE(refused.err.find("admin token"), std::string::npos) << refused.err;
+  auto escaped = RunCommand(ctl + " load support " + outside + "/peft");
+  EXPECT_EQ(escaped.exit_code, 1);
+  EXPECT_NE(escaped.err.find("outside the allowed roots"), std::string::npos) << escaped.err;
+  auto load = RunCommand("COLLM_ADMIN_TOKEN=tok " + anonymous + " load support " + dir + "/peft");
   ASSERT_EQ(load.exit_code, 0) << load.err;
   EXPECT_EQ(load.out, "loaded support v1 from " + dir + "/peft\n");
   auto list = RunCommand(ctl + " list");
