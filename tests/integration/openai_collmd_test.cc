@@ -128,21 +128,7 @@ TEST(OpenAiCollmdTest, OfficialNpmClientStreamsAChatCompletion) {
   }
   COLLM_START_SERVER(d, "src/collmd", WriteConfig(dir, model_dir, "  chat_template: zephyr\n"), dir,
                      "collmd");
-  WriteFileOrDie(dir + "/chat.mjs", collm::testing::ReadFileOrDie(
-                                        COLLM_SOURCE_DIR "/tests/testing/openai_stream_chat.mjs"));
-  auto run = RunCommand("cd " + dir + " && timeout 120 node chat.mjs http://127.0.0.1:" +
-                        std::to_string(d.port("http")) + "/v1 stories260K-hf");
-  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
-  const size_t nl = run.out.find('\n');
-  const json result = json::parse(run.out.substr(0, nl), nullptr, false);
-  ASSERT_FALSE(result.is_discarded()) << run.out;
-  EXPECT_GT(result["text"].get<std::string>().size(), 0u) << run.out;
-  EXPECT_GE(result["chunks"].get<int>(), 3) << run.out;
-  EXPECT_TRUE(result["finish"] == "length" || result["finish"] == "stop") << run.out;
-  EXPECT_EQ(result["usage"]["completion_tokens"].get<int>() > 0, true) << run.out;
-  EXPECT_EQ(result["models"][0], "stories260K-hf") << run.out;
-  const json error = json::parse(run.out.substr(nl + 1), nullptr, false);
-  EXPECT_EQ(error["errorStatus"], 404) << run.out;
+  collm::testing::ExpectOpenAiClientStreamsAChat(dir, d.port("http"), "stories260K-hf");
 }
 
 TEST(OpenAiCollmdTest, AnUnrecognisedChatTemplateStopsCollmdAtStart) {

@@ -3,6 +3,9 @@
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "testing/test_env.h"
 
 namespace collm::testing {
 namespace {
@@ -61,6 +64,26 @@ absl::Status NpmInstall(const std::string& dir, const std::string& package) {
                                              " failed (registry "
                                              "unreachable?): ",
                                              r.out, r.err));
+}
+
+void ExpectOpenAiClientStreamsAChat(const std::string& dir, int port, const std::string& model) {
+  using nlohmann::json;
+  WriteFileOrDie(dir + "/chat.mjs",
+                 ReadFileOrDie(COLLM_SOURCE_DIR "/tests/testing/openai_stream_chat.mjs"));
+  const ProcessResult run =
+      RunCommand(absl::StrCat("cd ", ShellQuote(dir), " && timeout 120 node chat.mjs ",
+                              "http://127.0.0.1:", port, "/v1 ", ShellQuote(model)));
+  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
+  const size_t nl = run.out.find('\n');
+  const json result = json::parse(run.out.substr(0, nl), nullptr, false);
+  ASSERT_FALSE(result.is_discarded()) << run.out;
+  EXPECT_GT(result["text"].get<std::string>().size(), 0u) << run.out;
+  EXPECT_GE(result["chunks"].get<int>(), 3) << run.out;
+  EXPECT_TRUE(result["finish"] == "length" || result["finish"] == "stop") << run.out;
+  EXPECT_GT(result["usage"]["completion_tokens"].get<int>(), 0) << run.out;
+  EXPECT_EQ(result["models"][0], model) << run.out;
+  const json error = json::parse(run.out.substr(nl + 1), nullptr, false);
+  EXPECT_EQ(error["errorStatus"], 404) << run.out;
 }
 
 }  // namespace collm::testing
