@@ -86,7 +86,9 @@ TEST(OpenAiCollmdTest, CurlCompletionsStreamingErrorsAndKeys) {
     joined += json::parse(data)["choices"][0]["text"];
     ++chunks;
   }
-  EXPECT_GE(chunks, 3u) << sse;
+  // At least one text event and the finish event: the server sends what was generated since its
+  // last write as one event, so on a fast model the whole text may come in one.
+  EXPECT_GE(chunks, 2u) << sse;
   EXPECT_EQ(joined, text);
   EXPECT_NE(sse.find("data: [DONE]\n\n"), std::string::npos) << sse;
 

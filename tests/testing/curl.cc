@@ -78,7 +78,8 @@ void ExpectOpenAiClientStreamsAChat(const std::string& dir, int port, const std:
   const json result = json::parse(run.out.substr(0, nl), nullptr, false);
   ASSERT_FALSE(result.is_discarded()) << run.out;
   EXPECT_GT(result["text"].get<std::string>().size(), 0u) << run.out;
-  EXPECT_GE(result["chunks"].get<int>(), 3) << run.out;
+  // Text events plus the finish event; tokens generated between two writes share one event.
+  EXPECT_GE(result["chunks"].get<int>(), 2) << run.out;
   EXPECT_TRUE(result["finish"] == "length" || result["finish"] == "stop") << run.out;
   EXPECT_GT(result["usage"]["completion_tokens"].get<int>(), 0) << run.out;
   EXPECT_EQ(result["models"][0], model) << run.out;

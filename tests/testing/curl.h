@@ -33,7 +33,7 @@ absl::Status NpmInstall(const std::string& dir, const std::string& package);
 
 // Runs tests/testing/openai_stream_chat.mjs with the official `openai` client (NpmInstall'ed into
 // `dir`) against http://127.0.0.1:`port`/v1: expects a streamed chat completion of `model` (text
-// in >= 3 chunks, a finish reason, usage, `model` first in /v1/models) and a 404 for a model that
+// in >= 2 chunks, a finish reason, usage, `model` first in /v1/models) and a 404 for a model that
 // does not exist. For the OpenAI API tests of collmd and collm-router.
 void ExpectOpenAiClientStreamsAChat(const std::string& dir, int port, const std::string& model);
 
