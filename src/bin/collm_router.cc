@@ -101,12 +101,8 @@ int main(int argc, char** argv) {
     const std::string base_id = h.served_model_name.empty() ? "collm" : h.served_model_name;
     openai_backend = std::make_unique<collm::router::RouterCompletionBackend>(
         (*server)->InProcessChannel(), **pool, base_id);
-    collm::serving::OpenAiHttpOptions ho;
-    ho.address = h.address;
-    ho.api_keys = h.api_keys;
-    ho.threads = static_cast<int>(h.threads);
-    ho.max_body_bytes = h.max_body_bytes;
-    auto started = collm::serving::OpenAiHttpServer::Start(ho, *openai_backend);
+    auto started = collm::serving::OpenAiHttpServer::Start(collm::config::OpenAiHttpOptionsFrom(h),
+                                                           *openai_backend);
     if (!started.ok()) return Fail(started.status());
     openai_server = std::move(*started);
     COLLM_LOG_INFO("OpenAI API on port {} (base model '{}', {})", openai_server->port(), base_id,

@@ -240,12 +240,8 @@ int main(int argc, char** argv) {
     const std::string base_id = bc.base_model_id;
     bc.chat_template = *chat_template;
     openai_backend = std::make_unique<collm::serving::EngineCompletionBackend>(std::move(bc));
-    collm::serving::OpenAiHttpOptions ho;
-    ho.address = h.address;
-    ho.api_keys = h.api_keys;
-    ho.threads = static_cast<int>(h.threads);
-    ho.max_body_bytes = h.max_body_bytes;
-    auto started = collm::serving::OpenAiHttpServer::Start(ho, *openai_backend);
+    auto started = collm::serving::OpenAiHttpServer::Start(collm::config::OpenAiHttpOptionsFrom(h),
+                                                           *openai_backend);
     if (!started.ok()) return Fail(started.status());
     openai_server = std::move(*started);
     COLLM_LOG_INFO(

@@ -117,4 +117,13 @@ absl::Status ParseHttp(const Section& root, HttpConfig& out) {
   return absl::OkStatus();
 }
 
+serving::OpenAiHttpOptions OpenAiHttpOptionsFrom(const HttpConfig& http) {
+  serving::OpenAiHttpOptions o;
+  o.address = http.address;
+  o.api_keys = http.api_keys;
+  o.threads = static_cast<int>(http.threads);
+  o.max_body_bytes = http.max_body_bytes;
+  return o;
+}
+
 }  // namespace collm::config

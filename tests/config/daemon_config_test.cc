@@ -947,6 +947,12 @@ http:
   EXPECT_EQ(c->http.served_model_name, "tiny-chat");
   EXPECT_EQ(c->http.threads, 4);
   EXPECT_EQ(c->http.max_body_bytes, 1 << 20);
+  // What the OpenAI server is started with, in collmd and collm-router alike.
+  const serving::OpenAiHttpOptions o = OpenAiHttpOptionsFrom(c->http);
+  EXPECT_EQ(o.address, "0.0.0.0:0");
+  EXPECT_EQ(o.api_keys, c->http.api_keys);
+  EXPECT_EQ(o.threads, 4);
+  EXPECT_EQ(o.max_body_bytes, 1 << 20);
 }
 
 TEST(DaemonConfigTest, HttpSectionErrorsNameTheKey) {

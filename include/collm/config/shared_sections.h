@@ -13,6 +13,7 @@
 #include "collm/common/logging.h"
 #include "collm/config/yaml_reader.h"
 #include "collm/lora/lora_config.h"
+#include "collm/serving/openai_http_server.h"
 
 namespace collm::config {
 
@@ -40,6 +41,9 @@ absl::Status ParseLogging(const Section& parent, LoggingOptions& out);
 // `parent`.http: enabled, address, api_keys, chat_template (a family name), served_model_name,
 // threads, max_body_bytes; validated.
 absl::Status ParseHttp(const Section& parent, HttpConfig& out);
+// The server options `http:` sets (address, keys, threads, body limit); the rest of HttpConfig
+// (template, model name) is for the backend each binary builds.
+serving::OpenAiHttpOptions OpenAiHttpOptionsFrom(const HttpConfig& http);
 // A bearer secret given inline (`token`) or in a file (`token_file`, read now, surrounding
 // whitespace dropped). InvalidArgument naming `file_key` when the file cannot be read or is empty.
 absl::StatusOr<std::string> ResolveToken(const std::string& token, const std::string& token_file,
