@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -26,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "testing/federation_cluster.h"
 #include "testing/subprocess.h"
+#include "testing/tcp_proxy.h"
 #include "testing/test_env.h"
 
 namespace collm {
@@ -609,6 +611,161 @@ TEST(FederationE2eTest, AfterTheLastRoundTheShippedFederatedConfigTrainsNoMore) 
       << agg_metrics;
   EXPECT_NE(agg_metrics.find("collm_fed_device_slo_queue{device=\"edge-0\"}"), std::string::npos);
   EXPECT_NE(agg_metrics.find("collm_fed_aggregation_seconds_count 2"), std::string::npos);
+}
+
+// Issue 14's flaky uplink: edge-1 reaches the aggregator only through a loopback TCP proxy the
+// test controls. `proxy` is created by the config writer, once the aggregator's port is known,
+// and must outlive the cluster (declare it first).
+FederationCluster::DaemonConfigWriter ConfigsWithEdge1BehindAProxy(
+    const Shards& s, std::unique_ptr<collm::testing::TcpProxy>& proxy) {
+  return [&s, &proxy](int i, int aggregator_port) {
+    if (i != 1) return WriteDaemonConfig(s, i, aggregator_port);
+    auto started = collm::testing::TcpProxy::Start(aggregator_port);
+    EXPECT_TRUE(started.ok()) << started.status();
+    proxy = std::move(*started);
+    return WriteDaemonConfig(s, i, proxy->port());
+  };
+}
+
+// The link of a participant is cut right after the round opens and stays cut past the deadline:
+// the device keeps serving, backs off, the round closes on the deadline quorum without it, and
+// once the link returns the device rejoins and delivers its update in the next round.
+TEST(FederationE2eTest, ADeviceWhoseLinkIsCutKeepsServingAndRejoinsTheNextRound) {
+  COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
+  COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-link-cut");
+  std::unique_ptr<collm::testing::TcpProxy> proxy;
+  // min_clients 2: round 2 opens only once edge-1 is back online. The deadline quorum is
+  // max(1, ceil(2 / 2)) = 1, so round 1 closes at its deadline on edge-0's update alone.
+  auto started = FederationCluster::Start(s.dir, WriteAggregatorConfig(s, R"(  rounds: 2
+  local_steps: 4
+  lr: 0.01
+  min_clients: 2
+  quorum: 0
+  deadline_s: 30
+  strategy: fedavg
+  training_share: 0.5
+)"),
+                                          2, ConfigsWithEdge1BehindAProxy(s, proxy));
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  ServerProcess& agg = fed.aggregator();
+  Admin admin(agg.address());
+  ASSERT_TRUE(WaitFor([&] { return admin.Round(1).round() == 1; }, 90)) << fed.Logs();
+  proxy->Cut();
+  ASSERT_EQ(admin.Round(1).participants_size(), 2);
+
+  // Cut off, edge-1 still serves its users, and counts the failed calls it backs off from.
+  grpc::Status st = Generate(fed.daemon(1).address(), 4);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Counter(Metrics(fed.daemon(1).metrics_port()), "collm_fl_failures_total") >= 2;
+      },
+      30))
+      << fed.daemon(1).log();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string state = admin.Round(1).state();
+        return state == "done" || state == "failed";
+      },
+      90))
+      << fed.Logs();
+  st = Generate(fed.daemon(1).address(), 4);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  proxy->Restore();
+
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string state = admin.Round(2).state();
+        return state == "done" || state == "failed";
+      },
+      120))
+      << fed.Logs();
+  auto r = RunCommand(Ctl(agg, "round show 1 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto round = nlohmann::json::parse(r.out);
+  EXPECT_EQ(round["state"], "done") << round.dump();
+  std::multiset<std::string> from;
+  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
+  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0"})) << round.dump();
+  EXPECT_NE(round["note"].get<std::string>().find("deadline"), std::string::npos) << round.dump();
+
+  r = RunCommand(Ctl(agg, "round show 2 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  round = nlohmann::json::parse(r.out);
+  EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << fed.Logs();
+  from.clear();
+  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
+  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
+  EXPECT_EQ(round["note"].get<std::string>().find("deadline"), std::string::npos)
+      << "round 2 closes on quorum: " << round.dump();
+
+  r = RunCommand(Ctl(agg, "status --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto status = nlohmann::json::parse(r.out);
+  EXPECT_EQ(status["updates_accepted"], "3") << status.dump();
+  EXPECT_EQ(status["rounds_completed"], "2") << status.dump();
+  EXPECT_GE(proxy->connections_reset(), 1);
+}
+
+// A slow link that is also reset every 250 ms while the round collects: heartbeats, the task
+// fetch and the chunked upload all break and are retried, and each update is still counted
+// exactly once.
+TEST(FederationE2eTest, ASlowLinkResetEvery250MsStillDeliversEachUpdateExactlyOnce) {
+  COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
+  COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-link-reset");
+  std::unique_ptr<collm::testing::TcpProxy> proxy;
+  auto started = FederationCluster::Start(s.dir, WriteAggregatorConfig(s, R"(  rounds: 1
+  local_steps: 6
+  lr: 0.01
+  min_clients: 2
+  quorum: 0
+  deadline_s: 150
+  strategy: fedavg
+  training_share: 0.5
+)"),
+                                          2, ConfigsWithEdge1BehindAProxy(s, proxy));
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  ServerProcess& agg = fed.aggregator();
+  Admin admin(agg.address());
+  ASSERT_TRUE(WaitFor([&] { return admin.Round(1).round() == 1; }, 90)) << fed.Logs();
+  proxy->SetDelay(std::chrono::milliseconds(30));
+  int ticks = 0;
+  const bool closed = WaitFor(
+      [&] {
+        if (++ticks % 5 == 0) proxy->ResetAll();  // WaitFor polls every 50 ms.
+        const std::string state = admin.Round(1).state();
+        return state == "done" || state == "failed";
+      },
+      170);
+  ASSERT_TRUE(closed) << fed.Logs();
+
+  auto r = RunCommand(Ctl(agg, "round show 1 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto round = nlohmann::json::parse(r.out);
+  EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << fed.Logs();
+  std::multiset<std::string> from;
+  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
+  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
+  r = RunCommand(Ctl(agg, "status --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto status = nlohmann::json::parse(r.out);
+  EXPECT_EQ(status["updates_accepted"], "2") << status.dump();
+  EXPECT_EQ(status["global_version"], "2") << status.dump();
+  EXPECT_GE(proxy->connections_reset(), 1);
+  // The device learns its update landed, even when the answer to an upload was lost in a reset.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Counter(Metrics(fed.daemon(1).metrics_port()), "collm_fl_global_version") == 2;
+      },
+      60))
+      << fed.daemon(1).log();
+  std::cerr << "proxy: " << proxy->connections_accepted() << " connections, "
+            << proxy->connections_reset() << " reset; edge-1 failed calls "
+            << Counter(Metrics(fed.daemon(1).metrics_port()), "collm_fl_failures_total") << "\n";
 }
 
 }  // namespace
