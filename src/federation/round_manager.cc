@@ -268,6 +268,17 @@ v1::RoundInfo* RoundManager::FindRound(int64_t round) {
   return nullptr;
 }
 
+bool RoundManager::AcceptedBeforeLocked(const std::string& device_id, int64_t round,
+                                        const std::string& sha256) {
+  if (sha256.empty()) return false;
+  const v1::RoundInfo* r = FindRound(round);
+  if (r == nullptr) return false;
+  for (const auto& u : r->updates()) {
+    if (u.device_id() == device_id && u.sha256() == sha256) return true;
+  }
+  return false;
+}
+
 void RoundManager::ChangedLocked() {
   ++changes_;
   changed_.notify_all();
@@ -506,6 +517,14 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
       RejectLocked(id, number, std::string(s.message()), "session");
       return s;
     }
+    if (AcceptedBeforeLocked(id, number, header.adapter().sha256())) {
+      COLLM_LOG_INFO(
+          "round {}: {} sent its accepted update again (the answer was lost); acknowledged, not "
+          "counted again",
+          number, id);
+      CountUpdate("resent", "none");
+      return absl::OkStatus();
+    }
     COLLM_RETURN_IF_ERROR(check_round());
     global = global_;
     agg = OptionsLocked(*OpenRound());
@@ -543,6 +562,7 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
   info->set_held_out_loss(header.held_out_loss());
   info->set_delta_norm(*norm);
   info->set_received_unix_ms(NowMs());
+  info->set_sha256(header.adapter().sha256());
   if (auto s = store_->SaveRound(*open); !s.ok()) {
     open->mutable_updates()->RemoveLast();
     return absl::InternalError(

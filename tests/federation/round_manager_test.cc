@@ -77,8 +77,10 @@ class RoundManagerTest : public ::testing::Test {
   }
 
   absl::Status Submit(RoundManager& m, const std::string& id, const std::string& session,
-                      int64_t round, const lora::PeftBlob& blob, int64_t samples = 10) {
+                      int64_t round, const lora::PeftBlob& blob, int64_t samples = 10,
+                      const std::string& sha256 = "") {
     v1::UpdateHeader h;
+    h.mutable_adapter()->set_sha256(sha256);
     h.set_device_id(id);
     h.set_session(session);
     h.set_round(round);
@@ -155,6 +157,39 @@ TEST_F(RoundManagerTest, WaitsForMinClientsThenRunsARoundToQuorum) {
   EXPECT_NE(late.message().find("late update"), std::string::npos) << late;
   EXPECT_EQ(m->Status().late_updates(), 1);
   EXPECT_EQ(m->Status().updates_rejected(), 1);
+}
+
+// A device whose upload was accepted but whose answer was lost (a reset link, a restart) sends
+// the same payload again: acknowledged, never counted twice, even once the round has closed. A
+// different payload from the same device stays a duplicate.
+TEST_F(RoundManagerTest, TheSameUpdateSentAgainIsAcknowledgedAndCountedOnce) {
+  options_.policy.set_min_clients(2);
+  auto m = Make();
+  const std::string s1 = Register(*m, "dev-1"), s2 = Register(*m, "dev-2");
+  m->Tick();
+  ASSERT_EQ(m->Status().current_round(), 1);
+  const lora::PeftBlob blob = Update(1.0f);
+  ASSERT_TRUE(Submit(*m, "dev-1", s1, 1, blob, 10, "sha-a").ok());
+  EXPECT_TRUE(Submit(*m, "dev-1", s1, 1, blob, 10, "sha-a").ok());
+  EXPECT_EQ(m->Status().updates_accepted(), 1);
+  EXPECT_EQ(m->Status().updates_rejected(), 0);
+  absl::Status other = Submit(*m, "dev-1", s1, 1, Update(2.0f), 10, "sha-b");
+  EXPECT_EQ(other.code(), absl::StatusCode::kFailedPrecondition) << other;
+  EXPECT_NE(other.message().find("already uploaded"), std::string::npos) << other;
+  ASSERT_TRUE(Submit(*m, "dev-2", s2, 1, Update(3.0f), 10, "sha-c").ok());
+  m->Tick();
+  ASSERT_EQ(m->Round(1)->state(), "done");
+  EXPECT_EQ(m->Round(1)->updates_size(), 2);
+  // After the close, and after a restart (the sha256 is stored with the round).
+  EXPECT_TRUE(Submit(*m, "dev-2", s2, 1, Update(3.0f), 10, "sha-c").ok());
+  m.reset();
+  m = Make();
+  EXPECT_TRUE(Submit(*m, "dev-2", s2, 1, Update(3.0f), 10, "sha-c").ok());
+  EXPECT_EQ(Submit(*m, "dev-2", s2, 1, Update(3.0f), 10, "").code(),
+            absl::StatusCode::kFailedPrecondition)
+      << "without a digest it is a late update";
+  EXPECT_EQ(m->Status().updates_accepted(), 2);
+  EXPECT_EQ(m->Status().rounds_completed(), 1);
 }
 
 TEST_F(RoundManagerTest, RejectsNanWrongShapeAndNonParticipants) {

@@ -98,7 +98,8 @@ class RoundManager {
   // FailedPrecondition when `session` is not `device_id`'s current one.
   absl::Status CheckSession(const std::string& device_id, const std::string& session) const;
   // Validates, persists and counts an uploaded update (the transport already checked size and
-  // sha256). OK = accepted; any error is also recorded as a rejection.
+  // sha256). OK = accepted, or already accepted before with the same payload (a re-send after a
+  // lost answer: acknowledged, counted once); any error is also recorded as a rejection.
   absl::Status SubmitUpdate(const v1::UpdateHeader& header, const lora::PeftBlob& blob);
   // Counts a rejection found before SubmitUpdate (transport: bad sha256, size, stream order).
   // `kind` is the bounded label of collm_fed_updates_total{outcome="rejected"} (e.g. "transport").
@@ -139,6 +140,10 @@ class RoundManager {
   bool Online(const Device& d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::RoundInfo* OpenRound() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);  // Collecting round or null.
   v1::RoundInfo* FindRound(int64_t round) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether round `round` (open or closed) holds an accepted update from `device_id` whose
+  // payload has this sha256 (never for an empty one).
+  bool AcceptedBeforeLocked(const std::string& device_id, int64_t round, const std::string& sha256)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::FederationStatus StatusLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::DeviceInfo DeviceInfoLocked(const Device& d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SaveDevicesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
