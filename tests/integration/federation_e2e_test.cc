@@ -6,6 +6,7 @@
 #include <grpcpp/grpcpp.h>
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -613,6 +614,31 @@ TEST(FederationE2eTest, AfterTheLastRoundTheShippedFederatedConfigTrainsNoMore) 
   EXPECT_NE(agg_metrics.find("collm_fed_aggregation_seconds_count 2"), std::string::npos);
 }
 
+// `collmctl fed ARGS --json` against `agg`, parsed (an empty object and a failure when it fails).
+nlohmann::json FedJson(const ServerProcess& agg, const std::string& args) {
+  auto r = RunCommand(Ctl(agg, args + " --json"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json::object();
+}
+
+// Who delivered the updates a round counts (a multiset: one device counted twice shows).
+std::multiset<std::string> UpdateSenders(const nlohmann::json& round) {
+  std::multiset<std::string> from;
+  for (const auto& u : round.value("updates", nlohmann::json::array()))
+    from.insert(u["device_id"].get<std::string>());
+  return from;
+}
+
+// Waits up to `seconds` for round `n` to be done or failed; true once it is.
+bool WaitForRoundClosed(Admin& admin, int64_t n, int seconds) {
+  return WaitFor(
+      [&] {
+        const std::string state = admin.Round(n).state();
+        return state == "done" || state == "failed";
+      },
+      seconds);
+}
+
 // Issue 14's flaky uplink: edge-1 reaches the aggregator only through a loopback TCP proxy the
 // test controls. `proxy` is created by the config writer, once the aggregator's port is known,
 // and must outlive the cluster (declare it first).
@@ -664,46 +690,22 @@ TEST(FederationE2eTest, ADeviceWhoseLinkIsCutKeepsServingAndRejoinsTheNextRound)
       },
       30))
       << fed.daemon(1).log();
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        const std::string state = admin.Round(1).state();
-        return state == "done" || state == "failed";
-      },
-      90))
-      << fed.Logs();
+  ASSERT_TRUE(WaitForRoundClosed(admin, 1, 90)) << fed.Logs();
   st = Generate(fed.daemon(1).address(), 4);
   EXPECT_TRUE(st.ok()) << st.error_message();
   proxy->Restore();
 
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        const std::string state = admin.Round(2).state();
-        return state == "done" || state == "failed";
-      },
-      120))
-      << fed.Logs();
-  auto r = RunCommand(Ctl(agg, "round show 1 --json"));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  auto round = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(WaitForRoundClosed(admin, 2, 120)) << fed.Logs();
+  auto round = FedJson(agg, "round show 1");
   EXPECT_EQ(round["state"], "done") << round.dump();
-  std::multiset<std::string> from;
-  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
-  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0"})) << round.dump();
+  EXPECT_EQ(UpdateSenders(round), (std::multiset<std::string>{"edge-0"})) << round.dump();
   EXPECT_NE(round["note"].get<std::string>().find("deadline"), std::string::npos) << round.dump();
-
-  r = RunCommand(Ctl(agg, "round show 2 --json"));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  round = nlohmann::json::parse(r.out);
+  round = FedJson(agg, "round show 2");
   EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << fed.Logs();
-  from.clear();
-  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
-  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
+  EXPECT_EQ(UpdateSenders(round), (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
   EXPECT_EQ(round["note"].get<std::string>().find("deadline"), std::string::npos)
       << "round 2 closes on quorum: " << round.dump();
-
-  r = RunCommand(Ctl(agg, "status --json"));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto status = nlohmann::json::parse(r.out);
+  const auto status = FedJson(agg, "status");
   EXPECT_EQ(status["updates_accepted"], "3") << status.dump();
   EXPECT_EQ(status["rounds_completed"], "2") << status.dump();
   EXPECT_GE(proxy->connections_reset(), 1);
@@ -733,26 +735,22 @@ TEST(FederationE2eTest, ASlowLinkResetEvery250MsStillDeliversEachUpdateExactlyOn
   Admin admin(agg.address());
   ASSERT_TRUE(WaitFor([&] { return admin.Round(1).round() == 1; }, 90)) << fed.Logs();
   proxy->SetDelay(std::chrono::milliseconds(30));
-  int ticks = 0;
-  const bool closed = WaitFor(
-      [&] {
-        if (++ticks % 5 == 0) proxy->ResetAll();  // WaitFor polls every 50 ms.
-        const std::string state = admin.Round(1).state();
-        return state == "done" || state == "failed";
-      },
-      170);
-  ASSERT_TRUE(closed) << fed.Logs();
+  std::atomic<bool> closed{false};
+  std::thread resets([&] {
+    while (!closed) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      proxy->ResetAll();
+    }
+  });
+  closed = WaitForRoundClosed(admin, 1, 170);
+  const bool round_closed = closed.exchange(true);
+  resets.join();
+  ASSERT_TRUE(round_closed) << fed.Logs();
 
-  auto r = RunCommand(Ctl(agg, "round show 1 --json"));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto round = nlohmann::json::parse(r.out);
+  const auto round = FedJson(agg, "round show 1");
   EXPECT_EQ(round["state"], "done") << round.dump() << "\n" << fed.Logs();
-  std::multiset<std::string> from;
-  for (const auto& u : round["updates"]) from.insert(u["device_id"].get<std::string>());
-  EXPECT_EQ(from, (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
-  r = RunCommand(Ctl(agg, "status --json"));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto status = nlohmann::json::parse(r.out);
+  EXPECT_EQ(UpdateSenders(round), (std::multiset<std::string>{"edge-0", "edge-1"})) << round.dump();
+  const auto status = FedJson(agg, "status");
   EXPECT_EQ(status["updates_accepted"], "2") << status.dump();
   EXPECT_EQ(status["global_version"], "2") << status.dump();
   EXPECT_GE(proxy->connections_reset(), 1);
