@@ -4,6 +4,8 @@
 // spawns collmd on free loopback ports, sends requests at their arrival times (Poisson at --rate,
 // or an Azure LLM trace replay) over gRPC, and reports goodput (requests/s meeting both the TTFT
 // and TPOT SLOs), SLO attainment, TTFT/TPOT percentiles and training progress from GetStats.
+// With --target ADDR it starts nothing and sends the same load to a running InferenceService
+// (a collm-router in front of replicas, or a collmd), as the one scenario "target".
 // No torch: it only talks to the daemon. See benchmarks/README.md.
 #include <grpcpp/grpcpp.h>
 
@@ -90,6 +92,7 @@ struct Scenario {
 
 struct Options {
   std::string collmd, model, data, trace, json_path, scenarios, workdir;
+  std::string target;  // host:port of a running InferenceService; "" = start collmd per scenario.
   double duration = 20, rate = 2, speedup = 1, slo_ttft_ms = 0, slo_tpot_ms = 0, slo_multiple = 5;
   double training_share = 0.5;
   std::string admission = "none";  // engine.admission (the saturation search always uses none).
@@ -119,6 +122,13 @@ class Daemon {
         grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(), ch);
     stub_ = v1::InferenceService::NewStub(channel_);
   }
+  // A running InferenceService at `address` (--target): nothing is started or stopped.
+  explicit Daemon(const std::string& address) {
+    grpc::ChannelArguments ch;
+    ch.SetMaxReceiveMessageSize(64 << 20);
+    channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), ch);
+    stub_ = v1::InferenceService::NewStub(channel_);
+  }
   v1::InferenceService::Stub* stub() { return stub_.get(); }
   v1::GetStatsResponse Stats() {
     grpc::ClientContext ctx;
@@ -128,7 +138,7 @@ class Daemon {
     if (!st.ok()) Die("GetStats: " + st.error_message());
     return s;
   }
-  const std::string& log() const { return server_->process().log_path(); }
+  std::string log() const { return server_ ? server_->process().log_path() : std::string(); }
 
  private:
   std::unique_ptr<collm::testing::ServerProcess> server_;
@@ -335,8 +345,16 @@ ScenarioResult RunScenario(const Options& o, const Scenario& sc,
                            double slo_tpot_s) {
   const std::string dir = o.workdir + "/" + sc.name;
   fs::create_directories(dir);
-  std::cerr << "[" << sc.name << "] starting collmd (" << dir << ")\n";
-  Daemon d(o, dir, WriteConfig(o, sc, dir, slo_ttft_s * 1e3, slo_tpot_s * 1e3));
+  std::unique_ptr<Daemon> daemon;
+  if (o.target.empty()) {
+    std::cerr << "[" << sc.name << "] starting collmd (" << dir << ")\n";
+    daemon = std::make_unique<Daemon>(o, dir,
+                                      WriteConfig(o, sc, dir, slo_ttft_s * 1e3, slo_tpot_s * 1e3));
+  } else {
+    std::cerr << "[" << sc.name << "] sending to " << o.target << "\n";
+    daemon = std::make_unique<Daemon>(o.target);
+  }
+  Daemon& d = *daemon;
   const auto s0 = d.Stats();
   std::vector<Result> results(sc.requests ? arrivals.size() : 0);
   const auto t0 = Clock::now();
@@ -453,6 +471,9 @@ int main(int argc, char** argv) {
       "collm_load_bench: open-loop load (Poisson or Azure trace) against collmd per co-serving "
       "scenario"};
   app.add_option("--collmd", o.collmd, "collmd binary")->capture_default_str();
+  app.add_option("--target", o.target,
+                 "host:port of a running InferenceService (e.g. collm-router) to load instead of "
+                 "starting collmd; runs the one scenario 'target'");
   app.add_option("--model", o.model, "HF model directory")->capture_default_str();
   app.add_option("--data", o.data, "training JSONL (question/answer fields)")
       ->capture_default_str();
@@ -529,10 +550,16 @@ int main(int argc, char** argv) {
   if (o.duration <= 0 || o.rate <= 0 || o.speedup <= 0)
     Die("--duration, --rate, --speedup must be > 0");
   if (o.max_prompt < 2 || o.max_output < 1) Die("--max-prompt >= 2 and --max-output >= 1");
-  if (!fs::exists(o.collmd)) Die("no collmd at " + o.collmd + " (--collmd)");
+  if (!o.target.empty()) {
+    // The target's own configuration decides training and SLO handling; only the load is ours.
+    if (find_saturation) Die("--find-saturation starts its own daemons; not with --target");
+    o.scenarios = "target";
+  }
+  if (o.target.empty() && !fs::exists(o.collmd)) Die("no collmd at " + o.collmd + " (--collmd)");
   if (o.model.empty()) Die("no model: pass --model DIR or set COLLM_MODELS_DIR");
   if (!fs::exists(o.model + "/config.json")) Die("no model at " + o.model + " (--model)");
-  if (o.data.empty()) Die("no training data: pass --data JSONL or set COLLM_DATA_DIR");
+  if (o.target.empty() && o.data.empty())
+    Die("no training data: pass --data JSONL or set COLLM_DATA_DIR");
   if (o.workdir.empty()) {
     char tmpl[] = "/tmp/collm_load_bench.XXXXXX";
     if (!mkdtemp(tmpl)) Die("mkdtemp");
@@ -540,7 +567,7 @@ int main(int argc, char** argv) {
   }
   o.collmd = fs::absolute(o.collmd).string();
   o.model = fs::absolute(o.model).string();
-  o.data = fs::absolute(o.data).string();
+  if (!o.data.empty()) o.data = fs::absolute(o.data).string();
 
   const json model_cfg = json::parse(ReadFile(o.model + "/config.json"));
   const int vocab = model_cfg.value("vocab_size", 32000);
@@ -574,7 +601,11 @@ int main(int argc, char** argv) {
     const std::string dir = o.workdir + "/calibrate";
     fs::create_directories(dir);
     Scenario cal{"calibrate", false, true, true};
-    Daemon d(o, dir, WriteConfig(o, cal, dir, 0, 0));
+    // With --target, unloaded latency is measured through it (router hop included).
+    std::unique_ptr<Daemon> daemon =
+        o.target.empty() ? std::make_unique<Daemon>(o, dir, WriteConfig(o, cal, dir, 0, 0))
+                         : std::make_unique<Daemon>(o.target);
+    Daemon& d = *daemon;
     int p = std::min(o.prompt_len, o.max_prompt), g = std::min(o.output_len, o.max_output);
     if (!o.trace.empty() && !arrivals.empty()) {  // Median lengths of the replayed window.
       std::vector<double> ps, gs;
@@ -741,6 +772,8 @@ int main(int argc, char** argv) {
         sc = {name, true, false, true};
       else if (name == "training-only")
         sc = {name, true, true, false};
+      else if (name == "target" && !o.target.empty())
+        sc = {name, false, true, true};  // Whatever the target does; requests are sent.
       else
         Die("unknown scenario " + name);
       if (find_saturation) sc.name = Fmt("%.0f", fraction * 100) + "pct-" + name;

@@ -82,7 +82,7 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
       Section s,
       root.Sub("engine", {"max_step_tokens", "max_running", "max_queued", "kv_cache",
                           "default_adapter", "slo", "training_share", "slo_guard", "guard_safety",
-                          "guard_idle_risk", "max_phase_ms", "admission"}));
+                          "guard_idle_risk", "max_phase_ms", "admission", "share_controller"}));
   COLLM_RETURN_IF_ERROR(s.Int("max_step_tokens", &out.max_step_tokens));
   COLLM_RETURN_IF_ERROR(s.Int("max_running", &out.max_running));
   COLLM_RETURN_IF_ERROR(s.Int("max_queued", &out.max_queued));
@@ -116,6 +116,20 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
     return InvalidValue(s.PathOf("max_phase_ms"),
                         absl::StrCat("must be a finite number >= 0, got ", out.max_phase_ms));
   }
+
+  COLLM_ASSIGN_OR_RETURN(
+      Section sc,
+      s.Sub("share_controller", {"enabled", "surge_factor", "surge_min_rps", "surge_hold_ms",
+                                 "headroom_full", "headroom_zero", "recover_seconds"}));
+  coordination::ShareControllerOptions& share = out.share_controller;
+  COLLM_RETURN_IF_ERROR(sc.Bool("enabled", &share.enabled));
+  COLLM_RETURN_IF_ERROR(sc.Double("surge_factor", &share.surge_factor));
+  COLLM_RETURN_IF_ERROR(sc.Double("surge_min_rps", &share.surge_min_rps));
+  COLLM_RETURN_IF_ERROR(sc.Double("surge_hold_ms", &share.surge_hold_ms));
+  COLLM_RETURN_IF_ERROR(sc.Double("headroom_full", &share.headroom_full));
+  COLLM_RETURN_IF_ERROR(sc.Double("headroom_zero", &share.headroom_zero));
+  COLLM_RETURN_IF_ERROR(sc.Double("recover_seconds", &share.recover_seconds));
+  COLLM_RETURN_IF_ERROR(coordination::ValidateShareControllerOptions(share));
 
   COLLM_ASSIGN_OR_RETURN(Section kv, s.Sub("kv_cache", {"block_size", "num_blocks", "max_bytes"}));
   runtime::KvCacheOptions& cache = out.kv_cache;

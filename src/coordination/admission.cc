@@ -38,12 +38,33 @@ void StepCostModel::RecordStep(double seconds, int64_t tokens) {
   if (!(seconds > 0) || tokens <= 0) return;
   // Half the budget or more: a step that prefilled; the cost of a step grows with its tokens, so
   // counting such steps as full ones errs on the side of a longer prediction.
-  Smooth(2 * tokens >= max_step_tokens_ ? full_ : decode_, seconds);
+  const bool full = 2 * tokens >= max_step_tokens_;
+  Smooth(full ? full_ : decode_, seconds);
+  Smooth(full ? full_tokens_ : decode_tokens_, static_cast<double>(tokens));
 }
 
 void StepCostModel::SetEstimates(double full_step_seconds, double decode_step_seconds) {
   full_ = full_step_seconds;
   decode_ = decode_step_seconds;
+  full_tokens_ = static_cast<double>(max_step_tokens_);
+  decode_tokens_ = 1;
+}
+
+double StepCostModel::ServingSecondsPerRequest(double prompt_tokens,
+                                               double generated_tokens) const {
+  // A missing kind of step is costed like the other one, with its own tokens per step.
+  const double full = full_step_seconds(), decode = decode_step_seconds();
+  if (full <= 0 || decode <= 0) return 0;
+  const double full_tokens =
+      full_tokens_ > 0 ? full_tokens_ : static_cast<double>(max_step_tokens_);
+  const double decode_rows = std::max(1.0, decode_tokens_);
+  return std::max(0.0, prompt_tokens) * full / full_tokens +
+         std::max(0.0, generated_tokens) * decode / decode_rows;
+}
+
+double StepCostModel::ServingCapacityRps(double prompt_tokens, double generated_tokens) const {
+  const double seconds = ServingSecondsPerRequest(prompt_tokens, generated_tokens);
+  return seconds > 0 ? 1.0 / seconds : 0;
 }
 
 AdmissionController::AdmissionController(AdmissionMode mode, int64_t max_step_tokens, double safety)

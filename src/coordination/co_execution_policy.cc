@@ -40,22 +40,36 @@ CoExecutionPolicy::CoExecutionPolicy(const CoExecutionOptions& options, int64_t 
                                      Clock& clock)
     : options_(options), clock_(&clock), costs_(num_phases) {}
 
-double CoExecutionPolicy::SloSlack(const ServingSnapshot& serving, int64_t now) const {
+template <typename Visit>
+void CoExecutionPolicy::ForEachSlack(const ServingSnapshot& serving, int64_t now,
+                                     Visit&& visit) const {
   const double infer = costs_.infer_step_seconds();
-  double slack = kInf;
   for (const RequestTiming& r : serving.requests) {
     if (r.first_token_nanos == 0) {
       if (r.slo.ttft_ms > 0) {
-        slack = std::min(
-            slack, r.slo.ttft_ms * 1e-3 - static_cast<double>(now - r.submit_nanos) * 1e-9 - infer);
+        visit(r.slo.ttft_ms * 1e-3 - static_cast<double>(now - r.submit_nanos) * 1e-9 - infer,
+              r.slo.ttft_ms * 1e-3);
       }
     } else if (r.slo.tpot_ms > 0) {
       // The next token arrives after the training delay plus one inference step.
-      slack = std::min(slack, r.slo.tpot_ms * 1e-3 * static_cast<double>(r.generated) -
-                                  static_cast<double>(now - r.first_token_nanos) * 1e-9 - infer);
+      visit(r.slo.tpot_ms * 1e-3 * static_cast<double>(r.generated) -
+                static_cast<double>(now - r.first_token_nanos) * 1e-9 - infer,
+            r.slo.tpot_ms * 1e-3);
     }
   }
+}
+
+double CoExecutionPolicy::SloSlack(const ServingSnapshot& serving, int64_t now) const {
+  double slack = kInf;
+  ForEachSlack(serving, now, [&](double s, double /*objective*/) { slack = std::min(slack, s); });
   return slack;
+}
+
+double CoExecutionPolicy::SloHeadroom(const ServingSnapshot& serving, int64_t now) const {
+  double headroom = 1;
+  ForEachSlack(serving, now,
+               [&](double s, double objective) { headroom = std::min(headroom, s / objective); });
+  return headroom;
 }
 
 double CoExecutionPolicy::IdleBudget() const {

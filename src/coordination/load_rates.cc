@@ -5,6 +5,11 @@
 
 namespace collm::coordination {
 
+double ForecastArrivalRate(double short_rate, double long_rate, double trend, double horizon_s) {
+  const double extrapolated = short_rate + trend * horizon_s / 2;
+  return std::max({0.0, long_rate, extrapolated});
+}
+
 void DecayingRate::Record(int64_t now_nanos) {
   value_ = Rate(now_nanos) + 1.0 / tau_;
   last_nanos_ = std::max(now_nanos, last_nanos_);

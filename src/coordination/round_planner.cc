@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "collm/coordination/load_rates.h"
 
 namespace collm::coordination {
 namespace {
@@ -20,10 +21,7 @@ bool HasEstimates(const DeviceLoad& d, double forecast) {
 }
 
 double Forecast(const DeviceLoad& d, double horizon_s) {
-  // Rising load is extrapolated to mid-round; falling load is not trusted until the long window
-  // agrees, so a lull does not hand out a budget the next burst cannot afford.
-  const double extrapolated = d.arrival_rate_short + d.arrival_trend * horizon_s / 2;
-  return std::max({0.0, d.arrival_rate_long, extrapolated});
+  return ForecastArrivalRate(d.arrival_rate_short, d.arrival_rate_long, d.arrival_trend, horizon_s);
 }
 
 }  // namespace

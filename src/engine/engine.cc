@@ -36,6 +36,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     }
   }
   COLLM_RETURN_IF_ERROR(coordination::ValidateCoExecutionOptions(co));
+  COLLM_RETURN_IF_ERROR(coordination::ValidateShareControllerOptions(options.share_controller));
   if (!options.default_adapter.empty() &&
       (registry == nullptr || !registry->Get(options.default_adapter).ok())) {
     return absl::NotFoundError(
@@ -48,6 +49,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   e->options_ = options;
   e->clock_ = &clock;
   e->policy_ = std::make_unique<coordination::CoExecutionPolicy>(co, 0, clock);
+  e->share_ = std::make_unique<coordination::ShareController>(options.share_controller, clock);
+  e->share_ceiling_ = options.training_share;
   e->admission_ = std::make_unique<coordination::AdmissionController>(options.admission,
                                                                       options.max_step_tokens);
   e->load_.max_running = options.max_running;
@@ -55,6 +58,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
                                                              e->model_->runtime()));
   e->stats_.kv_blocks_total = e->cache_->num_blocks();
   e->stats_.training_share = options.training_share;
+  e->stats_.training_share_ceiling = options.training_share;
   e->stats_.max_step_tokens = options.max_step_tokens;
   return e;
 }
@@ -222,14 +226,22 @@ void Engine::Loop() {
       std::unique_lock<std::mutex> lock(mu_);
       const bool idle = queue_.empty() && running_.empty();
       if (stop_ && idle) return;
-      const bool can_train = training_.trainer != nullptr && policy_->training_wanted();
+      // The ceiling, not the share: a share the controller holds at 0 must still be revisited.
+      const bool can_train = training_.trainer != nullptr && share_ceiling_ > 0;
       if (idle && !can_train && commands_.empty()) {
         // Wake for submits, cancels and shutdown; the timeout bounds how late a deadline is seen.
         wake_.wait_for(lock, std::chrono::milliseconds(50));
         continue;
       }
     }
-    Step();
+    if (!Step()) {
+      // Nothing ran (training yielded, or nothing fits): wait for a submit or a command, briefly,
+      // instead of spinning; the controller sees the clock move at the next step.
+      std::unique_lock<std::mutex> lock(mu_);
+      if (queue_.empty() && commands_.empty() && !stop_) {
+        wake_.wait_for(lock, std::chrono::milliseconds(10));
+      }
+    }
   }
 }
 
@@ -237,6 +249,7 @@ bool Engine::Step() {
   RunCommands();
   last_infer_seconds_ = 0;
   const bool inferred = InferenceStep();
+  UpdateShare();
   const bool trained = MaybeTrain();
   if (inferred || trained) {
     policy_->RecordIteration(last_infer_seconds_, trained ? last_train_seconds_ : 0.0);
@@ -258,6 +271,37 @@ coordination::ServingSnapshot Engine::ServingSnapshotNow() const {
   snapshot.idle = queue_.empty() && running_.empty();
   snapshot.arrival_rate = arrivals_.Rate(clock_->NowNanos());
   return snapshot;
+}
+
+void Engine::UpdateShare() {
+  if (training_.trainer == nullptr) return;
+  const coordination::ServingSnapshot serving = ServingSnapshotNow();
+  coordination::ShareSignals signals;
+  signals.ceiling = share_ceiling_;
+  signals.slo_headroom = policy_->SloHeadroom(serving, clock_->NowNanos());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t now = clock_->NowNanos();
+    signals.arrival_rate = load_rates_.ShortRate(now);
+    signals.forecast_rate =
+        task_forecast_rate_ >= 0 ? task_forecast_rate_ : load_rates_.LongRate(now);
+  }
+  const coordination::ShareDecision d = share_->Update(signals);
+  policy_->set_training_share(d.share);
+  if (metrics_) {
+    metrics_->train_share_target->Set(d.share);
+    metrics_->train_share_ceiling->Set(share_ceiling_);
+    if (d.surge_started) metrics_->train_share_yields->Increment();
+  }
+  if (d.surge_started) {
+    COLLM_LOG_INFO("engine: arrivals {:.2f}/s jumped past the forecast {:.2f}/s; training yields",
+                   signals.arrival_rate, signals.forecast_rate);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.training_share = d.share;
+  stats_.training_share_ceiling = share_ceiling_;
+  stats_.share_reason = coordination::ShareReasonName(d.reason);
+  if (d.surge_started) ++stats_.share_yields;
 }
 
 void Engine::Finish(Sequence& s, const absl::Status& status, runtime::FinishReason reason) {

@@ -46,9 +46,12 @@ std::future<T> Ready(T value) {
 }  // namespace
 
 void Engine::SetShare(double share) {
+  // The ceiling; the share controller works inside it from the next step on.
+  share_ceiling_ = share;
   policy_->set_training_share(share);
   std::lock_guard<std::mutex> lock(mu_);
   stats_.training_share = share;
+  stats_.training_share_ceiling = share;
 }
 
 absl::Status Engine::SetTrainingShare(double share) {
@@ -168,6 +171,8 @@ void Engine::StartTask(TrainingTask task, std::shared_ptr<std::promise<TrainingR
   task_->promise = std::move(promise);
   if (task.training_share >= 0) SetShare(task.training_share);
   std::lock_guard<std::mutex> lock(mu_);
+  // The load the task's ceiling was planned for: arrivals past it are a surge training yields to.
+  task_forecast_rate_ = load_rates_.Forecast(clock_->NowNanos(), 0);
   stats_.training_task_active = true;
 }
 
@@ -198,10 +203,13 @@ void Engine::EndTask(absl::Status status) {
                        loss.status().ToString());
       }
     }
-    if (t->task.share_after >= 0) policy_->set_training_share(t->task.share_after);
+  }
+  if (r.status.ok() && t->task.share_after >= 0) {
+    SetShare(t->task.share_after);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
+    task_forecast_rate_ = -1;
     stats_.training_task_active = false;
     stats_.training_share = policy_->training_share();
   }

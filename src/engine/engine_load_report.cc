@@ -11,6 +11,7 @@ namespace collm::engine {
 EngineLoadReport Engine::LoadReport() const {
   EngineLoadReport r;
   EngineStats st;
+  coordination::StepCostModel step_costs(options_.max_step_tokens);
   {
     std::lock_guard<std::mutex> lock(mu_);
     const int64_t now = clock_->NowNanos();
@@ -18,6 +19,7 @@ EngineLoadReport Engine::LoadReport() const {
     r.arrival_rate_30s = load_rates_.LongRate(now);
     r.arrival_trend = load_rates_.Trend(now);
     st = stats_;
+    step_costs = admission_->costs();
   }
   r.queued = st.queued;
   r.running = st.running;
@@ -27,17 +29,14 @@ EngineLoadReport Engine::LoadReport() const {
                                               : 1.0;
   const int64_t finished = st.completed + st.cancelled + st.expired;
   const int64_t admitted = finished + st.running;
-  if (st.infer_step_seconds > 0 && finished > 0 && admitted > 0) {
+  if (finished > 0 && admitted > 0) {
     const double mean_generated =
         static_cast<double>(st.generated_tokens) / static_cast<double>(finished);
     const double mean_prompt =
         static_cast<double>(st.prompt_tokens) / static_cast<double>(admitted);
-    // A prompt is prefilled in chunks of at most max_step_tokens, then one token per step.
-    const double steps_per_request =
-        std::max(1.0, std::ceil(mean_prompt / static_cast<double>(options_.max_step_tokens)) +
-                          mean_generated);
-    r.serving_capacity_rps =
-        static_cast<double>(options_.max_running) / (steps_per_request * st.infer_step_seconds);
+    // The measured step-cost model: prefill per token of full steps, decode per row of the
+    // batches decode steps actually carried.
+    r.serving_capacity_rps = step_costs.ServingCapacityRps(mean_prompt, mean_generated);
     r.serving_capacity_tokens_per_s = r.serving_capacity_rps * (mean_prompt + mean_generated);
   }
   if (st.train_step_seconds > 0 && st.train_optimizer_steps > 0 && st.train_micro_steps > 0) {

@@ -33,6 +33,15 @@ EngineMetrics::EngineMetrics(telemetry::MetricsRegistry& r, int64_t kv_blocks_to
   kv_total = r.GetGauge("collm_kv_cache_blocks_total", "KV cache blocks in the pool");
   train_loss = r.GetGauge("collm_train_loss", "Training loss of the last optimizer step");
   train_share = r.GetGauge("collm_train_time_share", "Share of busy engine time spent training");
+  train_share_target =
+      r.GetGauge("collm_train_share_target",
+                 "Training share the share controller aims for this step (within the ceiling)");
+  train_share_ceiling = r.GetGauge("collm_train_share_ceiling",
+                                   "Training share ceiling from the slow timescale (a round's "
+                                   "task, else engine.training_share)");
+  train_share_yields =
+      r.GetCounter("collm_train_share_yields_total",
+                   "Times training yielded to a load surge past the forecast (share controller)");
   held_out_loss =
       r.GetGauge("collm_held_out_loss", "Held-out loss of the live adapter (-1 unknown)");
   adapter_version =

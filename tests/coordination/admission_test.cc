@@ -49,6 +49,28 @@ TEST(AdmissionTest, StepCostsAreLearnedApartForFullAndDecodeSteps) {
   EXPECT_NEAR(m.full_step_seconds(), 0.012, 1e-12);
 }
 
+TEST(AdmissionTest, ServingCapacityComesFromTheMeasuredStepCostsNotAFullBatchEveryStep) {
+  StepCostModel m(256);
+  EXPECT_EQ(m.ServingCapacityRps(64, 32), 0) << "nothing measured: unknown";
+  m.RecordStep(0.050, 256);  // A full prefill step: 50 ms for 256 tokens.
+  m.RecordStep(0.004, 2);    // Decode steps carrying 2 rows: 4 ms each.
+  // 64 prompt tokens at 0.05 / 256 s each + 32 output tokens at 0.004 / 2 s each.
+  const double per_request = 64 * 0.050 / 256 + 32 * 0.004 / 2;
+  EXPECT_NEAR(m.ServingSecondsPerRequest(64, 32), per_request, 1e-12);
+  EXPECT_NEAR(m.ServingCapacityRps(64, 32), 1 / per_request, 1e-9);
+  // What max_running (32) x one step per token would have claimed: far more.
+  EXPECT_LT(m.ServingCapacityRps(64, 32), 32 / ((1 + 32) * 0.004) / 4);
+  // Bigger decode batches at the same step cost: more capacity (the batch is measured).
+  StepCostModel wide(256);
+  wide.RecordStep(0.050, 256);
+  wide.RecordStep(0.004, 16);
+  EXPECT_GT(wide.ServingCapacityRps(64, 32), 2 * m.ServingCapacityRps(64, 32));
+  // Only decode steps measured: prompts are costed at the decode step per budget.
+  StepCostModel decode_only(256);
+  decode_only.RecordStep(0.004, 1);
+  EXPECT_NEAR(decode_only.ServingSecondsPerRequest(10, 10), 10 * 0.004 / 256 + 10 * 0.004, 1e-12);
+}
+
 TEST(AdmissionTest, PredictionCountsPrefillAheadAndDecodeRows) {
   AdmissionController a(AdmissionMode::kReject, 100);
   a.costs().SetEstimates(0.010, 0.002);

@@ -90,6 +90,7 @@ TEST(CoExecutionTest, SloGuardShrinksOrBlocksMicroStepsByTheSlack) {
   EngineOptions o;
   o.training_share = 1.0;
   o.guard_safety = 1.0;
+  o.share_controller.enabled = false;  // The SLO guard alone (the controller: tests below).
   o.slo_classes["tight"] = {0, 10};
   o.slo_classes["loose"] = {0, 50};
   auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
@@ -145,6 +146,7 @@ TEST(CoExecutionTest, IdleMicroStepsAreSizedToTheTtftObjective) {
   EngineOptions o;
   o.training_share = 0.5;
   o.guard_safety = 1.0;
+  o.share_controller.enabled = false;  // The SLO guard alone (the controller: tests below).
   o.default_slo = {40, 0};  // A request arriving now may wait 40 - 10 (its prefill) = 30 ms.
   auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
   ASSERT_TRUE(engine->EnableTraining(e.Setup(8, 0)).ok());
@@ -234,6 +236,125 @@ TEST(CoExecutionTest, ZeroShareNeverTrainsAndBadShareIsRejected) {
   ASSERT_TRUE(trains->EnableTraining(e.Setup(2, 0)).ok());
   EXPECT_TRUE(trains->StepForTest());  // Idle: any share > 0 uses the idle time.
   EXPECT_EQ(trains->Stats().train_micro_steps, 1);
+}
+
+TEST(CoExecutionTest, ALoadSurgeYieldsTrainingWithinOneStepAndTheCutTaskReportsAPartialUpdate) {
+  Env e;
+  FakeClock clock(1'000'000'000);
+  telemetry::MetricsRegistry metrics;
+  EngineOptions o;
+  o.training_share = 0;  // Only the task trains; its share is the ceiling.
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
+  ASSERT_TRUE(engine->EnableTraining(e.Setup(4, 0)).ok());
+  engine->SetMetrics(&metrics);
+  TrainingTask task;
+  task.optimizer_steps = 100;
+  task.training_share = 0.8;
+  auto future = engine->RunTrainingTask(task);
+  // Idle (forecast 0 req/s): one optimizer step per engine step, at the whole ceiling.
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(engine->StepForTest());
+    clock.AdvanceSeconds(0.1);
+  }
+  EngineStats st = engine->Stats();
+  ASSERT_EQ(st.train_optimizer_steps, 3);
+  EXPECT_DOUBLE_EQ(st.training_share, 0.8);
+  EXPECT_DOUBLE_EQ(st.training_share_ceiling, 0.8);
+  EXPECT_EQ(st.share_reason, "ceiling");
+  EXPECT_EQ(st.share_yields, 0);
+
+  // A burst of 8 requests (8 req/s over the 1 s window against a forecast of 0): the very next
+  // step serves them and runs no training phase.
+  std::vector<std::shared_ptr<CollectingSink>> sinks;
+  for (int i = 0; i < 8; ++i) {
+    EngineRequest r;
+    r.prompt = e.tokenizer->Encode("Once upon a time " + std::to_string(i), true);
+    r.params.max_tokens = 20;
+    r.params.ignore_eos = true;
+    sinks.push_back(std::make_shared<CollectingSink>());
+    ASSERT_TRUE(engine->Submit(r, sinks.back()).ok());
+  }
+  const int64_t phases_before = st.train_phases;
+  ASSERT_TRUE(engine->StepForTest());
+  st = engine->Stats();
+  EXPECT_DOUBLE_EQ(st.training_share, 0) << "training yields within one step";
+  EXPECT_DOUBLE_EQ(st.training_share_ceiling, 0.8);
+  EXPECT_EQ(st.share_reason, "surge");
+  EXPECT_EQ(st.share_yields, 1);
+  EXPECT_EQ(st.train_phases, phases_before);
+  const std::string text = metrics.RenderPrometheus();
+  EXPECT_NE(text.find("collm_train_share_target 0\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("collm_train_share_ceiling 0.8"), std::string::npos) << text;
+  EXPECT_NE(text.find("collm_train_share_yields_total 1"), std::string::npos) << text;
+  // The burst is served with no training in between.
+  for (int i = 0; i < 40 && engine->Stats().completed < 8; ++i) {
+    ASSERT_TRUE(engine->StepForTest());
+    clock.AdvanceSeconds(0.005);
+  }
+  st = engine->Stats();
+  ASSERT_EQ(st.completed, 8);
+  EXPECT_EQ(st.train_phases, phases_before);
+  EXPECT_EQ(st.train_optimizer_steps, 3);
+  // The round's deadline comes while the load is still above the forecast: the task is cut
+  // short and reports the steps it did, weighted by the samples actually trained.
+  engine->FinishTrainingTaskEarly();
+  engine->StepForTest();
+  ASSERT_EQ(future.wait_for(std::chrono::seconds(0)), std::future_status::ready);
+  TrainingReport r = future.get();
+  ASSERT_TRUE(r.status.ok()) << r.status;
+  EXPECT_EQ(r.optimizer_steps, 3);
+  EXPECT_EQ(r.num_samples, 3 * 4);
+}
+
+TEST(CoExecutionTest, ShareRecoversAfterTheSurgeAndShrinksWithSloHeadroom) {
+  Env e;
+  FakeClock clock(1'000'000'000);
+  EngineOptions o;
+  o.training_share = 0.6;
+  o.default_slo = {0, 50};  // TPOT 50 ms: headroom falls as a decoding request falls behind.
+  auto engine = Engine::Create(e.model, e.tokenizer.get(), &e.registry, o, clock).value();
+  ASSERT_TRUE(engine->EnableTraining(e.Setup(2, 0)).ok());
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.001);
+  for (int i = 0; i < 5; ++i) {
+    EngineRequest r;
+    r.prompt = e.tokenizer->Encode("hi", true);
+    r.params.max_tokens = 1;
+    ASSERT_TRUE(engine->Submit(r, std::make_shared<CollectingSink>()).ok());
+  }
+  for (int i = 0; i < 10 && engine->Stats().completed < 5; ++i) engine->StepForTest();
+  ASSERT_EQ(engine->Stats().completed, 5);
+  EXPECT_EQ(engine->Stats().share_reason, "surge");
+  // 5 req/s decays under 2 req/s above the 30 s rate after ~1 s; then the 500 ms hold, then the
+  // ramp back (at most the ceiling per second).
+  clock.AdvanceSeconds(1.0);
+  engine->StepForTest();
+  EXPECT_DOUBLE_EQ(engine->Stats().training_share, 0);
+  clock.AdvanceSeconds(0.6);
+  engine->StepForTest();
+  EXPECT_EQ(engine->Stats().share_reason, "recovering");
+  EXPECT_LT(engine->Stats().training_share, 0.6);
+  clock.AdvanceSeconds(1.0);
+  engine->StepForTest();
+  EXPECT_DOUBLE_EQ(engine->Stats().training_share, 0.6);
+  EXPECT_EQ(engine->Stats().share_reason, "ceiling");
+  // A request decoding against a 50 ms TPOT: after its second token, 77 ms after its first,
+  // with an 8 ms inference step (the EWMA after one 0 s fake step) it has
+  // (2 x 0.05 - 0.077 - 0.008) / 0.05 = 0.3 of a token's objective left: the share is
+  // 0.6 x (0.3 - 0.1) / (0.5 - 0.1).
+  EngineRequest r;
+  r.prompt = e.tokenizer->Encode("a slow one", true);
+  r.params.max_tokens = 50;
+  r.params.ignore_eos = true;
+  ASSERT_TRUE(engine->Submit(r, std::make_shared<CollectingSink>()).ok());
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.001);
+  engine->StepForTest();  // Prefill and the first token.
+  EXPECT_DOUBLE_EQ(engine->Stats().training_share, 0.6) << "a fresh request has room";
+  clock.AdvanceSeconds(0.077);
+  engine->SetCostEstimatesForTest(0.010, kPerToken * 0.001);
+  engine->StepForTest();
+  const EngineStats st = engine->Stats();
+  EXPECT_EQ(st.share_reason, "slo_headroom");
+  EXPECT_NEAR(st.training_share, 0.3, 1e-6);
 }
 
 }  // namespace

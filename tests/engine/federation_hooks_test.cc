@@ -173,6 +173,7 @@ TEST(FederationHooksTest, TaskTrainingStaysUnderTheSloGuard) {
   EngineOptions o;
   o.training_share = 0;
   o.guard_safety = 1.0;
+  o.share_controller.enabled = false;  // The SLO guard alone (the controller: coexecution_test).
   o.slo_classes["tight"] = {0, 10};
   auto engine = Engine::Create(e.model, model_tokenizer.get(), &e.registry, o, clock).value();
   ASSERT_TRUE(engine->EnableTraining(e.Setup(true)).ok());

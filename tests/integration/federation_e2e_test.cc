@@ -12,6 +12,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -612,6 +613,95 @@ TEST(FederationE2eTest, AfterTheLastRoundTheShippedFederatedConfigTrainsNoMore) 
       << agg_metrics;
   EXPECT_NE(agg_metrics.find("collm_fed_device_slo_queue{device=\"edge-0\"}"), std::string::npos);
   EXPECT_NE(agg_metrics.find("collm_fed_aggregation_seconds_count 2"), std::string::npos);
+}
+
+// The slow timescale reads real load: after a first round (everyone trains once, so every device
+// has measured step costs), edge-0 is kept busy by client load sent straight to it while edge-1
+// and edge-2 stay idle; the next round (2 of 3 devices) goes to the idle two, and its decisions,
+// as `collmctl fed round show 2 --json` prints them, say why: edge-0's forecast utilization (its
+// arrival rate over the serving capacity from its measured step costs) leaves it the smallest
+// share ceiling. Choices are asserted, not timings, so a loaded machine changes nothing.
+TEST(FederationE2eTest, SkewedLoadPutsTrainingOnTheLightlyLoadedDevices) {
+  COLLM_REQUIRE_MODEL_FILE(model_dir, "stories260K-hf");
+  COLLM_REQUIRE_DATA_FILE(data, "finetune/gsm8k/train.jsonl");
+  const Shards s = MakeShards(model_dir, data, "fl-e2e-skewed");
+  auto started = FederationCluster::Start(s.dir, WriteAggregatorConfig(s, R"(  rounds: 1
+  local_steps: 2
+  lr: 0.003
+  min_clients: 3
+  max_clients: 3
+  quorum: 0
+  deadline_s: 120
+  training_share: 0.5
+)"),
+                                          3, DaemonConfigs(s));
+  ASSERT_TRUE(started.ok()) << started.status();
+  FederationCluster& fed = **started;
+  ServerProcess& agg = fed.aggregator();
+  Admin admin(agg.address());
+  ASSERT_TRUE(WaitFor([&] { return admin.Status().state() == "finished"; }, 240)) << fed.Logs();
+
+  // Skewed load: four clients back to back on edge-0 only.
+  std::atomic<bool> stop{false};
+  std::atomic<int> served{0}, failed{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 4; ++c) {
+    clients.emplace_back([&] {
+      while (!stop) {
+        if (Generate(fed.daemon(0).address(), 32).ok()) {
+          ++served;
+        } else {
+          ++failed;
+        }
+      }
+    });
+  }
+  // Several heartbeats (300 ms) carry the load report, the 1 s arrival rate has built up.
+  ASSERT_TRUE(WaitFor([&] { return served.load() >= 40; }, 120));
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+
+  // A second round of 2 of the 3 devices, planned from those reports.
+  {
+    auto stub = v1::FederationAdminService::NewStub(
+        grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials()));
+    v1::SetPolicyRequest req;
+    req.mutable_policy()->set_rounds(2);
+    req.mutable_policy()->set_min_clients(2);
+    req.mutable_policy()->set_max_clients(2);
+    grpc::ClientContext ctx;
+    v1::FederationStatus out;
+    ASSERT_TRUE(stub->SetPolicy(&ctx, req, &out).ok());
+    grpc::ClientContext start_ctx;
+    grpc::Status st = stub->Start(&start_ctx, v1::ControlRequest(), &out);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  ASSERT_TRUE(WaitFor([&] { return admin.Status().rounds_completed() >= 2; }, 240)) << fed.Logs();
+  stop = true;
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(failed.load(), 0);
+
+  auto r = RunCommand(Ctl(agg, "round show 2 --json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto round = nlohmann::json::parse(r.out);
+  EXPECT_EQ(round["coordination_policy"], "drift_plus_penalty") << round.dump();
+  ASSERT_EQ(round["decisions"].size(), 3u) << round.dump();
+  std::map<std::string, nlohmann::json> by_device;
+  for (const auto& d : round["decisions"]) by_device[d["device_id"].get<std::string>()] = d;
+  auto num = [](const nlohmann::json& d, const char* key) {
+    return d.contains(key) ? d[key].get<double>() : 0.0;
+  };
+  const nlohmann::json& busy = by_device["edge-0"];
+  EXPECT_FALSE(busy.value("chosen", false)) << "the loaded device was chosen:\n" << round.dump(2);
+  EXPECT_GT(num(busy, "forecast_arrival_rate"), 1) << busy.dump();
+  EXPECT_GT(num(busy, "forecast_utilization"), 0.05) << busy.dump();
+  for (const char* idle : {"edge-1", "edge-2"}) {
+    const nlohmann::json& d = by_device[idle];
+    EXPECT_TRUE(d.value("chosen", false)) << idle << " was left out:\n" << round.dump(2);
+    EXPECT_LT(num(d, "forecast_utilization"), num(busy, "forecast_utilization")) << d.dump();
+    EXPECT_GT(num(d, "share_ceiling"), num(busy, "share_ceiling")) << d.dump();
+  }
+  EXPECT_FALSE(busy["reason"].get<std::string>().empty()) << busy.dump();
+  std::cout << "round 2, edge-0: " << busy.dump() << std::endl;
 }
 
 // `collmctl fed ARGS --json` against `agg`, parsed (an empty object and a failure when it fails).

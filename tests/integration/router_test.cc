@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <string>
@@ -384,6 +385,101 @@ class BackgroundStream {
   std::atomic<bool> done_{false};
   std::thread thread_;
 };
+
+// The fast timescale on both sides: a burst of requests sent straight to a training replica (its
+// own load jumping past its forecast) makes it yield training at once (share target 0, a counted
+// yield, training_share_now 0 in GetStats), and the router, seeing its load, sends new requests
+// to the other replica; once the burst is over, the replica trains at its ceiling again.
+TEST(RouterTest, ALoadSpikeOnATrainingReplicaYieldsItsTrainingAndTheRouterRoutesAround) {
+  COLLM_REQUIRE_MODEL_FILE(model, "stories260K-hf");
+  const std::string dir = MakeTempDir("router-spike");
+  COLLM_START_SERVER(trainer, "src/collmd", WriteReplicaConfig(dir, "trainer", model, true), dir,
+                     "trainer");
+  COLLM_START_SERVER(server, "src/collmd", WriteReplicaConfig(dir, "server", model, false), dir,
+                     "server");
+  COLLM_START_SERVER(router, "src/collm-router",
+                     WriteRouterConfig(dir, {trainer.address(), server.address()}, "slack"), dir,
+                     "router");
+  double share = 0;
+  for (int i = 0; i < 300 && share < 0.3; ++i) {
+    share = Stats(trainer.address()).training_share_now();
+    if (share < 0.3) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_GE(share, 0.3) << "the training replica never reported training";
+  const std::string before = Scrape(trainer.metrics_port());
+  EXPECT_EQ(MetricValue(before, "collm_train_share_target"), 0.9);
+  EXPECT_EQ(MetricValue(before, "collm_train_share_yields_total"), 0);
+
+  // The spike: 48 long generations at once, straight to the trainer (more than its 32 running
+  // slots). They are cancelled once the checks below are done, so a fast machine does not finish
+  // them before the checks and a slow one does not keep the test waiting for them.
+  constexpr int kSpike = 48;
+  auto spike_stub = v1::InferenceService::NewStub(
+      grpc::CreateChannel(trainer.address(), grpc::InsecureChannelCredentials()));
+  std::vector<std::unique_ptr<grpc::ClientContext>> spike_ctx;
+  for (int i = 0; i < kSpike; ++i) {
+    spike_ctx.push_back(std::make_unique<grpc::ClientContext>());
+    spike_ctx.back()->set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
+  }
+  std::vector<grpc::Status> spike_status(kSpike);
+  std::vector<std::thread> spike;
+  for (int i = 0; i < kSpike; ++i) {
+    spike.emplace_back([&, i] {
+      v1::GenerateRequest req;
+      req.set_prompt("Spike " + std::to_string(i));
+      req.mutable_sampling()->set_temperature(0);
+      req.mutable_sampling()->set_max_tokens(480);
+      req.mutable_sampling()->set_ignore_eos(true);
+      auto reader = spike_stub->Generate(spike_ctx[i].get(), req);
+      v1::GenerateResponse msg;
+      while (reader->Read(&msg)) {
+      }
+      spike_status[i] = reader->Finish();
+    });
+  }
+  // While it is loaded, the trainer has yielded: no training share, one counted yield.
+  bool yielded = false;
+  for (int i = 0; i < 1000 && !yielded; ++i) {
+    const v1::GetStatsResponse st = Stats(trainer.address());
+    const std::string m = Scrape(trainer.metrics_port());
+    yielded = st.running() + st.queued() > 0 && st.training_share_now() == 0 &&
+              MetricValue(m, "collm_train_share_target") == 0 &&
+              MetricValue(m, "collm_train_share_yields_total") >= 1;
+    if (!yielded) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(yielded) << "the trainer never yielded under the spike:\n"
+                       << Scrape(trainer.metrics_port());
+  // The router sees the spike in the trainer's load report (polled every 50 ms) and routes new
+  // requests to the other replica while it lasts.
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  const double to_trainer_before = Routed(router.metrics_port(), trainer.address());
+  const double to_server_before = Routed(router.metrics_port(), server.address());
+  constexpr int kRouted = 6;
+  for (int i = 0; i < kRouted; ++i) {
+    const Streamed s = Generate(router.address(), "Once upon a time", 4);
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  }
+  const v1::GetStatsResponse during = Stats(trainer.address());
+  ASSERT_GT(during.running() + during.queued(), 0)
+      << "the spike ended before the routed requests did; the check below would prove nothing";
+  const double to_trainer = Routed(router.metrics_port(), trainer.address()) - to_trainer_before;
+  const double to_server = Routed(router.metrics_port(), server.address()) - to_server_before;
+  EXPECT_EQ(to_trainer + to_server, kRouted);
+  EXPECT_LE(to_trainer, 1) << "the router sent " << to_trainer << " of " << kRouted
+                           << " requests to the replica under the spike";
+  for (auto& c : spike_ctx) c->TryCancel();
+  for (auto& t : spike) t.join();
+  for (const grpc::Status& st : spike_status) {
+    EXPECT_TRUE(st.ok() || st.error_code() == grpc::StatusCode::CANCELLED) << st.error_message();
+  }
+  // The spike is over: after the hold and the ramp, the trainer is back at its ceiling.
+  double target = -1;
+  for (int i = 0; i < 200 && target != 0.9; ++i) {
+    target = MetricValue(Scrape(trainer.metrics_port()), "collm_train_share_target");
+    if (target != 0.9) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(target, 0.9) << "training never came back after the spike";
+}
 
 TEST(RouterTest, DeadlinesBoundsMidStreamFailuresAndTheSigtermDrain) {
   COLLM_REQUIRE_MODEL_FILE(model, "stories260K-hf");

@@ -41,11 +41,24 @@ class StepCostModel {
   double full_step_seconds() const { return full_ > 0 ? full_ : decode_; }
   double decode_step_seconds() const { return decode_ > 0 ? decode_ : full_; }
   int64_t max_step_tokens() const { return max_step_tokens_; }
+  // Engine seconds one request of `prompt_tokens` and `generated_tokens` costs serving alone, at
+  // the measured costs: its prompt at a prefill step's cost per token (full steps over the tokens
+  // they carried), its output at a decode step's cost over the rows decode steps carried (the
+  // batch it shared them with). 0 when a cost is missing. Unlike max_running x one step's cost,
+  // this does not assume every step is a full batch: at light load the measured decode batch is
+  // small, so the estimate is conservative, and it grows as batches do.
+  double ServingSecondsPerRequest(double prompt_tokens, double generated_tokens) const;
+  // 1 / ServingSecondsPerRequest (requests/s serving alone); 0 = unknown.
+  double ServingCapacityRps(double prompt_tokens, double generated_tokens) const;
+  double full_step_tokens() const { return full_tokens_; }      // EWMA; 0 = not measured.
+  double decode_step_tokens() const { return decode_tokens_; }  // EWMA rows; 0 = not measured.
 
  private:
   int64_t max_step_tokens_;
-  double full_ = 0;    // 0 = not measured.
-  double decode_ = 0;  // 0 = not measured.
+  double full_ = 0;           // 0 = not measured.
+  double decode_ = 0;         // 0 = not measured.
+  double full_tokens_ = 0;    // Tokens of the full steps measured (EWMA).
+  double decode_tokens_ = 0;  // Tokens (decode rows) of the decode-only steps measured (EWMA).
 };
 
 // The engine's load as admission sees it.

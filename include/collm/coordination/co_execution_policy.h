@@ -115,6 +115,10 @@ class CoExecutionPolicy {
   // Seconds of delay the tightest objective among `serving.requests` can absorb before the next
   // token (infinity when none has an objective), at `now_nanos`.
   double SloSlack(const ServingSnapshot& serving, int64_t now_nanos) const;
+  // The same slack as a fraction of each request's own objective (its TTFT before the first
+  // token, one TPOT after), the tightest one, at most 1 (1 when none has an objective); < 0 when
+  // a request is already late. The share controller scales training by it.
+  double SloHeadroom(const ServingSnapshot& serving, int64_t now_nanos) const;
   // Seconds a phase may take while idle: the tightest TTFT objective minus a prefill step.
   double IdleBudget() const;
   // Seconds any one phase may be predicted to take (max_phase_ms; infinity = no bound).
@@ -140,6 +144,10 @@ class CoExecutionPolicy {
   PhaseCosts& mutable_costs() { return costs_; }  // Tests set estimates directly.
 
  private:
+  // Calls visit(slack_seconds, objective_seconds) for each request with an objective.
+  template <typename Visit>
+  void ForEachSlack(const ServingSnapshot& serving, int64_t now_nanos, Visit&& visit) const;
+
   CoExecutionOptions options_;
   Clock* clock_;
   PhaseCosts costs_;

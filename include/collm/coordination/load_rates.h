@@ -10,6 +10,12 @@
 
 namespace collm::coordination {
 
+// The arrival rate to plan a horizon of `horizon_s` seconds with: rising load (the short rate
+// along its trend) is extrapolated to mid-horizon; falling load is not trusted until the long
+// window agrees, so a lull does not hand out training room the next burst cannot afford. The
+// aggregator's round planner and collmd's share controller both forecast with it.
+double ForecastArrivalRate(double short_rate, double long_rate, double trend, double horizon_s);
+
 // One exponentially decayed event rate with time constant `tau_seconds`.
 // Not thread-safe: the owner serializes calls. Times are monotonic nanos (from a Clock).
 class DecayingRate {
@@ -43,6 +49,10 @@ class LoadRates {
   // difference of the two rates over the difference of their lags.
   double Trend(int64_t now_nanos) const {
     return (ShortRate(now_nanos) - LongRate(now_nanos)) / (kLongTauSeconds - kShortTauSeconds);
+  }
+  double Forecast(int64_t now_nanos, double horizon_s) const {
+    return ForecastArrivalRate(ShortRate(now_nanos), LongRate(now_nanos), Trend(now_nanos),
+                               horizon_s);
   }
 
  private:

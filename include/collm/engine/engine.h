@@ -28,6 +28,7 @@
 #include "collm/coordination/arrival_rate.h"
 #include "collm/coordination/co_execution_policy.h"
 #include "collm/coordination/load_rates.h"
+#include "collm/coordination/share_controller.h"
 #include "collm/engine/dataset.h"
 #include "collm/engine/engine_metrics.h"
 #include "collm/engine/peft_trainer.h"
@@ -74,6 +75,11 @@ struct EngineOptions {
   // sized from the measured phase costs so every per-token phase fits, and the head phase runs
   // in row chunks that fit. >= 0; 0 = no bound (collmd.yaml's engine.max_phase_ms).
   double max_phase_ms = 0;
+  // The per-step share controller (coordination/share_controller.h): inside the share ceiling
+  // (training_share, or a task's share) it sets the share every step from the SLO headroom of
+  // queued and running requests and yields at once to a load surge past the forecast.
+  // collmd.yaml's engine.share_controller.
+  coordination::ShareControllerOptions share_controller;
 
   // SLO-aware admission (coordination/admission.h): a request predicted, from the measured step
   // cost and the prefill queued ahead of it, to miss its class's TTFT objective is refused at
@@ -116,14 +122,17 @@ struct EngineStats {
   int64_t train_micro_steps = 0;
   int64_t train_optimizer_steps = 0;
   int64_t train_examples = 0;
-  int64_t train_tokens = 0;           // Tokens forwarded by completed optimizer steps.
-  int64_t train_guard_blocked = 0;    // Phases not run because an SLO would be missed.
-  double train_loss = 0;              // Loss of the last optimizer step.
-  double train_time_share = 0;        // Measured share of busy time spent training (EWMA).
-  double train_step_seconds = 0;      // EWMA cost of one micro-step.
-  double infer_step_seconds = 0;      // EWMA cost of one inference step.
-  double training_share = 0;          // Current target share (EngineOptions or SetTrainingShare).
-  bool training_task_active = false;  // A RunTrainingTask budget is being trained.
+  int64_t train_tokens = 0;              // Tokens forwarded by completed optimizer steps.
+  int64_t train_guard_blocked = 0;       // Phases not run because an SLO would be missed.
+  double train_loss = 0;                 // Loss of the last optimizer step.
+  double train_time_share = 0;           // Measured share of busy time spent training (EWMA).
+  double train_step_seconds = 0;         // EWMA cost of one micro-step.
+  double infer_step_seconds = 0;         // EWMA cost of one inference step.
+  double training_share = 0;             // Share aimed for this step (the share controller's).
+  double training_share_ceiling = 0;     // Its ceiling (EngineOptions, SetTrainingShare or a task).
+  std::string share_reason = "ceiling";  // Why the share is what it is (ShareReasonName).
+  int64_t share_yields = 0;              // Load surges training yielded to.
+  bool training_task_active = false;     // A RunTrainingTask budget is being trained.
   PublishStats publish;
   // Load signals for routers (GetStats; collm-router).
   int64_t queued_prompt_tokens = 0;    // Prompt tokens not yet prefilled (queued + running).
@@ -152,9 +161,10 @@ struct EngineLoadReport {
   int64_t running = 0;
   int64_t max_running = 0;
   double free_kv_fraction = 1;  // Free KV blocks / total.
-  // Serving-only capacity from the measured step cost: max_running sequences each taking
-  // (prefill chunks + mean generated tokens) steps of infer_step_seconds. Optimistic at large
-  // batches (a step costs more with more tokens); planners keep headroom below it.
+  // Serving-only capacity from the measured step-cost model (coordination::StepCostModel::
+  // ServingCapacityRps at the mean prompt and output lengths): prefill at full steps' cost per
+  // token, decode at decode steps' cost per row of the batches they carried. Conservative at
+  // light load (small measured batches); planners keep headroom below it.
   double serving_capacity_rps = 0;
   double serving_capacity_tokens_per_s = 0;  // capacity_rps x mean tokens per request.
   double optimizer_step_seconds = 0;         // One optimizer step training alone.
@@ -280,6 +290,8 @@ class Engine {
   void CountShedLocked(const Sequence& s, const char* reason);
   // Serving as the co-execution policy sees it (queued and running requests, arrival rate).
   coordination::ServingSnapshot ServingSnapshotNow() const;
+  // The share controller's decision for this step, applied to the co-execution policy.
+  void UpdateShare();
 
   // --- Training on the engine thread (engine_training.cc) ---
   // Runs training phases (see PeftTrainer::AdvanceMicroStep) and publish evaluation slices while
@@ -317,7 +329,7 @@ class Engine {
   // Called by RunTrainingPhase after each micro-step (engine thread).
   void OnTaskProgress(int64_t examples, const absl::Status& status,
                       const std::optional<StepStats>& step);
-  void SetShare(double share);  // Policy and stats (engine thread).
+  void SetShare(double share);  // The share ceiling: policy and stats (engine thread).
 
   std::shared_ptr<const runtime::LlamaModel> model_;
   const runtime::Tokenizer* tokenizer_ = nullptr;
@@ -348,6 +360,11 @@ class Engine {
 
   // Engine thread only.
   std::unique_ptr<coordination::CoExecutionPolicy> policy_;  // When to train; learned costs.
+  std::unique_ptr<coordination::ShareController> share_;     // How much, within the ceiling.
+  double share_ceiling_ = 0;
+  // Arrivals/s the running task's ceiling was planned for (the forecast at its start); < 0 = no
+  // task: the 30 s rate is the forecast.
+  double task_forecast_rate_ = -1;
   TrainingSetup training_;
   std::unique_ptr<ExampleSampler> sampler_;
   std::deque<TrainingExample> pool_;  // Drawn examples waiting for a micro-step they fit.

@@ -36,12 +36,15 @@ struct EngineMetrics {
   telemetry::Counter* train_micro_steps;
   telemetry::Counter* train_optimizer_steps;
   telemetry::Counter* train_guard_blocked;
+  telemetry::Counter* train_share_yields;
   telemetry::Gauge* queue_depth;
   telemetry::Gauge* running;
   telemetry::Gauge* kv_used;
   telemetry::Gauge* kv_total;
   telemetry::Gauge* train_loss;
   telemetry::Gauge* train_share;
+  telemetry::Gauge* train_share_target;
+  telemetry::Gauge* train_share_ceiling;
   telemetry::Gauge* held_out_loss;
   telemetry::Gauge* adapter_version;
   telemetry::Gauge* slo_attainment;
