@@ -99,7 +99,13 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, std::shared_ptr<R
     }
     seq->slo = it->second;
   }
-  const std::string adapter = request.adapter.empty() ? options_.default_adapter : request.adapter;
+  if (request.base_model && !request.adapter.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("base_model asks for no adapter; adapter is '", request.adapter, "'"));
+  }
+  const std::string adapter = request.base_model        ? std::string()
+                              : request.adapter.empty() ? options_.default_adapter
+                                                        : request.adapter;
   if (!adapter.empty()) {
     if (registry_ == nullptr)
       return absl::NotFoundError(absl::StrCat("no adapter named '", adapter, "'"));

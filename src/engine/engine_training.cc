@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "absl/strings/str_cat.h"
 #include "collm/common/logging.h"
 #include "collm/engine/engine.h"
 
@@ -228,6 +229,62 @@ absl::Status Engine::SaveTrainingCheckpoint(const std::string& dir) {
 absl::Status Engine::RestoreTrainingCursor(const std::map<std::string, std::string>& state) {
   if (sampler_ == nullptr) return absl::OkStatus();
   return sampler_->Restore(state);
+}
+
+std::future<ScoreResult> Engine::Score(std::vector<TrainingExample> examples, std::string adapter,
+                                       bool base_model) {
+  auto promise = std::make_shared<std::promise<ScoreResult>>();
+  std::future<ScoreResult> future = promise->get_future();
+  ScoreResult early;
+  // The same resolution as Submit: the version pinned here is the one scored.
+  std::shared_ptr<const lora::AdapterSnapshot> pin;
+  if (base_model && !adapter.empty()) {
+    early.status = absl::InvalidArgumentError(
+        absl::StrCat("base_model asks for no adapter; adapter is '", adapter, "'"));
+  } else if (!base_model) {
+    const std::string name = adapter.empty() ? options_.default_adapter : adapter;
+    if (!name.empty()) {
+      auto got = registry_ == nullptr
+                     ? absl::StatusOr<std::shared_ptr<const lora::AdapterSnapshot>>(
+                           absl::NotFoundError(absl::StrCat("no adapter named '", name, "'")))
+                     : registry_->Get(name);
+      if (got.ok()) {
+        pin = *std::move(got);
+      } else {
+        early.status = got.status();
+      }
+    }
+  }
+  if (!early.status.ok()) {
+    promise->set_value(std::move(early));
+    return future;
+  }
+  auto shared = std::make_shared<std::vector<TrainingExample>>(std::move(examples));
+  const bool posted = PostCommand([this, promise, shared, pin] {
+    ScoreResult r;
+    if (pin != nullptr) {
+      r.adapter = pin->name;
+      r.adapter_version = pin->version;
+    }
+    std::vector<const TrainingExample*> refs;
+    for (const TrainingExample& e : *shared) refs.push_back(&e);
+    auto sum = EvaluateLossSum(*model_, pin != nullptr ? &pin->weights : nullptr, refs);
+    if (!sum.ok()) {
+      r.status = sum.status();
+    } else if (sum->targets == 0) {
+      r.status = absl::InvalidArgumentError("no example has a target token");
+    } else {
+      r.loss = sum->sum / static_cast<double>(sum->targets);
+      r.target_tokens = sum->targets;
+    }
+    promise->set_value(std::move(r));
+  });
+  if (!posted) {
+    ScoreResult r;
+    r.status = absl::CancelledError("the engine is shut down");
+    promise->set_value(std::move(r));
+  }
+  return future;
 }
 
 }  // namespace collm::engine

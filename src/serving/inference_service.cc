@@ -7,6 +7,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -382,6 +383,7 @@ grpc::ServerWriteReactor<GenerateResponse>* InferenceServiceImpl::Generate(
       return reactor;
     }
     req.adapter = request->adapter();
+    req.base_model = request->base_model();
     req.slo_class = request->slo_class();
     req.deadline_nanos = EngineDeadline(*context, *ctx_.clock);
 
@@ -516,6 +518,54 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::SubmitFeedback(
   });
 }
 
+// At most this many examples per call: the score runs on the engine thread between steps.
+constexpr int kMaxScoreExamples = 256;
+
+grpc::ServerUnaryReactor* InferenceServiceImpl::ScoreCompletions(
+    grpc::CallbackServerContext* context, const collm::v1::ScoreCompletionsRequest* request,
+    collm::v1::ScoreCompletionsResponse* response) {
+  std::vector<engine::TrainingExample> examples;
+  grpc::Status refused = Guarded("ScoreCompletions", [&] {
+    const int n = request->examples_size();
+    if (n == 0) return InvalidArgument("examples is empty");
+    if (n > kMaxScoreExamples) {
+      return InvalidArgument(
+          absl::StrCat("examples has ", n, " entries; at most ", kMaxScoreExamples, " per call"));
+    }
+    if (request->base_model() && !request->adapter().empty()) {
+      return InvalidArgument(
+          absl::StrCat("base_model asks for no adapter; adapter is '", request->adapter(), "'"));
+    }
+    for (int i = 0; i < n; ++i) {
+      const auto& e = request->examples(i);
+      if (e.prompt().empty() || e.completion().empty()) {
+        return InvalidArgument(
+            absl::StrCat("examples[", i, "] needs a non-empty prompt and completion"));
+      }
+      // Formatted exactly as training data and feedback are.
+      examples.push_back(
+          engine::MakeExample(*ctx_.tokenizer, e.prompt(), e.completion(), ctx_.feedback_format));
+    }
+    return grpc::Status::OK;
+  });
+  if (!refused.ok()) return Reply(context, std::move(refused));
+  auto future = std::make_shared<std::future<engine::ScoreResult>>(
+      ctx_.engine->Score(std::move(examples), request->adapter(), request->base_model()));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  loader_->Post([reactor, response, future] {
+    reactor->Finish(Guarded("ScoreCompletions", [&] {
+      const engine::ScoreResult r = future->get();
+      if (!r.status.ok()) return ToGrpcStatus(r.status);
+      response->set_loss(r.loss);
+      response->set_target_tokens(r.target_tokens);
+      response->set_adapter(r.adapter);
+      response->set_adapter_version(r.adapter_version);
+      return grpc::Status::OK;
+    }));
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* InferenceServiceImpl::GetStats(
     grpc::CallbackServerContext* context, const collm::v1::GetStatsRequest* /*request*/,
     collm::v1::GetStatsResponse* response) {
@@ -550,10 +600,9 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::GetStats(
     response->set_last_batch_tokens(s.last_batch_tokens);
     response->set_max_step_tokens(s.max_step_tokens);
     if (ctx_.registry != nullptr) {
+      // With the source: a federated device's "global vN" tells which global version it serves.
       for (const lora::AdapterInfo& info : ctx_.registry->List()) {
-        collm::v1::AdapterInfo* a = response->add_adapters();
-        a->set_name(info.name);
-        a->set_version(info.version);
+        ToProto(info, response->add_adapters());
       }
     }
     return grpc::Status::OK;

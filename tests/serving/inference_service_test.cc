@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -587,6 +588,79 @@ TEST(InferenceServiceTest, FeedbackBecomesTrainingData) {
   grpc::Status s = submit(req, &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(s.error_message(), "prompt is empty");
+}
+
+// ScoreCompletions is the teacher-forced loss EvaluateLoss gives, on the examples formatted as
+// training data is, for the named adapter or (base_model) none; Generate's base_model serves
+// the base model alone.
+TEST(InferenceServiceTest, ScoreCompletionsAndBaseModelRequests) {
+  Fixture f;
+  ASSERT_TRUE(f.registry_->Publish("math", RandomAdapter(f.model_->config(), 3), "test").ok());
+  const std::vector<std::pair<std::string, std::string>> pairs = {
+      {"What is two plus two?", "Four."}, {"Parity: 7 is ", "odd"}};
+  std::vector<engine::TrainingExample> examples;
+  collm::v1::ScoreCompletionsRequest req;
+  for (const auto& [prompt, completion] : pairs) {
+    examples.push_back(engine::MakeExample(*f.tokenizer_, prompt, completion, {}));
+    auto* e = req.add_examples();
+    e->set_prompt(prompt);
+    e->set_completion(completion);
+  }
+  auto score = [&](const collm::v1::ScoreCompletionsRequest& r,
+                   collm::v1::ScoreCompletionsResponse* out) {
+    grpc::ClientContext ctx;
+    return f.stub_->ScoreCompletions(&ctx, r, out);
+  };
+  const double base_want = engine::EvaluateLoss(*f.model_, nullptr, examples).value();
+  const double math_want =
+      engine::EvaluateLoss(*f.model_, &f.registry_->Get("math").value()->weights, examples).value();
+  ASSERT_GT(std::abs(base_want - math_want), 1e-3) << "the adapter must change the loss";
+
+  collm::v1::ScoreCompletionsResponse out;
+  req.set_base_model(true);
+  grpc::Status s = score(req, &out);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_NEAR(out.loss(), base_want, 1e-4 * std::max(1.0, base_want));
+  EXPECT_EQ(out.target_tokens(), examples[0].num_targets() + examples[1].num_targets());
+  EXPECT_EQ(out.adapter(), "");
+  EXPECT_EQ(out.adapter_version(), 0);
+
+  req.set_base_model(false);
+  req.set_adapter("math");
+  s = score(req, &out);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_NEAR(out.loss(), math_want, 1e-4 * std::max(1.0, math_want));
+  EXPECT_EQ(out.adapter(), "math");
+  EXPECT_EQ(out.adapter_version(), 1);
+
+  req.set_base_model(true);
+  s = score(req, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "base_model asks for no adapter; adapter is 'math'");
+  req.set_base_model(false);
+  req.set_adapter("nope");
+  EXPECT_EQ(score(req, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+  collm::v1::ScoreCompletionsRequest bad;
+  s = score(bad, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "examples is empty");
+  bad.add_examples()->set_prompt("no completion");
+  s = score(bad, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "examples[0] needs a non-empty prompt and completion");
+
+  // Generate: base_model serves no adapter; with an adapter named it is refused.
+  GenerateRequest gen = Greedy("Two plus two", 8);
+  gen.set_base_model(true);
+  StreamResult r = f.Generate(gen);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.messages.back().adapter(), "");
+  EXPECT_EQ(r.ids, f.Alone("Two plus two", 8).tokens);
+  gen.set_adapter("math");
+  r = f.Generate(gen);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r.status.error_message().find("base_model"), std::string::npos)
+      << r.status.error_message();
 }
 
 TEST(InferenceServiceTest, FeedbackIsRefusedWhenTrainingIsDisabled) {

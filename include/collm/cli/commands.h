@@ -165,6 +165,12 @@ struct DemoArgs {
   int clients = 2;               // Concurrent client streams.
   int max_tokens = 8;            // Per client request and per evaluation.
   bool live = true;              // Refresh the status line with \r (false: one line per update).
+  // Federated mode (scripts/run.sh --federated): `daemon` is then the collm-router in front of
+  // `devices`, whose stats, served global versions and held-out losses are read one by one.
+  std::vector<std::string> devices;  // collmd gRPC host:port each; empty = `daemon` alone.
+  std::string aggregator;            // collm-aggregator host:port: rounds are started after the
+                                     // base evaluation and shown; "" = not federated.
+  std::string token;                 // Aggregator admin token; "" = $COLLM_ADMIN_TOKEN.
 };
 
 int RunDemo(const DemoArgs& args, std::ostream& out, std::ostream& err);

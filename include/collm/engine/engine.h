@@ -200,6 +200,14 @@ struct InstallResult {
   double held_out_loss = -1;  // Of the installed adapter; < 0 = not measured.
 };
 
+struct ScoreResult {
+  absl::Status status;
+  double loss = 0;            // Mean cross-entropy per target token (nats).
+  int64_t target_tokens = 0;  // Tokens the mean is over.
+  std::string adapter;        // Scored adapter; "" = the base model.
+  int64_t adapter_version = 0;
+};
+
 // Thread-safe: Submit, Cancel, Stats and Shutdown may be called from any thread.
 class Engine {
  public:
@@ -224,6 +232,14 @@ class Engine {
   // cancels what is left, and joins the engine thread. Idempotent.
   void Shutdown(double grace_seconds);
   EngineStats Stats() const;
+  // Teacher-forced mean token loss of an adapter on `examples` (no gradients, nothing trained):
+  // `adapter` is resolved like a request's ("" = options.default_adapter; `base_model` = no
+  // adapter, with adapter ""). NotFound for an unknown adapter, InvalidArgument when no example
+  // has a target. Runs on the engine thread between steps, like the publish gate's evaluation,
+  // so it holds serving up for its length: callers bound the examples. Thread-safe; the future
+  // is always fulfilled (Cancelled at Shutdown at the latest).
+  std::future<ScoreResult> Score(std::vector<TrainingExample> examples, std::string adapter,
+                                 bool base_model);
   // A snapshot of load and measured costs (engine_load_report.cc).
   EngineLoadReport LoadReport() const;
 

@@ -23,6 +23,7 @@ struct EngineRequest {
   std::vector<int32_t> prompt;  // Token ids (BOS included if wanted); non-empty.
   runtime::SamplingParams params;
   std::string adapter;         // Registry name; "" = options.default_adapter.
+  bool base_model = false;     // No adapter at all, even with a default_adapter; adapter "".
   std::string slo_class;       // "" = options.default_slo.
   int64_t deadline_nanos = 0;  // Engine clock time after which the request is dropped; 0 = none.
 };

@@ -62,6 +62,9 @@ class InferenceServiceImpl final : public collm::v1::InferenceService::CallbackS
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
                                      const collm::v1::GetStatsRequest* request,
                                      collm::v1::GetStatsResponse* response) override;
+  grpc::ServerUnaryReactor* ScoreCompletions(
+      grpc::CallbackServerContext* context, const collm::v1::ScoreCompletionsRequest* request,
+      collm::v1::ScoreCompletionsResponse* response) override;
 
  private:
   class Worker;
@@ -69,7 +72,8 @@ class InferenceServiceImpl final : public collm::v1::InferenceService::CallbackS
   grpc::Status Load(const collm::v1::LoadAdapterRequest& request, const std::string& path,
                     collm::v1::LoadAdapterResponse* response);
   ServiceContext ctx_;
-  // Runs adapter loads (disk reads and parsing) off gRPC's callback threads, one at a time.
+  // Runs adapter loads (disk reads and parsing) and waits for scores off gRPC's callback
+  // threads, one at a time.
   std::unique_ptr<Worker> loader_;
 };
 
