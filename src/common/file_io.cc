@@ -8,16 +8,12 @@
 #include <cstring>
 #include <filesystem>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "collm/common/crash_point.h"
 
 namespace collm {
-namespace {
-
-std::string ErrnoMessage() { return std::strerror(errno); }
-
-}  // namespace
-
 void FsyncDirectory(const std::string& dir) {
   const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
@@ -26,35 +22,54 @@ void FsyncDirectory(const std::string& dir) {
   }
 }
 
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
+absl::Status WriteFileAtomically(const std::string& path,
+                                 const std::vector<absl::string_view>& pieces) {
   const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  // Codes follow errno, so a full disk (ENOSPC) or a file-size limit (EFBIG) says so.
+  auto failed = [](int err, const std::string& file, absl::string_view op) {
+    return absl::Status(absl::ErrnoToStatusCode(err),
+                        absl::StrCat(file, ": ", op, " failed: ", std::strerror(err)));
+  };
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": cannot create: ", ErrnoMessage()));
-  size_t done = 0;
-  while (done < contents.size()) {
-    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string err = ErrnoMessage();
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat(tmp, ": write failed: ", err));
+  if (fd < 0) return failed(errno, tmp, "create");
+  for (absl::string_view piece : pieces) {
+    size_t done = 0;
+    while (done < piece.size()) {
+      const ssize_t n = ::write(fd, piece.data() + done, piece.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const int err = n < 0 ? errno : ENOSPC;
+        ::close(fd);
+        ::unlink(tmp.c_str());
+        return failed(err, tmp, "write");
+      }
+      done += static_cast<size_t>(n);
     }
-    done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const std::string err = ErrnoMessage();
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
     ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(tmp, ": fsync/close failed: ", err));
+    return failed(err, tmp, "fsync");
   }
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    return failed(err, tmp, "close");
+  }
+  CrashPoint("rename", std::filesystem::path(path).filename().string());
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string err = ErrnoMessage();
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat(path, ": rename failed: ", err));
+    return failed(err, path, absl::StrCat("rename from ", tmp));
   }
   // The rename is durable only once the directory entry is.
   FsyncDirectory(std::filesystem::path(path).parent_path().string());
   return absl::OkStatus();
+}
+
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents) {
+  return WriteFileAtomically(path, std::vector<absl::string_view>{contents});
 }
 
 absl::StatusOr<std::string> ResolveInsideRoots(const std::string& path,

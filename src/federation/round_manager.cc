@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "collm/common/crash_point.h"
 #include "collm/common/logging.h"
 #include "collm/common/status.h"
 #include "collm/federation/fingerprint.h"
@@ -226,6 +227,7 @@ absl::StatusOr<std::unique_ptr<RoundManager>> RoundManager::Create(
   }
   m->global_ = std::move(state.global);
   m->optimizer_ = std::move(state.optimizer);
+  m->update_sha256_ = std::move(state.update_sha256);
   if (!m->rounds_.empty()) {
     v1::RoundInfo& last = m->rounds_.back();
     // Killed while aggregating: the inputs are all on disk, so aggregate again.
@@ -266,17 +268,6 @@ v1::RoundInfo* RoundManager::FindRound(int64_t round) {
     if (r.round() == round) return &r;
   }
   return nullptr;
-}
-
-bool RoundManager::AcceptedBeforeLocked(const std::string& device_id, int64_t round,
-                                        const std::string& sha256) {
-  if (sha256.empty()) return false;
-  const v1::RoundInfo* r = FindRound(round);
-  if (r == nullptr) return false;
-  for (const auto& u : r->updates()) {
-    if (u.device_id() == device_id && u.sha256() == sha256) return true;
-  }
-  return false;
 }
 
 void RoundManager::ChangedLocked() {
@@ -517,11 +508,14 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
       RejectLocked(id, number, std::string(s.message()), "session");
       return s;
     }
-    if (AcceptedBeforeLocked(id, number, header.adapter().sha256())) {
-      COLLM_LOG_INFO(
-          "round {}: {} sent its accepted update again (the answer was lost); acknowledged, not "
-          "counted again",
-          number, id);
+    // A re-send of the update this device already delivered (its first upload was recorded,
+    // then the answer was lost: the aggregator was killed or the link cut) is acknowledged
+    // again, not counted again and not a rejection.
+    if (auto it = update_sha256_.find({number, id}); it != update_sha256_.end() &&
+                                                     !it->second.empty() &&
+                                                     it->second == header.adapter().sha256()) {
+      COLLM_LOG_INFO("round {}: {} re-sent the update already accepted; acknowledged again", number,
+                     id);
       CountUpdate("resent", "none");
       return absl::OkStatus();
     }
@@ -549,11 +543,13 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
     return s;
   }
   COLLM_RETURN_IF_ERROR(check_round());  // The round may have closed meanwhile.
-  if (auto s = store_->SaveUpdate(number, id, update.adapter); !s.ok()) {
+  CrashPoint("update_accepted");
+  if (auto s = store_->SaveUpdate(number, id, update.adapter, header.adapter().sha256()); !s.ok()) {
     COLLM_LOG_ERROR("storing the update from {}: {}", id, std::string(s.message()));
     return absl::InternalError(
         absl::StrCat("the aggregator could not store the update: ", s.message()));
   }
+  CrashPoint("update_stored");
   v1::RoundInfo* open = OpenRound();
   v1::UpdateInfo* info = open->add_updates();
   info->set_device_id(id);
@@ -562,13 +558,13 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
   info->set_held_out_loss(header.held_out_loss());
   info->set_delta_norm(*norm);
   info->set_received_unix_ms(NowMs());
-  info->set_sha256(header.adapter().sha256());
   if (auto s = store_->SaveRound(*open); !s.ok()) {
     open->mutable_updates()->RemoveLast();
     return absl::InternalError(
         absl::StrCat("the aggregator could not record the update: ", s.message()));
   }
   updates_.emplace(id, std::move(update));
+  update_sha256_[{number, id}] = header.adapter().sha256();
   status_.set_updates_accepted(status_.updates_accepted() + 1);
   CountUpdate("accepted", "none");
   devices_[id].info.set_rounds_participated(devices_[id].info.rounds_participated() + 1);
@@ -578,6 +574,7 @@ absl::Status RoundManager::SubmitUpdate(const v1::UpdateHeader& header,
                  number, id, header.num_samples(), *norm, open->updates_size(),
                  open->participants_size());
   ChangedLocked();
+  CrashPoint("update_recorded");
   return absl::OkStatus();
 }
 
@@ -802,9 +799,13 @@ void RoundManager::Tick() {
       const int64_t next_version = status_.global_version() + 1;
       lock.unlock();
       const int64_t aggregation_start = clock_.NowNanos();
+      // Aggregate advances a copy: the moments in memory move only with the version they
+      // produced, so a failed round leaves them as they were.
+      ServerOptimizerState optimizer = optimizer_;
       absl::StatusOr<AggregationResult> result =
           Aggregate(options_.model, global, inputs, agg,
-                    agg.server_optimizer == ServerOptimizer::kNone ? nullptr : &optimizer_);
+                    agg.server_optimizer == ServerOptimizer::kNone ? nullptr : &optimizer);
+      CrashPoint("aggregating");
       if (options_.metrics != nullptr) {
         options_.metrics
             ->GetHistogram("collm_fed_aggregation_seconds", "Time to aggregate a round's updates",
@@ -814,13 +815,15 @@ void RoundManager::Tick() {
       absl::Status saved =
           result.ok() ? store_->SaveGlobal(next_version, result->adapter) : result.status();
       if (saved.ok() && agg.server_optimizer != ServerOptimizer::kNone) {
-        saved = store_->SaveOptimizer(optimizer_);
+        saved = store_->SaveOptimizer(next_version, optimizer);
       }
+      if (saved.ok()) CrashPoint("global_written");
       lock.lock();
       round = FindRound(number);
       round->set_finished_unix_ms(NowMs());
       if (saved.ok()) {
         global_ = std::move(result->adapter);
+        optimizer_ = std::move(optimizer);
         status_.set_global_version(next_version);
         status_.set_rounds_completed(status_.rounds_completed() + 1);
         double samples = 0, train = 0, held = 0;
@@ -845,6 +848,7 @@ void RoundManager::Tick() {
       updates_.clear();
       if (auto s = store_->SaveRound(*round); !s.ok())
         COLLM_LOG_ERROR("{}", std::string(s.message()));
+      CrashPoint("round_closed");
       if (auto s = SaveStatusLocked(); !s.ok()) COLLM_LOG_ERROR("{}", std::string(s.message()));
       ChangedLocked();
     }

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "collm/common/file_io.h"
+#include "collm/common/logging.h"
 #include "collm/common/status.h"
 #include "collm/lora/peft_io.h"
 #include "collm/runtime/safetensors.h"
@@ -23,6 +25,9 @@ namespace collm::federation {
 namespace {
 
 namespace fs = std::filesystem;
+
+constexpr char kOptimizerFile[] = "server_optimizer.safetensors";
+constexpr char kUploadShaFile[] = "upload.sha256";
 
 std::string ErrnoMessage() { return std::strerror(errno); }
 
@@ -110,16 +115,18 @@ absl::Status StateStore::SaveRound(const v1::RoundInfo& round) {
 }
 
 absl::Status StateStore::SaveUpdate(int64_t round, const std::string& device_id,
-                                    const lora::LoraAdapter& adapter) {
-  return lora::WritePeftAdapter(absl::StrCat(dir_, "/rounds/", round, "/updates/", device_id),
-                                adapter);
+                                    const lora::LoraAdapter& adapter, const std::string& sha256) {
+  const std::string dir = absl::StrCat(dir_, "/rounds/", round, "/updates/", device_id);
+  COLLM_RETURN_IF_ERROR(lora::WritePeftAdapter(dir, adapter));
+  return WriteFileAtomically(absl::StrCat(dir, "/", kUploadShaFile), sha256);
 }
 
 absl::Status StateStore::SaveGlobal(int64_t version, const lora::LoraAdapter& adapter) {
   return lora::WritePeftAdapter(GlobalDir(version), adapter);
 }
 
-absl::Status StateStore::SaveOptimizer(const ServerOptimizerState& state) {
+absl::Status StateStore::SaveOptimizer(int64_t version, const ServerOptimizerState& state) {
+  COLLM_RETURN_IF_ERROR(MakeDirs(GlobalDir(version)));
   std::vector<at::Tensor> keep;  // Contiguous f32 copies alive until written.
   std::vector<runtime::TensorToWrite> tensors;
   for (const auto* group : {&state.m, &state.v}) {
@@ -130,7 +137,7 @@ absl::Status StateStore::SaveOptimizer(const ServerOptimizerState& state) {
                          keep.back().sizes().vec(), keep.back().data_ptr()});
     }
   }
-  return runtime::WriteSafetensors(dir_ + "/server_optimizer.safetensors", tensors,
+  return runtime::WriteSafetensors(GlobalDir(version) + "/" + kOptimizerFile, tensors,
                                    {{"steps", absl::StrCat(state.steps)}});
 }
 
@@ -147,6 +154,31 @@ absl::StatusOr<lora::LoraAdapter> StateStore::ReadGlobal(int64_t version,
         absl::StrCat("global version ", version, ": ", adapter.status().message()));
   }
   return adapter;
+}
+
+void StateStore::ReconcileWithRounds(FederationState* state) const {
+  v1::FederationStatus& status = state->status;
+  int64_t completed = 0, accepted = 0, newest_round = status.current_round();
+  int64_t result_version = 0;
+  for (const v1::RoundInfo& r : state->rounds) {
+    accepted += r.updates_size();
+    newest_round = std::max<int64_t>(newest_round, r.round());
+    if (r.state() != "done") continue;
+    ++completed;
+    result_version = std::max<int64_t>(result_version, r.result_version());
+  }
+  // A kill after a round closed (round.json "done") but before status.json took the new version:
+  // the version is on disk (written before the round closed), so it is the current one; leaving
+  // the old one would let the next round overwrite it.
+  if (result_version > status.global_version()) {
+    COLLM_LOG_WARN("{}/status.json has global version {}, the round log {}: resuming from {}", dir_,
+                   status.global_version(), result_version, result_version);
+    status.set_global_version(result_version);
+  }
+  // Counters only rise: status.json lags the round log after a kill between their writes.
+  status.set_current_round(newest_round);
+  status.set_rounds_completed(std::max(status.rounds_completed(), completed));
+  status.set_updates_accepted(std::max(status.updates_accepted(), accepted));
 }
 
 absl::StatusOr<FederationState> StateStore::Load(const runtime::ModelConfig& model) const {
@@ -182,6 +214,12 @@ absl::StatusOr<FederationState> StateStore::Load(const runtime::ModelConfig& mod
       return absl::DataLossError(absl::StrCat(dir, "/round.json: says round ", round.round(),
                                               " but lies in the directory of round ", n));
     }
+    for (const auto& u : round.updates()) {
+      // Absent for updates stored before it was: their re-sends are refused as duplicates.
+      std::ifstream sha(absl::StrCat(dir, "/updates/", u.device_id(), "/", kUploadShaFile));
+      std::string hex;
+      if (sha >> hex) state.update_sha256[{n, u.device_id()}] = hex;
+    }
     if (round.state() == "collecting" || round.state() == "aggregating") {
       auto& updates = state.open_updates[n];
       for (const auto& u : round.updates()) {
@@ -197,8 +235,13 @@ absl::StatusOr<FederationState> StateStore::Load(const runtime::ModelConfig& mod
     }
     state.rounds.push_back(std::move(round));
   }
+  ReconcileWithRounds(&state);
   COLLM_ASSIGN_OR_RETURN(state.global, ReadGlobal(state.status.global_version(), model));
-  const std::string opt_path = dir_ + "/server_optimizer.safetensors";
+  // The moments that produced the current global version; state dirs written before they were
+  // kept per version have one file at the top.
+  std::string opt_path =
+      absl::StrCat(GlobalDir(state.status.global_version()), "/", kOptimizerFile);
+  if (!fs::exists(opt_path)) opt_path = absl::StrCat(dir_, "/", kOptimizerFile);
   if (fs::exists(opt_path)) {
     auto file = runtime::SafetensorsFile::Open(opt_path);
     if (!file.ok()) return absl::DataLossError(std::string(file.status().message()));

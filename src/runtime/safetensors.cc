@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "collm/common/file_io.h"
 #include "collm/common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -131,7 +132,7 @@ absl::Status CheckedSizes(absl::string_view path, absl::string_view tensor,
   return absl::OkStatus();
 }
 
-// Closes a descriptor on every exit path of the writer and reader.
+// Closes a descriptor on every exit path of the readers.
 class FdCloser {
  public:
   explicit FdCloser(int fd) : fd_(fd) {}
@@ -140,30 +141,10 @@ class FdCloser {
   }
   FdCloser(const FdCloser&) = delete;
   FdCloser& operator=(const FdCloser&) = delete;
-  // Closes now so the caller can see close() errors (on NFS they carry write failures).
-  int Close() {
-    int rc = ::close(fd_);
-    fd_ = -1;
-    return rc;
-  }
 
  private:
   int fd_;
 };
-
-absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, path, "write");
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
 
 absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_bytes) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -326,6 +307,10 @@ uint16_t FloatToBFloat16(float value) {
 
 void ConvertToFloat32(const TensorView& view, float* out) {
   const size_t n = static_cast<size_t>(view.numel());
+  // An empty tensor's buffers may be null (an empty vector's data(), a 0-element torch tensor's
+  // data_ptr), and memcpy with a null pointer is undefined even for 0 bytes (found by
+  // fuzz_safetensors under UBSan).
+  if (n == 0) return;
   const uint8_t* p = view.data;
   switch (view.dtype) {
     case StoredDType::kF32:
@@ -718,37 +703,11 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   std::vector<uint64_t> sizes;
   COLLM_RETURN_IF_ERROR(BuildHeader(path, tensors, metadata, &head, &sizes));
 
-  const std::string tmp_path = absl::StrCat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError(errno, tmp_path, "open");
-  FdCloser closer(fd);
-  auto write_everything = [&]() -> absl::Status {
-    COLLM_RETURN_IF_ERROR(WriteAll(fd, head.data(), head.size(), tmp_path));
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      COLLM_RETURN_IF_ERROR(WriteAll(fd, tensors[i].data, static_cast<size_t>(sizes[i]), tmp_path));
-    }
-    if (::fsync(fd) != 0) return ErrnoError(errno, tmp_path, "fsync");
-    if (closer.Close() != 0) return ErrnoError(errno, tmp_path, "close");
-    if (::rename(tmp_path.c_str(), path.c_str()) != 0) {
-      return ErrnoError(errno, path, absl::StrCat("rename from ", tmp_path));
-    }
-    return absl::OkStatus();
-  };
-  absl::Status status = write_everything();
-  if (!status.ok()) {
-    ::unlink(tmp_path.c_str());
-    return status;
+  std::vector<absl::string_view> pieces = {head};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    pieces.emplace_back(static_cast<const char*>(tensors[i].data), static_cast<size_t>(sizes[i]));
   }
-  // The rename is only durable once the directory entry is; filesystems that cannot fsync a
-  // directory (EINVAL) give no stronger guarantee, so that is not an error.
-  const size_t slash = path.find_last_of('/');
-  const std::string parent = slash == std::string::npos ? "." : path.substr(0, slash + 1);
-  int dir_fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    FdCloser dir_closer(dir_fd);
-    if (::fsync(dir_fd) != 0 && errno != EINVAL) return ErrnoError(errno, parent, "fsync");
-  }
-  return absl::OkStatus();
+  return WriteFileAtomically(path, pieces);
 }
 
 }  // namespace collm::runtime

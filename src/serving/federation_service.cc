@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "collm/common/crash_point.h"
 #include "collm/common/grpc_status.h"
 #include "collm/federation/adapter_stream.h"
 #include "collm/serving/bearer_auth.h"
@@ -99,12 +100,16 @@ grpc::Status FederationServiceImpl::UploadUpdate(grpc::ServerContext* context,
   if (header.adapter().config_json().empty()) return reject("adapter.config_json is empty");
   auto receiver =
       federation::AdapterReceiver::Begin(header.adapter(), options_.max_update_bytes, "update");
-  if (!receiver.ok()) return reject(std::string(receiver.status().message()));
+  if (!receiver.ok()) {
+    return reject(
+        absl::StrCat(receiver.status().message(), " (the aggregator's max_update_bytes)"));
+  }
   while (reader->Read(&chunk)) {
     if (!chunk.has_data()) return reject("an UpdateChunk after the first carries a second header");
     if (absl::Status s = receiver->Add(chunk.data()); !s.ok()) {
       return reject(std::string(s.message()));
     }
+    CrashPoint("upload_chunk");
   }
   if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled");
   absl::StatusOr<lora::PeftBlob> blob = std::move(*receiver).Finish();

@@ -97,7 +97,7 @@ TEST(WriteFileAtomicallyTest, MissingDirectoryIsAnErrorNamingTheFile) {
   TempDir dir;
   const std::string path = dir.path() + "/no/such/dir/state.json";
   const absl::Status s = WriteFileAtomically(path, "x");
-  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);  // The code follows errno (ENOENT).
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("No such file or directory"), std::string::npos) << s;
 }
@@ -145,7 +145,7 @@ TEST(WriteFileAtomicallyTest, UnwritableDirectoryIsAnErrorNamingTheFileAndLeaves
                                   fs::perms::others_read | fs::perms::others_exec);
   const absl::Status s = WriteUnprivileged(path, "lost");
   fs::permissions(dir.path(), fs::perms::owner_all);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied) << s;
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("Permission denied"), std::string::npos) << s;
   EXPECT_EQ(Read(path), "kept");
@@ -157,9 +157,9 @@ TEST(WriteFileAtomicallyTest, TargetThatIsADirectoryFailsAndRemovesTheTemporaryF
   const std::string path = dir.path() + "/occupied";
   fs::create_directories(path + "/child");  // rename(file, non-empty dir) fails for everyone.
   const absl::Status s = WriteFileAtomically(path, "x");
-  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);  // EISDIR / ENOTEMPTY.
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
-  EXPECT_NE(s.message().find("rename failed"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("rename from"), std::string::npos) << s;
   EXPECT_EQ(Entries(dir.path()), std::vector<std::string>{"occupied"}) << "no temporary file left";
   EXPECT_TRUE(fs::is_directory(path));
 }

@@ -472,7 +472,7 @@ TEST(StateStoreTest, CorruptFilesAreNamedAndTempFilesIgnored) {
   opt.steps = 3;
   opt.m["x"] = torch::ones({2, 2});
   opt.v["x"] = torch::full({2, 2}, 2.0f);
-  ASSERT_TRUE(store->SaveOptimizer(opt).ok());
+  ASSERT_TRUE(store->SaveOptimizer(1, opt).ok());
   // A write interrupted before its rename leaves only a temp file: ignored.
   std::ofstream(dir + "/status.json.tmp.999") << "{\"state\": \"tor";
   auto loaded = store->Load(model);

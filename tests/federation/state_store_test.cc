@@ -73,7 +73,7 @@ Saved SaveEverything(StateStore& store, const runtime::ModelConfig& model) {
   s.round.add_participants("dev-1");
   s.round.add_updates()->set_device_id("dev-1");
   EXPECT_TRUE(store.SaveGlobal(3, Adapter(model, 3)).ok());
-  EXPECT_TRUE(store.SaveUpdate(2, "dev-1", Adapter(model, 7)).ok());
+  EXPECT_TRUE(store.SaveUpdate(2, "dev-1", Adapter(model, 7), "5ha256").ok());
   EXPECT_TRUE(store.SaveRound(s.round).ok());
   EXPECT_TRUE(store.SaveDevices({s.device}).ok());
   EXPECT_TRUE(store.SavePolicy(s.policy).ok());
@@ -81,7 +81,7 @@ Saved SaveEverything(StateStore& store, const runtime::ModelConfig& model) {
   opt.steps = 9;
   opt.m["x"] = torch::arange(6, torch::kFloat32).reshape({2, 3});
   opt.v["x"] = torch::full({2, 3}, 2.0f);
-  EXPECT_TRUE(store.SaveOptimizer(opt).ok());
+  EXPECT_TRUE(store.SaveOptimizer(3, opt).ok());
   EXPECT_TRUE(store.SaveStatus(s.status).ok());
   return s;
 }
@@ -108,6 +108,7 @@ TEST(StateStoreTest, WhatIsSavedLoadsBack) {
   ASSERT_EQ(state->devices.size(), 1u);
   EXPECT_EQ(state->devices[0].device_id(), "dev-1");
   EXPECT_EQ(state->devices[0].rounds_participated(), 4);
+  EXPECT_EQ(state->update_sha256.at({2, "dev-1"}), "5ha256");
   ASSERT_EQ(state->rounds.size(), 1u);
   EXPECT_EQ(state->rounds[0].round(), 2);
   EXPECT_EQ(state->rounds[0].state(), "collecting");

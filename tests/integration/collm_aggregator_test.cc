@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "collm/federation/fingerprint.h"
 #include "collm/lora/peft_io.h"
 #include "collm/runtime/model_config.h"
@@ -134,6 +135,10 @@ class Device {
     return writer->Finish();
   }
   const std::string& id() const { return id_; }
+  // Talks to a restarted aggregator under the same session (the aggregator persisted it).
+  void Reconnect(std::shared_ptr<grpc::Channel> channel) {
+    stub_ = v1::FederationService::NewStub(std::move(channel));
+  }
 
  private:
   std::string id_, session_;
@@ -402,6 +407,277 @@ TEST(CollmAggregatorTest, Kill9MidRoundThenRestartResumesWithTheAcceptedUpdate) 
   // (1*10 + 4*20 + 4*20) / 50 = 3.4: the update accepted before the kill counted.
   EXPECT_TRUE(
       torch::allclose(v2.factors.layers[0][0].a, global.factors.layers[0][0].a + 3.4f, 1e-4, 1e-5));
+}
+
+// --- Crash points (common/crash_point.h): SIGKILL at a named point, restart, check nothing -----
+// acknowledged was lost or counted twice. Two devices, min_clients 2, FedAdam (so the server
+// optimizer's moments are part of what must survive exactly once).
+
+struct CrashRun {
+  lora::LoraAdapter v2;  // Global version 2 after the round (empty when it never came).
+  std::string log;       // The first (crashing) process's log.
+};
+
+// The aggregator on `config`, or null after a test failure naming why it did not come up.
+std::unique_ptr<collm::testing::ServerProcess> StartAggregator(const std::string& config,
+                                                               const std::string& dir,
+                                                               std::vector<std::string> env = {}) {
+  auto started = collm::testing::StartServer("src/collm-aggregator", config, dir, "aggregator",
+                                             std::chrono::seconds(60), std::move(env));
+  if (!started.ok()) {
+    ADD_FAILURE() << started.status();
+    return nullptr;
+  }
+  return *std::move(started);
+}
+
+// One federation round with dev-1 (shift 1, 10 samples) and dev-2 (shift 4, 20 samples) on an
+// aggregator started with COLLM_CRASH_AT=`crash_at` ("" = no crash), restarted after the crash.
+// Each device re-sends its update after the restart when the first upload was not answered OK,
+// as collmd's FL client retries it.
+CrashRun RunRoundThroughCrash(const std::string& crash_at) {
+  CrashRun out;
+  const std::string dir = MakeTempDir("aggregator-crash");
+  const std::string config = WriteConfig(dir, "  server_optimizer: fedadam\n", 2);
+  std::vector<std::unique_ptr<Device>> devices;
+  std::vector<lora::PeftBlob> blobs;
+  std::vector<bool> acked;
+  {
+    std::vector<std::string> env;
+    if (!crash_at.empty()) env.push_back("COLLM_CRASH_AT=" + crash_at);
+    auto started = StartAggregator(config, dir, env);
+    if (started == nullptr) return out;
+    collm::testing::ServerProcess& agg = *started;
+    auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
+    for (const char* id : {"dev-1", "dev-2"}) {
+      devices.push_back(std::make_unique<Device>(id, channel));
+      EXPECT_TRUE(devices.back()->Register().ok());
+    }
+    for (size_t i = 0; i < devices.size(); ++i) {
+      const v1::RoundTask task = devices[i]->WaitForTask();
+      EXPECT_EQ(task.round(), 1);
+      blobs.push_back(Shifted(devices[i]->Fetch(1), i == 0 ? 1.0f : 4.0f));
+      acked.push_back(devices[i]->Upload(1, 1, blobs.back(), i == 0 ? 10 : 20).ok());
+    }
+    if (crash_at.empty()) {
+      EXPECT_EQ(WaitForVersion(*Admin(agg.address()), 2).global_version(), 2);
+      out.v2 = devices[0]->Fetch(2);
+      return out;
+    }
+    for (int i = 0; i < 600 && agg.process().Running(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_EQ(agg.process().Describe(), "killed by signal 9");
+    out.log = agg.log();
+    EXPECT_NE(out.log.find("COLLM_CRASH_AT: crash point " + crash_at.substr(0, crash_at.find(':'))),
+              std::string::npos)
+        << out.log;
+    EXPECT_TRUE(acked[0]) << "dev-1's update is answered before any crash point is reached";
+  }
+  // Restarted on the same state dir, without the crash point.
+  {
+    auto started = StartAggregator(config, dir);
+    if (started == nullptr) return out;
+    collm::testing::ServerProcess& agg = *started;
+    auto channel = grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials());
+    for (size_t i = 0; i < devices.size(); ++i) {
+      devices[i]->Reconnect(channel);
+      if (acked[i]) continue;
+      const grpc::Status s = devices[i]->Upload(1, 1, blobs[i], i == 0 ? 10 : 20);
+      EXPECT_TRUE(s.ok()) << devices[i]->id() << " re-sent its update: " << s.error_message()
+                          << "\n"
+                          << agg.log();
+    }
+    auto admin = Admin(agg.address());
+    const v1::FederationStatus st = WaitForVersion(*admin, 2);
+    EXPECT_EQ(st.global_version(), 2) << agg.log();
+    EXPECT_EQ(st.rounds_completed(), 1);
+    // Each update counted once: no more (a re-send counted again) and no fewer (one lost).
+    EXPECT_EQ(st.updates_accepted(), 2) << agg.log();
+    EXPECT_EQ(st.updates_rejected(), 0) << agg.log();
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", std::string("Bearer ") + kToken);
+    v1::GetRoundRequest req;
+    req.set_round(1);
+    v1::RoundInfo round;
+    EXPECT_TRUE(admin->GetRound(&ctx, req, &round).ok());
+    EXPECT_EQ(round.state(), "done");
+    EXPECT_EQ(round.result_version(), 2);
+    EXPECT_EQ(round.updates_size(), 2);
+    EXPECT_EQ(round.rejected_size(), 0) << round.rejected(0);
+    out.v2 = devices[0]->Fetch(2);
+    EXPECT_EQ(agg.Stop(), 0);
+  }
+  // The state dir is valid: a third process loads it (it exits at once when it cannot).
+  if (auto agg = StartAggregator(config, dir)) {
+    EXPECT_EQ(GetStatus(*Admin(agg->address())).global_version(), 2) << agg->log();
+  }
+  return out;
+}
+
+void ExpectSameAdapter(const lora::LoraAdapter& got, const lora::LoraAdapter& want) {
+  ASSERT_EQ(got.factors.layers.size(), want.factors.layers.size());
+  ASSERT_FALSE(want.factors.layers.empty());
+  for (size_t l = 0; l < want.factors.layers.size(); ++l) {
+    ASSERT_EQ(got.factors.layers[l].size(), want.factors.layers[l].size());
+    for (size_t t = 0; t < want.factors.layers[l].size(); ++t) {
+      const auto& g = got.factors.layers[l][t];
+      const auto& w = want.factors.layers[l][t];
+      ASSERT_EQ(g.a.defined(), w.a.defined());
+      if (!w.a.defined()) continue;
+      EXPECT_TRUE(torch::allclose(g.a, w.a, 1e-5, 1e-6)) << "layer " << l << " target " << t;
+      EXPECT_TRUE(torch::allclose(g.b, w.b, 1e-5, 1e-6)) << "layer " << l << " target " << t;
+    }
+  }
+}
+
+TEST(CollmAggregatorTest, KilledAtEachCrashPointTheRoundCompletesWithEveryUpdateCountedOnce) {
+  // The round without a crash: what every crashed-and-restarted run must produce.
+  const CrashRun reference = RunRoundThroughCrash("");
+  ASSERT_FALSE(reference.v2.factors.layers.empty());
+  // dev-1's upload takes this many 1 KiB chunks; the next ones are dev-2's.
+  const int64_t dev1_chunks =
+      static_cast<int64_t>((Shifted(reference.v2, 0).safetensors.size() + 1023) / 1024);
+  // nth counts per name: :2 is dev-2's update. adapter_model.safetensors is written for global v1
+  // (1), dev-1's update (2), dev-2's (3), global v2 (4); round.json when round 1 opens (1), for
+  // each update (2, 3) and when it closes (4).
+  const std::vector<std::string> points = {
+      absl::StrCat("upload_chunk:", dev1_chunks + 1),
+      "update_accepted:2",
+      "update_stored:2",
+      "update_recorded:2",
+      "rename/round.json:3",
+      "aggregating",
+      "rename/adapter_model.safetensors:4",
+      "rename/server_optimizer.safetensors",
+      "global_written",
+      "rename/round.json:4",
+      "round_closed",
+  };
+  for (const std::string& at : points) {
+    SCOPED_TRACE("COLLM_CRASH_AT=" + at);
+    const CrashRun run = RunRoundThroughCrash(at);
+    ExpectSameAdapter(run.v2, reference.v2);
+  }
+}
+
+// Round 1 collecting with dev-1's update accepted, then the aggregator stopped: a state dir with
+// every kind of file (status, policy, devices, sessions, a round, an update, a global version).
+void MakeStateWithAnOpenRound(const std::string& config, const std::string& dir,
+                              std::vector<std::unique_ptr<Device>>* devices,
+                              std::vector<lora::PeftBlob>* blobs) {
+  auto agg = StartAggregator(config, dir);
+  ASSERT_NE(agg, nullptr);
+  auto channel = grpc::CreateChannel(agg->address(), grpc::InsecureChannelCredentials());
+  for (const char* id : {"dev-1", "dev-2"}) {
+    devices->push_back(std::make_unique<Device>(id, channel));
+    ASSERT_TRUE(devices->back()->Register().ok());
+  }
+  for (size_t i = 0; i < devices->size(); ++i) {
+    ASSERT_EQ((*devices)[i]->WaitForTask().round(), 1);
+    blobs->push_back(Shifted((*devices)[i]->Fetch(1), i == 0 ? 1.0f : 4.0f));
+  }
+  ASSERT_TRUE((*devices)[0]->Upload(1, 1, (*blobs)[0], 10).ok());
+  EXPECT_EQ(agg->Stop(), 0);
+}
+
+TEST(CollmAggregatorTest, ATruncatedStateFileIsNamedAtStartAndTheProcessExitsCleanly) {
+  const std::string dir = MakeTempDir("aggregator-corrupt");
+  std::vector<std::unique_ptr<Device>> devices;
+  std::vector<lora::PeftBlob> blobs;
+  MakeStateWithAnOpenRound(WriteConfig(dir, "", 2), dir, &devices, &blobs);
+  const std::vector<std::string> files = {
+      "status.json",
+      "policy.json",
+      "devices.json",
+      "sessions.json",
+      "rounds/1/round.json",
+      "rounds/1/updates/dev-1/adapter_config.json",
+      "rounds/1/updates/dev-1/adapter_model.safetensors",
+      "globals/v1/adapter_config.json",
+      "globals/v1/adapter_model.safetensors",
+  };
+  for (size_t i = 0; i < files.size(); ++i) {
+    for (const bool empty : {false, true}) {
+      SCOPED_TRACE(files[i] + (empty ? " emptied" : " cut in half"));
+      const std::string copy = absl::StrCat(dir, "/copy-", i, empty ? "-empty" : "-half");
+      std::filesystem::create_directories(copy);
+      std::filesystem::copy(dir + "/state", copy + "/state",
+                            std::filesystem::copy_options::recursive);
+      const std::string path = copy + "/state/" + files[i];
+      ASSERT_TRUE(std::filesystem::exists(path));
+      std::filesystem::resize_file(path, empty ? 0 : std::filesystem::file_size(path) / 2);
+      auto started = collm::testing::StartServer("src/collm-aggregator", WriteConfig(copy, "", 2),
+                                                 copy, "aggregator");
+      ASSERT_FALSE(started.ok()) << "started on a state dir with a truncated " << files[i];
+      const std::string message(started.status().message());
+      EXPECT_NE(message.find(path), std::string::npos) << message;
+      EXPECT_NE(message.find("exited with status 1"), std::string::npos) << message;
+    }
+  }
+}
+
+TEST(CollmAggregatorTest, AFileSizeLimitFailsTheUpdateClearlyKeepsTheStateAndRecoversAfter) {
+  const std::string dir = MakeTempDir("aggregator-fsize");
+  const std::string config = WriteConfig(dir, "", 2);
+  std::vector<std::unique_ptr<Device>> devices;
+  std::vector<lora::PeftBlob> blobs;
+  MakeStateWithAnOpenRound(config, dir, &devices, &blobs);
+  const std::string round_before = ReadFileOrDie(dir + "/state/rounds/1/round.json");
+  // Below the size of an update's weights, above every JSON state file.
+  const int64_t limit = static_cast<int64_t>(blobs[1].safetensors.size()) / 2;
+  {
+    collm::testing::ServerProcess::Options options;
+    options.binary = BinaryPath("src/collm-aggregator");
+    options.config = config;
+    options.dir = dir;
+    options.name = "aggregator-limited";
+    options.file_size_limit = limit;
+    options.print_log_tail_if = collm::testing::CurrentTestFailed;
+    auto agg = collm::testing::ServerProcess::Start(std::move(options));
+    ASSERT_TRUE(agg.ok()) << agg.status();
+    auto channel = grpc::CreateChannel((*agg)->address(), grpc::InsecureChannelCredentials());
+    devices[1]->Reconnect(channel);
+    const grpc::Status s = devices[1]->Upload(1, 1, blobs[1], 20);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INTERNAL) << s.error_message();
+    EXPECT_NE(s.error_message().find("could not store the update"), std::string::npos)
+        << s.error_message();
+    EXPECT_NE(s.error_message().find("File too large"), std::string::npos) << s.error_message();
+    EXPECT_TRUE((*agg)->process().Running());
+    const v1::FederationStatus st = GetStatus(*Admin((*agg)->address()));
+    EXPECT_EQ(st.updates_accepted(), 1);
+    EXPECT_EQ(st.global_version(), 1);
+    EXPECT_EQ(ReadFileOrDie(dir + "/state/rounds/1/round.json"), round_before);
+    EXPECT_EQ((*agg)->Stop(), 0);
+  }
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir + "/state"))
+    EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << e.path();
+  // Space is back: the same update is accepted and the round completes.
+  auto agg = StartAggregator(config, dir);
+  ASSERT_NE(agg, nullptr);
+  devices[1]->Reconnect(grpc::CreateChannel(agg->address(), grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(devices[1]->Upload(1, 1, blobs[1], 20).ok()) << agg->log();
+  const v1::FederationStatus st = WaitForVersion(*Admin(agg->address()), 2);
+  EXPECT_EQ(st.global_version(), 2) << agg->log();
+  EXPECT_EQ(st.updates_accepted(), 2);
+}
+
+TEST(CollmAggregatorTest, AnUpdateOverMaxUpdateBytesIsRefusedNamingTheLimit) {
+  const std::string dir = MakeTempDir("aggregator-limit");
+  COLLM_START_SERVER(agg, "src/collm-aggregator", WriteConfig(dir, "max_update_bytes: 1KiB\n", 1),
+                     dir, "aggregator");
+  Device device("dev-1", grpc::CreateChannel(agg.address(), grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(device.Register().ok());
+  const v1::RoundTask task = device.WaitForTask();
+  const lora::PeftBlob blob = Shifted(device.Fetch(task.global_version()), 1.0f);
+  ASSERT_GT(blob.safetensors.size(), 1024u);
+  const grpc::Status s = device.Upload(task.round(), task.global_version(), blob, 5);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find(
+                absl::StrCat("announces ", blob.safetensors.size(), " bytes; the limit is 1024")),
+            std::string::npos)
+      << s.error_message();
+  EXPECT_NE(s.error_message().find("max_update_bytes"), std::string::npos) << s.error_message();
+  EXPECT_EQ(GetStatus(*Admin(agg.address())).updates_accepted(), 0);
 }
 
 // openssl CLI: a CA, a server cert for 127.0.0.1/localhost, a client cert with CN=dev-tls.

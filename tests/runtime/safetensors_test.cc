@@ -181,6 +181,21 @@ TEST(SafetensorsTest, EmptyHeaderAndZeroElementTensorsAreValid) {
   EXPECT_EQ(value, 5.0f);
 }
 
+// Found by fuzz_safetensors under UBSan: converting a 0-element F32 tensor into an empty buffer
+// (a null data()) called memcpy with a null pointer. Fails under -DCOLLM_SANITIZE=undefined.
+TEST(SafetensorsTest, ZeroElementF32TensorConvertsIntoANullBuffer) {
+  const std::string header = R"({"z": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]}})";
+  std::string bytes(8, '\0');
+  bytes[0] = static_cast<char>(header.size());
+  auto file = SafetensorsFile::FromBytes(bytes + header, "crash-74fbdcb1");
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto z = (*file)->Get("z");
+  ASSERT_TRUE(z.ok()) << z.status();
+  EXPECT_EQ(z->numel(), 0);
+  std::vector<float> out;
+  ConvertToFloat32(*z, out.data());
+}
+
 TEST(SafetensorsTest, WriteReplacesExistingFileAndLeavesNoTemporary) {
   std::string dir = MakeTempDir();
   std::string path = dir + "/model.safetensors";

@@ -2,10 +2,12 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -41,6 +43,20 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(Options option
   std::vector<char*> argv;
   for (auto& a : options.argv) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The parent's environment with options.env's entries replacing those of the same name.
+  std::vector<std::string> env_storage;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry = *e;
+    const std::string name = entry.substr(0, entry.find('='));
+    const bool replaced = std::any_of(options.env.begin(), options.env.end(), [&](const auto& o) {
+      return o.compare(0, name.size() + 1, name + "=") == 0;
+    });
+    if (!replaced) env_storage.push_back(entry);
+  }
+  env_storage.insert(env_storage.end(), options.env.begin(), options.env.end());
+  std::vector<char*> envp;
+  for (auto& e : env_storage) envp.push_back(e.data());
+  envp.push_back(nullptr);
   const int log_fd =
       ::open(options.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd < 0) {
@@ -55,11 +71,16 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(Options option
     return absl::InternalError(absl::StrCat("fork for ", options.argv[0], " failed: ", err));
   }
   if (pid == 0) {
+    if (options.file_size_limit > 0) {
+      const rlimit limit = {static_cast<rlim_t>(options.file_size_limit),
+                            static_cast<rlim_t>(options.file_size_limit)};
+      ::setrlimit(RLIMIT_FSIZE, &limit);
+    }
     const int null_fd = ::open("/dev/null", O_RDONLY);
     if (null_fd >= 0) ::dup2(null_fd, 0);
     ::dup2(log_fd, 1);
     ::dup2(log_fd, 2);
-    ::execve(argv[0], argv.data(), environ);
+    ::execve(argv[0], argv.data(), envp.data());
     const char* reason = std::strerror(errno);  // Not strictly async-signal-safe; exiting anyway.
     (void)!::write(2, exec_failed.data(), exec_failed.size());
     (void)!::write(2, reason, std::strlen(reason));
@@ -187,6 +208,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(Options opti
   child.log_path = absl::StrCat(options.dir, "/", options.name, ".log");
   child.stop_grace = options.stop_grace;
   child.print_log_tail_if = std::move(options.print_log_tail_if);
+  child.env = std::move(options.env);
+  child.file_size_limit = options.file_size_limit;
   auto server = std::unique_ptr<ServerProcess>(new ServerProcess());
   auto process = ChildProcess::Start(std::move(child));
   if (!process.ok()) return process.status();

@@ -8,6 +8,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
@@ -35,6 +36,11 @@ class ChildProcess {
     // Asked once at destruction; when it returns true the log tail goes to stderr (tests pass
     // "the current test has failed"). Empty: never.
     std::function<bool()> print_log_tail_if;
+    // "NAME=value" entries added to (or replacing in) the parent's environment for the child.
+    std::vector<std::string> env;
+    // > 0: RLIMIT_FSIZE of the child, in bytes (a write past it fails with EFBIG, as on a full
+    // disk, once the child ignores SIGXFSZ as the daemons do).
+    int64_t file_size_limit = 0;
   };
 
   // Starts the child. InvalidArgument on an empty argv, InternalError when the log cannot be
@@ -96,6 +102,8 @@ class ServerProcess {
     std::chrono::milliseconds ready_timeout = std::chrono::seconds(60);
     std::chrono::milliseconds stop_grace = std::chrono::seconds(30);
     std::function<bool()> print_log_tail_if;  // As ChildProcess::Options.
+    std::vector<std::string> env;             // As ChildProcess::Options.
+    int64_t file_size_limit = 0;              // As ChildProcess::Options.
   };
 
   // Starts the binary and waits for its ports: an error (with the log tail) when it dies first,

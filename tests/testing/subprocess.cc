@@ -29,9 +29,12 @@ std::string BinaryPath(const std::string& relative) {
 #endif
 }
 
-absl::StatusOr<std::unique_ptr<ServerProcess>> StartServer(
-    const std::string& binary, const std::string& config, const std::string& dir,
-    const std::string& name, std::chrono::milliseconds ready_timeout) {
+absl::StatusOr<std::unique_ptr<ServerProcess>> StartServer(const std::string& binary,
+                                                           const std::string& config,
+                                                           const std::string& dir,
+                                                           const std::string& name,
+                                                           std::chrono::milliseconds ready_timeout,
+                                                           std::vector<std::string> env) {
   ServerProcess::Options options;
   options.binary = BinaryPath(binary);
   options.config = config;
@@ -39,6 +42,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> StartServer(
   options.name = name;
   options.ready_timeout = ready_timeout;
   options.print_log_tail_if = CurrentTestFailed;
+  options.env = std::move(env);
   return ServerProcess::Start(std::move(options));
 }
 

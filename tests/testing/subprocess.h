@@ -7,6 +7,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "testing/process.h"
@@ -27,10 +28,11 @@ std::string BinaryPath(const std::string& relative);
 
 // Starts BinaryPath(binary) --config `config` as a ServerProcess with NAME.log and NAME.ports in
 // `dir`, and waits (up to `ready_timeout`) for its ports. The log tail goes to stderr when the
-// process is destroyed during a failed test.
+// process is destroyed during a failed test. `env`: "NAME=value" entries for the child only.
 absl::StatusOr<std::unique_ptr<ServerProcess>> StartServer(
     const std::string& binary, const std::string& config, const std::string& dir,
-    const std::string& name, std::chrono::milliseconds ready_timeout = std::chrono::seconds(60));
+    const std::string& name, std::chrono::milliseconds ready_timeout = std::chrono::seconds(60),
+    std::vector<std::string> env = {});
 
 // True when the running gtest test has failed so far (for ChildProcess::Options).
 bool CurrentTestFailed();

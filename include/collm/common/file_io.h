@@ -8,13 +8,19 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace collm {
 
 // Temporary file in the same directory, fsync, rename, fsync the directory: a reader sees the old
 // file or the new one, never a torn one. InternalError naming the file on failure (the temporary
-// file is removed).
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
+// file is removed); the code follows errno (ResourceExhausted for a full disk, NotFound for a
+// missing directory). The crash point "rename/<file name>" sits between the fsync and the rename.
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);
+// The same for a file written as consecutive pieces (a header and tensor data) without joining
+// them in memory first.
+absl::Status WriteFileAtomically(const std::string& path,
+                                 const std::vector<absl::string_view>& pieces);
 
 // fsyncs a directory so renames into it are durable; best effort ("" = the current directory).
 void FsyncDirectory(const std::string& dir);

@@ -1,6 +1,6 @@
 // SIGTERM/SIGINT handling for the daemons (collmd, collm-aggregator, collm-router): the signals
 // are blocked in every thread and taken synchronously by one sigwait, so shutdown runs as
-// ordinary code on the main thread instead of in a signal handler.
+// ordinary code on the main thread instead of in a signal handler. SIGXFSZ is ignored.
 #ifndef COLLM_COMMON_SHUTDOWN_SIGNALS_H_
 #define COLLM_COMMON_SHUTDOWN_SIGNALS_H_
 
@@ -18,6 +18,10 @@ class ShutdownSignals {
     sigaddset(&signals_, SIGTERM);
     sigaddset(&signals_, SIGINT);
     pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+    // Past a file-size limit (ulimit -f, RLIMIT_FSIZE) a write fails with EFBIG, which the
+    // state and checkpoint writers report like a full disk, keeping the previous file; the
+    // default SIGXFSZ action would kill the daemon instead.
+    signal(SIGXFSZ, SIG_IGN);
   }
   ShutdownSignals(const ShutdownSignals&) = delete;
   ShutdownSignals& operator=(const ShutdownSignals&) = delete;

@@ -98,8 +98,9 @@ class RoundManager {
   // FailedPrecondition when `session` is not `device_id`'s current one.
   absl::Status CheckSession(const std::string& device_id, const std::string& session) const;
   // Validates, persists and counts an uploaded update (the transport already checked size and
-  // sha256). OK = accepted, or already accepted before with the same payload (a re-send after a
-  // lost answer: acknowledged, counted once); any error is also recorded as a rejection.
+  // sha256). OK = accepted; any error is also recorded as a rejection. Idempotent: the same
+  // bytes (sha256) re-sent by a device whose update is already recorded are acknowledged again
+  // and not counted twice (the answer to the first upload may have been lost in a crash).
   absl::Status SubmitUpdate(const v1::UpdateHeader& header, const lora::PeftBlob& blob);
   // Counts a rejection found before SubmitUpdate (transport: bad sha256, size, stream order).
   // `kind` is the bounded label of collm_fed_updates_total{outcome="rejected"} (e.g. "transport").
@@ -140,10 +141,6 @@ class RoundManager {
   bool Online(const Device& d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::RoundInfo* OpenRound() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);  // Collecting round or null.
   v1::RoundInfo* FindRound(int64_t round) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Whether round `round` (open or closed) holds an accepted update from `device_id` whose
-  // payload has this sha256 (never for an empty one).
-  bool AcceptedBeforeLocked(const std::string& device_id, int64_t round, const std::string& sha256)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::FederationStatus StatusLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::DeviceInfo DeviceInfoLocked(const Device& d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SaveDevicesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -176,6 +173,8 @@ class RoundManager {
   std::vector<v1::RoundInfo> rounds_ ABSL_GUARDED_BY(mu_);  // Ascending; last is the newest.
   // Accepted updates of the open round, by device.
   std::map<std::string, ClientUpdate> updates_ ABSL_GUARDED_BY(mu_);
+  // sha256 of each recorded update's uploaded bytes, by (round, device): a re-send is recognized.
+  std::map<std::pair<int64_t, std::string>, std::string> update_sha256_ ABSL_GUARDED_BY(mu_);
   lora::LoraAdapter global_ ABSL_GUARDED_BY(mu_);  // Immutable once published; replaced whole.
   ServerOptimizerState optimizer_;                 // Only Tick() (under tick_mu_) touches it.
   coordination::RoundPlanner planner_ ABSL_GUARDED_BY(mu_);

@@ -11,10 +11,17 @@
 //                                  a restart does not void an update trained under it
 //   rounds/<N>/round.json          RoundInfo: participants, accepted updates' metadata,
 //                                  rejections, state
-//   rounds/<N>/updates/<device>/   the accepted update's adapter, PEFT format; written before
-//                                  round.json lists it, so a listed update always has its files
-//   globals/v<V>/                  every global adapter version, PEFT format
-//   server_optimizer.safetensors   FedAdam/FedYogi moments ("m/<tensor>", "v/<tensor>")
+//   rounds/<N>/updates/<device>/   the accepted update's adapter, PEFT format, and upload.sha256
+//                                  (of the uploaded bytes); written before round.json lists it,
+//                                  so a listed update always has its files
+//   globals/v<V>/                  every global adapter version, PEFT format, and with FedAdam /
+//                                  FedYogi server_optimizer.safetensors: the moments after the
+//                                  round that produced it ("m/<tensor>", "v/<tensor>"), so a
+//                                  round aggregated again after a kill starts from the same ones
+//
+// The commit point of an accepted update is round.json listing it; of a closed round, round.json
+// saying "done" with its result version. status.json's counters are rebuilt from the round log at
+// Load, so a kill between the two writes neither loses nor double-counts anything.
 #ifndef COLLM_FEDERATION_STATE_STORE_H_
 #define COLLM_FEDERATION_STATE_STORE_H_
 
@@ -22,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -42,6 +50,8 @@ struct FederationState {
   std::vector<v1::RoundInfo> rounds;            // Ascending by round number.
   // Adapters of the accepted updates of rounds still "collecting", by round and device.
   std::map<int64_t, std::map<std::string, lora::LoraAdapter>> open_updates;
+  // sha256 of every listed update's uploaded bytes (where stored), by round and device.
+  std::map<std::pair<int64_t, std::string>, std::string> update_sha256;
   lora::LoraAdapter global;  // Version status.global_version().
   ServerOptimizerState optimizer;
 };
@@ -58,7 +68,8 @@ class StateStore {
 
   // Reads the whole state for a base model of shape `model`. A corrupt or partial file is
   // DataLoss naming it (unparsable JSON, a round listing an update whose files are missing, a
-  // missing global version); REQUIRES: !Empty().
+  // missing global version); REQUIRES: !Empty(). The status' current round, rounds completed,
+  // updates accepted and global version are reconciled with the round log.
   absl::StatusOr<FederationState> Load(const runtime::ModelConfig& model) const;
 
   absl::Status SaveStatus(const v1::FederationStatus& status);  // Policy field is not written.
@@ -66,10 +77,12 @@ class StateStore {
   absl::Status SaveDevices(const std::vector<v1::DeviceInfo>& devices);
   absl::Status SaveSessions(const std::map<std::string, std::string>& session_by_device);
   absl::Status SaveRound(const v1::RoundInfo& round);
+  // `sha256`: of the bytes the device uploaded, so a re-send of them is recognized.
   absl::Status SaveUpdate(int64_t round, const std::string& device_id,
-                          const lora::LoraAdapter& adapter);
+                          const lora::LoraAdapter& adapter, const std::string& sha256);
   absl::Status SaveGlobal(int64_t version, const lora::LoraAdapter& adapter);
-  absl::Status SaveOptimizer(const ServerOptimizerState& state);
+  // The server optimizer's moments after the round that produced global version `version`.
+  absl::Status SaveOptimizer(int64_t version, const ServerOptimizerState& state);
 
   // PEFT directory of global version `version` (may not exist).
   std::string GlobalDir(int64_t version) const;
@@ -78,6 +91,7 @@ class StateStore {
 
  private:
   explicit StateStore(std::string dir) : dir_(std::move(dir)) {}
+  void ReconcileWithRounds(FederationState* state) const;
   std::string dir_;
 };
 
