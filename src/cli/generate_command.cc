@@ -99,6 +99,7 @@ int RunGenerate(const GenerateArgs& args, std::ostream& out, std::ostream& err) 
   runtime::RuntimeOptions rt;
   rt.device = args.device;
   rt.dtype = args.dtype;
+  rt.weights = args.weights;
   rt.num_threads = args.threads;
 
   const int64_t t0 = Clock::Real().NowNanos();
@@ -193,6 +194,8 @@ void AddGenerateCommand(CLI::App& app, GenerateArgs& args, int& exit_code) {
   cmd->add_flag("--ignore-eos", args.ignore_eos, "Keep generating past EOS");
   cmd->add_option("--device", args.device, "cpu or cuda[:N]")->capture_default_str();
   cmd->add_option("--dtype", args.dtype, "auto, f32, bf16 or f16")->capture_default_str();
+  cmd->add_option("--weights", args.weights, "Base weights: f32, int8 or int4 (quantized at load)")
+      ->capture_default_str();
   cmd->add_option("--threads", args.threads, "Intra-op threads (0 = default)");
   cmd->callback([&]() { exit_code = RunGenerate(args, std::cout, std::cerr); });
 }

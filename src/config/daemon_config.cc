@@ -42,10 +42,11 @@ absl::Status CheckNonEmpty(const std::string& path, const std::string& value) {
 }
 
 absl::Status ParseRuntime(const Section& root, runtime::RuntimeOptions& out) {
-  COLLM_ASSIGN_OR_RETURN(Section s, root.Sub("runtime", {"device", "dtype", "threads"}));
+  COLLM_ASSIGN_OR_RETURN(Section s, root.Sub("runtime", {"device", "dtype", "threads", "weights"}));
   COLLM_RETURN_IF_ERROR(s.String("device", &out.device));
   COLLM_RETURN_IF_ERROR(s.String("dtype", &out.dtype));
   COLLM_RETURN_IF_ERROR(s.Int("threads", &out.num_threads));
+  COLLM_RETURN_IF_ERROR(s.String("weights", &out.weights));
   // The device is checked against this build of libtorch at startup (ResolveRuntime); here only
   // its spelling.
   const std::string& d = out.device;
@@ -62,6 +63,17 @@ absl::Status ParseRuntime(const Section& root, runtime::RuntimeOptions& out) {
   if (t != "auto" && t != "f32" && t != "bf16" && t != "f16") {
     return InvalidValue(s.PathOf("dtype"),
                         absl::StrCat("must be auto, f32, bf16 or f16, got '", t, "'"));
+  }
+  const std::string& w = out.weights;
+  if (w != "f32" && w != "int8" && w != "int4") {
+    return InvalidValue(s.PathOf("weights"),
+                        absl::StrCat("must be f32, int8 or int4, got '", w, "'"));
+  }
+  if (w != "f32" && (d != "cpu" || (t != "auto" && t != "f32"))) {
+    return InvalidValue(s.PathOf("weights"),
+                        absl::StrCat(w,
+                                     " needs device cpu and dtype auto or f32 (the quantized "
+                                     "kernels are CPU-only; CUDA keeps bf16)"));
   }
   if (out.num_threads < 0) {
     return InvalidValue(s.PathOf("threads"), absl::StrCat("must be >= 0, got ", out.num_threads));

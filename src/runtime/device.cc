@@ -38,6 +38,15 @@ absl::StatusOr<ResolvedRuntime> ResolveRuntime(const RuntimeOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("runtime.dtype must be auto, f32, bf16 or f16, got '", d, "'"));
   }
+  auto weights = ParseWeightFormat(options.weights);
+  if (!weights.ok()) return weights.status();
+  r.weights = *weights;
+  if (r.weights != WeightFormat::kF32 && (!r.device.is_cpu() || r.dtype != c10::kFloat)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "runtime.weights ", options.weights, " needs runtime.device cpu and runtime.dtype f32 ",
+        "(the quantized kernels are CPU-only; on CUDA use weights f32 with dtype bf16), got ",
+        options.device, " / ", DTypeName(r.dtype)));
+  }
   if (options.num_threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("runtime.num_threads must be >= 0, got ", options.num_threads));

@@ -72,23 +72,30 @@ void RmsNormRows(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, floa
 
 // The one place the fused CPU path picks its GEMM: few rows of contiguous f32 activations go to
 // the weight-streaming SmallGemm (see small_gemm.h; it beats OpenBLAS's gemv and small-m sgemm),
-// everything else to libtorch. Returns false when libtorch should run.
-bool RunSmallGemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
+// everything else to libtorch (for quantized weights: block rows dequantized into an f32 scratch
+// for sgemm). Returns false when libtorch should run.
+// Quantized weights have no libtorch kernel at small m, so SetSmallGemmMaxRows(0) (the f32
+// baseline switch) does not apply to them.
+int64_t SmallGemmRowsFor(const WeightMatrix& w) {
+  return w.quantized() ? kSmallGemmDefaultMaxRows : SmallGemmMaxRows();
+}
+
+bool RunSmallGemm(const at::Tensor& x, const WeightMatrix& w, const at::Tensor& b, at::Tensor& y,
                   bool accumulate) {
   const int64_t m = x.size(0);
-  if (m > SmallGemmMaxRows() || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat ||
-      !x.device().is_cpu() || x.stride(1) != 1 || !w.is_contiguous() ||
-      (b.defined() && (b.scalar_type() != at::kFloat || !b.is_contiguous())) || y.stride(1) != 1) {
+  const int64_t max_rows = SmallGemmRowsFor(w);
+  const bool weights_ok =
+      w.quantized() || (w.dense().scalar_type() == at::kFloat && w.dense().is_contiguous());
+  if (m > max_rows || !weights_ok || x.scalar_type() != at::kFloat || !x.device().is_cpu() ||
+      x.stride(1) != 1 || (b.defined() && (b.scalar_type() != at::kFloat || !b.is_contiguous())) ||
+      y.stride(1) != 1) {
     return false;
   }
   SmallGemmArgs args;
   args.m = m;
-  args.n = w.size(0);
-  args.k = w.size(1);
+  w.SetGemmWeights(args);
   args.x = x.data_ptr<float>();
   args.ldx = x.stride(0);
-  args.w = w.data_ptr<float>();
-  args.ldw = args.k;
   args.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   args.y = y.data_ptr<float>();
   args.ldy = y.stride(0);
@@ -97,34 +104,41 @@ bool RunSmallGemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   return true;
 }
 
-// y = x W^T (+ b). A single row goes through GEMV, which streams the weights much faster than a
-// one-row GEMM in OpenBLAS.
-at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (x.size(0) <= SmallGemmMaxRows()) {
-    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+// y = x W^T (+ b). A single f32 row goes through GEMV, which streams the weights much faster than
+// a one-row GEMM in OpenBLAS.
+at::Tensor Linear(const at::Tensor& x, const WeightMatrix& w, const at::Tensor& b) {
+  if (x.size(0) <= SmallGemmRowsFor(w)) {
+    at::Tensor y = at::empty({x.size(0), w.rows()}, x.options());
     if (RunSmallGemm(x, w, b, y, /*accumulate=*/false)) return y;
   }
+  if (w.quantized()) {
+    at::Tensor y = DequantizedMatmul(x, w.quantized_matrix());
+    return b.defined() ? y.add_(b) : y;
+  }
+  const at::Tensor& wd = w.dense();
   if (x.size(0) == 1) {
     at::Tensor y;
     if (b.defined()) {
       y = b.clone();
-      y.addmv_(w, x.select(0, 0));
+      y.addmv_(wd, x.select(0, 0));
     } else {
-      y = at::mv(w, x.select(0, 0));
+      y = at::mv(wd, x.select(0, 0));
     }
     return y.unsqueeze(0);
   }
-  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+  return b.defined() ? at::addmm(b, x, wd.t()) : at::mm(x, wd.t());
 }
 
 // x += a W^T, with the residual add folded into the GEMM (beta = 1).
-void AddLinear(at::Tensor& x, const at::Tensor& a, const at::Tensor& w) {
+void AddLinear(at::Tensor& x, const at::Tensor& a, const WeightMatrix& w) {
   if (RunSmallGemm(a, w, at::Tensor(), x, /*accumulate=*/true)) return;
-  if (x.size(0) == 1) {
+  if (w.quantized()) {
+    x.add_(DequantizedMatmul(a, w.quantized_matrix()));
+  } else if (x.size(0) == 1) {
     at::Tensor row = x.select(0, 0);
-    row.addmv_(w, a.select(0, 0));
+    row.addmv_(w.dense(), a.select(0, 0));
   } else {
-    x.addmm_(a, w.t());
+    x.addmm_(a, w.dense().t());
   }
 }
 
@@ -262,6 +276,10 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
     }
     return it->second.to(runtime.device, runtime.dtype).contiguous();
   };
+  // A base matrix in runtime.weights' format (quantizing drops the f32 tensor right away).
+  auto matrix = [&](at::Tensor w, const std::string& name) -> absl::StatusOr<WeightMatrix> {
+    return WeightMatrix::Create(w, runtime.weights, absl::StrCat(source, ": ", name));
+  };
 
   std::shared_ptr<LlamaModel> model(new LlamaModel());
   model->config_ = config;
@@ -269,12 +287,16 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
   model->inv_freq_ = ComputeInvFreq(config);
   try {
     at::NoGradGuard no_grad;  // See Load: the weights must stay usable under autograd.
-    COLLM_ASSIGN_OR_RETURN(model->embed_, get("model.embed_tokens.weight", {v, d}));
+    {
+      COLLM_ASSIGN_OR_RETURN(at::Tensor embed, get("model.embed_tokens.weight", {v, d}));
+      COLLM_ASSIGN_OR_RETURN(model->embed_, matrix(embed, "model.embed_tokens.weight"));
+    }
     COLLM_ASSIGN_OR_RETURN(model->final_norm_, get("model.norm.weight", {d}));
     if (config.tie_word_embeddings) {
       model->lm_head_ = model->embed_;
     } else {
-      COLLM_ASSIGN_OR_RETURN(model->lm_head_, get("lm_head.weight", {v, d}));
+      COLLM_ASSIGN_OR_RETURN(at::Tensor head, get("lm_head.weight", {v, d}));
+      COLLM_ASSIGN_OR_RETURN(model->lm_head_, matrix(head, "lm_head.weight"));
     }
     for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
       const std::string p = absl::StrCat("model.layers.", l, ".");
@@ -283,22 +305,26 @@ absl::StatusOr<std::shared_ptr<const LlamaModel>> LlamaModel::FromTensors(
       COLLM_ASSIGN_OR_RETURN(at::Tensor wq, get(p + "self_attn.q_proj.weight", {q, d}));
       COLLM_ASSIGN_OR_RETURN(at::Tensor wk, get(p + "self_attn.k_proj.weight", {kv, d}));
       COLLM_ASSIGN_OR_RETURN(at::Tensor wv, get(p + "self_attn.v_proj.weight", {kv, d}));
-      layer.w_qkv = at::cat({wq, wk, wv}, 0).contiguous();
+      COLLM_ASSIGN_OR_RETURN(layer.w_qkv,
+                             matrix(at::cat({wq, wk, wv}, 0).contiguous(), p + "self_attn.qkv"));
       if (config.qkv_bias) {
         COLLM_ASSIGN_OR_RETURN(at::Tensor bq, get(p + "self_attn.q_proj.bias", {q}));
         COLLM_ASSIGN_OR_RETURN(at::Tensor bk, get(p + "self_attn.k_proj.bias", {kv}));
         COLLM_ASSIGN_OR_RETURN(at::Tensor bv, get(p + "self_attn.v_proj.bias", {kv}));
         layer.b_qkv = at::cat({bq, bk, bv}, 0).contiguous();
       }
-      COLLM_ASSIGN_OR_RETURN(layer.w_o, get(p + "self_attn.o_proj.weight", {d, q}));
+      COLLM_ASSIGN_OR_RETURN(at::Tensor wo, get(p + "self_attn.o_proj.weight", {d, q}));
+      COLLM_ASSIGN_OR_RETURN(layer.w_o, matrix(wo, p + "self_attn.o_proj.weight"));
       if (config.o_bias) {
         COLLM_ASSIGN_OR_RETURN(layer.b_o, get(p + "self_attn.o_proj.bias", {d}));
       }
       COLLM_ASSIGN_OR_RETURN(layer.ffn_norm, get(p + "post_attention_layernorm.weight", {d}));
       COLLM_ASSIGN_OR_RETURN(at::Tensor wg, get(p + "mlp.gate_proj.weight", {ff, d}));
       COLLM_ASSIGN_OR_RETURN(at::Tensor wu, get(p + "mlp.up_proj.weight", {ff, d}));
-      layer.w_gate_up = at::cat({wg, wu}, 0).contiguous();
-      COLLM_ASSIGN_OR_RETURN(layer.w_down, get(p + "mlp.down_proj.weight", {d, ff}));
+      COLLM_ASSIGN_OR_RETURN(layer.w_gate_up,
+                             matrix(at::cat({wg, wu}, 0).contiguous(), p + "mlp.gate_up"));
+      COLLM_ASSIGN_OR_RETURN(at::Tensor wd, get(p + "mlp.down_proj.weight", {d, ff}));
+      COLLM_ASSIGN_OR_RETURN(layer.w_down, matrix(wd, p + "mlp.down_proj.weight"));
       model->layers_.push_back(std::move(layer));
       // The fused copies exist now: drop this layer's originals to bound peak memory.
       for (auto it = tensors.lower_bound(p);
@@ -316,10 +342,10 @@ int64_t LlamaModel::parameter_bytes() const {
   int64_t n = embed_.nbytes() + final_norm_.nbytes();
   if (!lm_head_.is_same(embed_)) n += lm_head_.nbytes();
   for (const Layer& l : layers_) {
-    for (const at::Tensor* t :
-         {&l.attn_norm, &l.w_qkv, &l.b_qkv, &l.w_o, &l.b_o, &l.ffn_norm, &l.w_gate_up, &l.w_down}) {
+    for (const at::Tensor* t : {&l.attn_norm, &l.b_qkv, &l.b_o, &l.ffn_norm}) {
       if (t->defined()) n += t->nbytes();
     }
+    for (const WeightMatrix* w : {&l.w_qkv, &l.w_o, &l.w_gate_up, &l.w_down}) n += w->nbytes();
   }
   return n;
 }
@@ -453,10 +479,15 @@ at::Tensor LlamaModel::ForwardFused(const StepBatch& batch, const StepPlan& plan
   // Embedding rows.
   at::Tensor x = at::empty({T, d}, f32);
   {
-    const float* emb = embed_.data_ptr<float>();
     float* xp = x.data_ptr<float>();
-    for (int64_t i = 0; i < T; ++i)
-      std::memcpy(xp + i * d, emb + batch.tokens[i] * d, d * sizeof(float));
+    if (embed_.quantized()) {
+      for (int64_t i = 0; i < T; ++i)
+        embed_.quantized_matrix().DequantizeRow(batch.tokens[i], xp + i * d);
+    } else {
+      const float* emb = embed_.dense().data_ptr<float>();
+      for (int64_t i = 0; i < T; ++i)
+        std::memcpy(xp + i * d, emb + batch.tokens[i] * d, d * sizeof(float));
+    }
   }
   // RoPE angles, once per token for all layers and heads.
   std::vector<float> cos_t(T * half), sin_t(T * half);
@@ -648,11 +679,11 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
   at::Tensor cos = emb.cos().to(runtime_.dtype).unsqueeze(1);  // [T, 1, hd]
   at::Tensor sin = emb.sin().to(runtime_.dtype).unsqueeze(1);
 
-  at::Tensor x = embed_.index_select(0, tokens);
+  at::Tensor x = embed_.Rows(tokens);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
     at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
-    at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
+    at::Tensor qkv = L.w_qkv.Linear(h, L.b_qkv);
     AddLoraDeltas(qkv, h, plan.adapters,
                   [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].qkv; });
     at::Tensor q = qkv.narrow(1, 0, qs).view({T, H, hd});
@@ -687,23 +718,24 @@ at::Tensor LlamaModel::ForwardReference(const StepBatch& batch, const StepPlan& 
       t0 += n;
     }
     at::Tensor attn = at::cat(outs, 0);
-    x = x + at::linear(attn, L.w_o, L.b_o);
+    x = x + L.w_o.Linear(attn, L.b_o);
     AddLoraDeltas(x, attn, plan.adapters,
                   [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].o; });
     h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
-    at::Tensor gu = at::linear(h, L.w_gate_up);
+    at::Tensor gu = L.w_gate_up.Linear(h, at::Tensor());
     AddLoraDeltas(gu, h, plan.adapters, [l](const LoraWeights& w) -> const LoraProjection& {
       return w.layers[l].gate_up;
     });
     const int64_t ff = c.intermediate_size;
     at::Tensor act = at::silu(gu.narrow(1, 0, ff)) * gu.narrow(1, ff, ff);
-    x = x + at::linear(act, L.w_down);
+    x = x + L.w_down.Linear(act, at::Tensor());
     AddLoraDeltas(x, act, plan.adapters,
                   [l](const LoraWeights& w) -> const LoraProjection& { return w.layers[l].down; });
   }
   at::Tensor rows = at::tensor(plan.logit_rows, i64).to(dev);
   at::Tensor last = x.index_select(0, rows);
-  at::Tensor logits = at::linear(RmsNormReference(last, final_norm_, c.rms_norm_eps), lm_head_);
+  at::Tensor logits =
+      lm_head_.Linear(RmsNormReference(last, final_norm_, c.rms_norm_eps), at::Tensor());
   return logits.to(at::kCPU, at::kFloat).contiguous();
 }
 
@@ -751,7 +783,7 @@ absl::StatusOr<LlamaModel::DenseContext> LlamaModel::DenseBegin(const at::Tensor
     ctx.mask = at::full({Lq, Lq}, -std::numeric_limits<float>::infinity(),
                         at::TensorOptions().dtype(at::kFloat).device(dev))
                    .triu(1);
-    ctx.hidden = embed_.index_select(0, ids.reshape({-1})).view({B, Lq, c.hidden_size});
+    ctx.hidden = embed_.Rows(ids.reshape({-1})).view({B, Lq, c.hidden_size});
     return ctx;
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("dense forward failed: ", e.what_without_backtrace()));
@@ -780,7 +812,7 @@ absl::StatusOr<at::Tensor> LlamaModel::DenseLayer(const DenseContext& ctx, int64
     const Layer& L = layers_[layer];
     const LoraLayer* A = adapter != nullptr ? &adapter->layers[layer] : nullptr;
     at::Tensor h = RmsNormReference(x, L.attn_norm, c.rms_norm_eps);
-    at::Tensor qkv = at::linear(h, L.w_qkv, L.b_qkv);
+    at::Tensor qkv = L.w_qkv.Linear(h, L.b_qkv);
     if (A != nullptr && A->qkv.defined()) qkv = qkv + delta(h, A->qkv);
     at::Tensor q = qkv.narrow(2, 0, qs).view({B, Lq, H, hd});
     at::Tensor k = qkv.narrow(2, qs, kvs).view({B, Lq, KV, hd});
@@ -792,13 +824,13 @@ absl::StatusOr<at::Tensor> LlamaModel::DenseLayer(const DenseContext& ctx, int64
         at::einsum("blhd,bshd->bhls", {q, k}).to(at::kFloat) / std::sqrt(double(hd)) + ctx.mask;
     at::Tensor probs = at::softmax(scores, -1).to(runtime_.dtype);
     at::Tensor attn = at::einsum("bhls,bshd->blhd", {probs, v}).reshape({B, Lq, qs});
-    x = x + at::linear(attn, L.w_o, L.b_o);
+    x = x + L.w_o.Linear(attn, L.b_o);
     if (A != nullptr && A->o.defined()) x = x + delta(attn, A->o);
     h = RmsNormReference(x, L.ffn_norm, c.rms_norm_eps);
-    at::Tensor gu = at::linear(h, L.w_gate_up);
+    at::Tensor gu = L.w_gate_up.Linear(h, at::Tensor());
     if (A != nullptr && A->gate_up.defined()) gu = gu + delta(h, A->gate_up);
     at::Tensor act = at::silu(gu.narrow(2, 0, ff)) * gu.narrow(2, ff, ff);
-    x = x + at::linear(act, L.w_down);
+    x = x + L.w_down.Linear(act, at::Tensor());
     if (A != nullptr && A->down.defined()) x = x + delta(act, A->down);
     return x;
   } catch (const c10::Error& e) {
@@ -808,7 +840,8 @@ absl::StatusOr<at::Tensor> LlamaModel::DenseLayer(const DenseContext& ctx, int64
 
 absl::StatusOr<at::Tensor> LlamaModel::DenseHead(const at::Tensor& hidden) const {
   try {
-    return at::linear(RmsNormReference(hidden, final_norm_, config_.rms_norm_eps), lm_head_)
+    return lm_head_
+        .Linear(RmsNormReference(hidden, final_norm_, config_.rms_norm_eps), at::Tensor())
         .to(at::kFloat);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("dense forward failed: ", e.what_without_backtrace()));
@@ -820,19 +853,19 @@ at::Tensor LlamaModel::BaseWeight(int64_t layer, LoraTarget target) const {
   const ModelConfig& c = config_;
   switch (target) {
     case LoraTarget::kQ:
-      return L.w_qkv.narrow(0, 0, c.q_size());
+      return L.w_qkv.ToDense().narrow(0, 0, c.q_size());
     case LoraTarget::kK:
-      return L.w_qkv.narrow(0, c.q_size(), c.kv_size());
+      return L.w_qkv.ToDense().narrow(0, c.q_size(), c.kv_size());
     case LoraTarget::kV:
-      return L.w_qkv.narrow(0, c.q_size() + c.kv_size(), c.kv_size());
+      return L.w_qkv.ToDense().narrow(0, c.q_size() + c.kv_size(), c.kv_size());
     case LoraTarget::kO:
-      return L.w_o;
+      return L.w_o.ToDense();
     case LoraTarget::kGate:
-      return L.w_gate_up.narrow(0, 0, c.intermediate_size);
+      return L.w_gate_up.ToDense().narrow(0, 0, c.intermediate_size);
     case LoraTarget::kUp:
-      return L.w_gate_up.narrow(0, c.intermediate_size, c.intermediate_size);
+      return L.w_gate_up.ToDense().narrow(0, c.intermediate_size, c.intermediate_size);
     case LoraTarget::kDown:
-      return L.w_down;
+      return L.w_down.ToDense();
   }
   return {};
 }

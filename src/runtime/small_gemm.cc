@@ -18,20 +18,76 @@ namespace {
 constexpr int kTileM = 4;
 constexpr int kTileN = 3;
 
-// Dot products of MR rows of x with NR rows of w over k, written to out[MR * NR] (row-major in
-// m). Every implementation has this signature so the driver below is shared.
-using TileFn = void (*)(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k,
-                        float* out);
+// Dot products of activation rows m0 .. m0 + MR - 1 with weight rows n0 .. n0 + NR - 1 over k,
+// written to out[MR * NR] (row-major in m). Every implementation has this signature so the driver
+// below is shared.
+using TileFn = void (*)(const SmallGemmArgs& a, int64_t m0, int64_t n0, float* out);
+
+// Weight formats. Each names one weight row (Row), gives weight p of it (At) and, for the
+// vectorised tiles, eight consecutive weights starting at a multiple of 8 (Load8 / Load8Avx2).
+struct F32Weights {
+  using Row = const float*;
+  static Row RowOf(const SmallGemmArgs& a, int64_t n) { return a.w + n * a.ldw; }
+  static float At(Row r, int64_t p) { return r[p]; }
+  static void Load8(Row r, int64_t p, float* out) {
+    for (int l = 0; l < 8; ++l) out[l] = r[p + l];
+  }
+};
+
+struct Int8Weights {
+  struct Row {
+    const int8_t* q;
+    const float* s;
+  };
+  static Row RowOf(const SmallGemmArgs& a, int64_t n) {
+    return {reinterpret_cast<const int8_t*>(a.wq + n * a.ldwq), a.scales + n * a.lds};
+  }
+  static float At(const Row& r, int64_t p) {
+    return r.s[p / kQuantBlock] * static_cast<float>(r.q[p]);
+  }
+  static void Load8(const Row& r, int64_t p, float* out) {
+    const float d = r.s[p / kQuantBlock];
+    for (int l = 0; l < 8; ++l) out[l] = d * static_cast<float>(r.q[p + l]);
+  }
+};
+
+struct Int4Weights {
+  struct Row {
+    const uint8_t* q;
+    const float* s;
+  };
+  static constexpr int64_t kHalf = kQuantBlock / 2;
+  static Row RowOf(const SmallGemmArgs& a, int64_t n) {
+    return {a.wq + n * a.ldwq, a.scales + n * a.lds};
+  }
+  static float At(const Row& r, int64_t p) {
+    const int64_t b = p / kQuantBlock, e = p % kQuantBlock;
+    const uint8_t byte = r.q[b * kHalf + e % kHalf];
+    return r.s[b] * static_cast<float>((e < kHalf ? byte & 0xF : byte >> 4) - 8);
+  }
+  static void Load8(const Row& r, int64_t p, float* out) {
+    const int64_t b = p / kQuantBlock, e = p % kQuantBlock;
+    const uint8_t* bytes = r.q + b * kHalf + e % kHalf;
+    const int shift = e < kHalf ? 0 : 4;
+    const float d = r.s[b];
+    for (int l = 0; l < 8; ++l) out[l] = d * static_cast<float>(((bytes[l] >> shift) & 0xF) - 8);
+  }
+};
 
 // Portable tile: eight lanes per accumulator, so the compiler vectorises it for the baseline ISA.
-template <int MR, int NR>
-void TilePortable(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float* out) {
+template <int MR, int NR, class W>
+void TilePortable(const SmallGemmArgs& a, int64_t m0, int64_t n0, float* out) {
   constexpr int kLanes = 8;
+  typename W::Row rows[NR];
+  for (int j = 0; j < NR; ++j) rows[j] = W::RowOf(a, n0 + j);
+  const float* x = a.x + m0 * a.ldx;
+  const int64_t ldx = a.ldx, k = a.k;
   float acc[MR][NR][kLanes] = {};
   const int64_t k8 = k / kLanes * kLanes;
   for (int64_t p = 0; p < k8; p += kLanes) {
     for (int j = 0; j < NR; ++j) {
-      const float* wj = w + j * ldw + p;
+      float wj[kLanes];
+      W::Load8(rows[j], p, wj);
       for (int i = 0; i < MR; ++i) {
         const float* xi = x + i * ldx + p;
 #pragma omp simd
@@ -43,7 +99,7 @@ void TilePortable(const float* x, int64_t ldx, const float* w, int64_t ldw, int6
     for (int j = 0; j < NR; ++j) {
       float s = 0.f;
       for (int l = 0; l < kLanes; ++l) s += acc[i][j][l];
-      for (int64_t p = k8; p < k; ++p) s += x[i * ldx + p] * w[j * ldw + p];
+      for (int64_t p = k8; p < k; ++p) s += x[i * ldx + p] * W::At(rows[j], p);
       out[i * NR + j] = s;
     }
   }
@@ -52,9 +108,26 @@ void TilePortable(const float* x, int64_t ldx, const float* w, int64_t ldw, int6
 #if COLLM_SMALL_GEMM_X86
 #define COLLM_AVX2 __attribute__((target("avx2,fma")))
 
-// Eight consecutive f32 weights of one row. A quantized format replaces this with a block
-// decoder (int8/int4 -> f32 with the block's scale); nothing else in the tile changes.
-COLLM_AVX2 inline __m256 LoadWeights8(const float* w) { return _mm256_loadu_ps(w); }
+COLLM_AVX2 inline __m256 Load8Avx2(F32Weights::Row r, int64_t p) { return _mm256_loadu_ps(r + p); }
+
+COLLM_AVX2 inline __m256 Load8Avx2(const Int8Weights::Row& r, int64_t p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + p));
+  const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  return _mm256_mul_ps(q, _mm256_set1_ps(r.s[p / kQuantBlock]));
+}
+
+COLLM_AVX2 inline __m256 Load8Avx2(const Int4Weights::Row& r, int64_t p) {
+  constexpr int64_t kHalf = Int4Weights::kHalf;
+  const int64_t b = p / kQuantBlock, e = p % kQuantBlock;
+  const __m128i bytes =
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + b * kHalf + e % kHalf));
+  // Elements 0..15 of a block are low nibbles, 16..31 high nibbles of the same 16 bytes.
+  const __m256i v = _mm256_and_si256(
+      _mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_set1_epi32(e < kHalf ? 0 : 4)),
+      _mm256_set1_epi32(0xF));
+  const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(8)));
+  return _mm256_mul_ps(q, _mm256_set1_ps(r.s[b]));
+}
 
 COLLM_AVX2 inline float HorizontalSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -63,9 +136,13 @@ COLLM_AVX2 inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MR, int NR>
-COLLM_AVX2 void TileAvx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k,
-                         float* out) {
+template <int MR, int NR, class W>
+COLLM_AVX2 void TileAvx2(const SmallGemmArgs& a, int64_t m0, int64_t n0, float* out) {
+  typename W::Row rows[NR];
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) rows[j] = W::RowOf(a, n0 + j);
+  const float* x = a.x + m0 * a.ldx;
+  const int64_t ldx = a.ldx, k = a.k;
   __m256 acc[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i) {
@@ -76,7 +153,7 @@ COLLM_AVX2 void TileAvx2(const float* x, int64_t ldx, const float* w, int64_t ld
   for (int64_t p = 0; p < k8; p += 8) {
     __m256 wv[NR];
 #pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) wv[j] = LoadWeights8(w + j * ldw + p);
+    for (int j = 0; j < NR; ++j) wv[j] = Load8Avx2(rows[j], p);
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + i * ldx + p);
@@ -87,7 +164,7 @@ COLLM_AVX2 void TileAvx2(const float* x, int64_t ldx, const float* w, int64_t ld
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       float s = HorizontalSum(acc[i][j]);
-      for (int64_t p = k8; p < k; ++p) s += x[i * ldx + p] * w[j * ldw + p];
+      for (int64_t p = k8; p < k; ++p) s += x[i * ldx + p] * W::At(rows[j], p);
       out[i * NR + j] = s;
     }
   }
@@ -108,19 +185,34 @@ constexpr TileTable MakeTable() {
 }
 static_assert(kTileM == 4 && kTileN == 3, "MakeTable lists every partial tile shape");
 
-template <int MR, int NR>
-struct PortableMaker {
-  static constexpr TileFn fn = &TilePortable<MR, NR>;
+template <class W>
+struct PortableMakers {
+  template <int MR, int NR>
+  struct Maker {
+    static constexpr TileFn fn = &TilePortable<MR, NR, W>;
+  };
 };
-constexpr TileTable kPortableTable = MakeTable<PortableMaker>();
 
 #if COLLM_SMALL_GEMM_X86
-template <int MR, int NR>
-struct Avx2Maker {
-  static constexpr TileFn fn = &TileAvx2<MR, NR>;
+template <class W>
+struct Avx2Makers {
+  template <int MR, int NR>
+  struct Maker {
+    static constexpr TileFn fn = &TileAvx2<MR, NR, W>;
+  };
 };
-constexpr TileTable kAvx2Table = MakeTable<Avx2Maker>();
 #endif
+
+// [isa][format]: isa 0 = portable, 1 = AVX2; format in WeightFormat order.
+constexpr TileTable kTables[][3] = {
+    {MakeTable<PortableMakers<F32Weights>::Maker>(),
+     MakeTable<PortableMakers<Int8Weights>::Maker>(),
+     MakeTable<PortableMakers<Int4Weights>::Maker>()},
+#if COLLM_SMALL_GEMM_X86
+    {MakeTable<Avx2Makers<F32Weights>::Maker>(), MakeTable<Avx2Makers<Int8Weights>::Maker>(),
+     MakeTable<Avx2Makers<Int4Weights>::Maker>()},
+#endif
+};
 
 // Weight rows [n_begin, n_end): each tile of kTileN rows is read from memory once and reused from
 // L1 by every group of kTileM activation rows.
@@ -128,10 +220,9 @@ void RunRows(const SmallGemmArgs& a, const TileTable& table, int64_t n_begin, in
   float out[kTileM * kTileN];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN) {
     const int nr = static_cast<int>(std::min<int64_t>(kTileN, n_end - n0));
-    const float* w = a.w + n0 * a.ldw;
     for (int64_t m0 = 0; m0 < a.m; m0 += kTileM) {
       const int mr = static_cast<int>(std::min<int64_t>(kTileM, a.m - m0));
-      table.tiles[mr - 1][nr - 1](a.x + m0 * a.ldx, a.ldx, w, a.ldw, a.k, out);
+      table.tiles[mr - 1][nr - 1](a, m0, n0, out);
       for (int i = 0; i < mr; ++i) {
         float* y = a.y + (m0 + i) * a.ldy + n0;
         for (int j = 0; j < nr; ++j) {
@@ -164,16 +255,17 @@ SmallGemmIsa SmallGemmDefaultIsa() {
 void SmallGemm(const SmallGemmArgs& args, SmallGemmIsa isa) {
   if (args.m <= 0 || args.n <= 0) return;
   if (isa == SmallGemmIsa::kAuto) isa = SmallGemmDefaultIsa();
-  const TileTable* table = &kPortableTable;
+  int isa_index = 0;
 #if COLLM_SMALL_GEMM_X86
-  if (isa == SmallGemmIsa::kAvx2 && SmallGemmHasAvx2()) table = &kAvx2Table;
+  if (isa == SmallGemmIsa::kAvx2 && SmallGemmHasAvx2()) isa_index = 1;
 #endif
-  // Split n into whole tiles, at least ~64 KiB of weights per task so small layers stay on one
-  // thread (a fork costs more than streaming them).
+  const TileTable& table = kTables[isa_index][static_cast<int>(args.format)];
+  // Split n into whole tiles, at least ~64 KiB of f32 weights (or as many quantized ones) per task
+  // so small layers stay on one thread (a fork costs more than streaming them).
   const int64_t num_tiles = (args.n + kTileN - 1) / kTileN;
   const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, args.k)) / kTileN);
   at::parallel_for(0, num_tiles, grain, [&](int64_t begin, int64_t end) {
-    RunRows(args, *table, begin * kTileN, std::min(args.n, end * kTileN));
+    RunRows(args, table, begin * kTileN, std::min(args.n, end * kTileN));
   });
 }
 

@@ -33,6 +33,7 @@ struct GenerateArgs {
   std::string device = "cpu";
   std::string dtype = "auto";
   int threads = 0;
+  std::string weights = "f32";  // Base weight format: f32, int8, int4.
 };
 
 // Prints the continuation (not the prompt) to `out` as it streams; timing and notes to `err`.

@@ -21,6 +21,7 @@
 #include "collm/runtime/kv_cache.h"
 #include "collm/runtime/lora_weights.h"
 #include "collm/runtime/model_config.h"
+#include "collm/runtime/weight_matrix.h"
 
 namespace collm::runtime {
 
@@ -104,20 +105,20 @@ class LlamaModel {
                                         double lora_dropout, bool training) const;
   absl::StatusOr<at::Tensor> DenseHead(const at::Tensor& hidden) const;
 
-  // The base weight of one projection, [out, in] (a view into the fused storage). For merging
-  // adapters in tests and tools.
+  // The base weight of one projection, [out, in] (a view into the fused storage, or a dequantized
+  // f32 copy when runtime.weights is int8/int4). For merging adapters in tests and tools.
   at::Tensor BaseWeight(int64_t layer, LoraTarget target) const;
 
  private:
   struct Layer {
-    at::Tensor attn_norm;  // [hidden]
-    at::Tensor w_qkv;      // [q + 2 kv, hidden]: q_proj, k_proj, v_proj stacked.
-    at::Tensor b_qkv;      // [q + 2 kv] or undefined.
-    at::Tensor w_o;        // [hidden, q]
-    at::Tensor b_o;        // [hidden] or undefined.
-    at::Tensor ffn_norm;   // [hidden]
-    at::Tensor w_gate_up;  // [2 * intermediate, hidden]: gate_proj, up_proj stacked.
-    at::Tensor w_down;     // [hidden, intermediate]
+    at::Tensor attn_norm;    // [hidden]
+    WeightMatrix w_qkv;      // [q + 2 kv, hidden]: q_proj, k_proj, v_proj stacked.
+    at::Tensor b_qkv;        // [q + 2 kv] or undefined.
+    WeightMatrix w_o;        // [hidden, q]
+    at::Tensor b_o;          // [hidden] or undefined.
+    at::Tensor ffn_norm;     // [hidden]
+    WeightMatrix w_gate_up;  // [2 * intermediate, hidden]: gate_proj, up_proj stacked.
+    WeightMatrix w_down;     // [hidden, intermediate]
   };
   struct StepPlan;
   struct AdapterGroup;
@@ -129,9 +130,11 @@ class LlamaModel {
 
   ModelConfig config_;
   ResolvedRuntime runtime_;
-  at::Tensor embed_;       // [vocab, hidden]
+  // The projections, embedding and head are stored in runtime.weights' format; norms and biases
+  // stay in the runtime dtype.
+  WeightMatrix embed_;     // [vocab, hidden]
   at::Tensor final_norm_;  // [hidden]
-  at::Tensor lm_head_;     // [vocab, hidden]; the same tensor as embed_ when tied.
+  WeightMatrix lm_head_;   // [vocab, hidden]; the same storage as embed_ when tied.
   std::vector<Layer> layers_;
   std::vector<float> inv_freq_;  // [head_dim / 2], RoPE scaling applied.
 };

@@ -9,14 +9,17 @@
 // run time and a portable fallback of the same blocking. Threads split n with at::parallel_for,
 // so torch's intra-op thread count applies.
 //
-// Quantized weights (issue 15) slot in by replacing the load of eight consecutive weights of one
-// row (LoadWeights8 in small_gemm.cc) with a block decoder; the tiling over n and m stays.
+// Quantized weights (weight_format.h) use the same tiling: only the load of eight consecutive
+// weights of one row becomes a block decoder (int8/int4 -> f32 times the block's scale), so each
+// quantized weight is read from memory once and decoded once per kTileM activation rows.
 //
 // Thread-safe: SmallGemm has no state; the row threshold is an atomic process-wide setting.
 #ifndef COLLM_RUNTIME_SMALL_GEMM_H_
 #define COLLM_RUNTIME_SMALL_GEMM_H_
 
 #include <cstdint>
+
+#include "collm/runtime/weight_format.h"
 
 namespace collm::runtime {
 
@@ -34,8 +37,16 @@ struct SmallGemmArgs {
   int64_t k = 0;  // Reduction length = activation columns = weight columns.
   const float* x = nullptr;  // [m, k], row stride ldx >= k.
   int64_t ldx = 0;
-  const float* w = nullptr;  // [n, k], row stride ldw >= k.
+  // The weights [n, k]: f32 in w (row stride ldw >= k floats), or for kInt8/kInt4 the blocks of
+  // weight_format.h in wq (row stride ldwq bytes, rows padded to whole blocks) with one scale per
+  // block in scales (row stride lds floats).
+  WeightFormat format = WeightFormat::kF32;
+  const float* w = nullptr;
   int64_t ldw = 0;
+  const uint8_t* wq = nullptr;
+  int64_t ldwq = 0;
+  const float* scales = nullptr;
+  int64_t lds = 0;
   const float* bias = nullptr;  // [n] or null.
   float* y = nullptr;           // [m, n], row stride ldy >= n; must not alias x or w.
   int64_t ldy = 0;
