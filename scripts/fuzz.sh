@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     e.g. scripts/fuzz.sh 600 fuzz_safetensors
 #
 # Seeds: small files this script writes, plus real files from $COLLM_MODELS_DIR and
-# $COLLM_DATA_DIR (default ../shared/models and ../shared/data) read in place; the working corpus
+# $COLLM_DATA_DIR when they are set, read in place (never copied); the working corpus
 # grows in build-fuzz/corpus/<target> and is never part of the repository. A crash or leak is
 # saved as build-fuzz/artifacts/<target>/crash-* (reproduce: build-fuzz/fuzz/<target> FILE) and
 # makes the script exit 1; turn each one into a regression test in the normal suite.
@@ -15,8 +15,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 seconds="${1:-30}"
 shift || true
 build="${COLLM_FUZZ_BUILD_DIR:-$root/build-fuzz}"
-models="${COLLM_MODELS_DIR:-$root/../shared/models}"
-data="${COLLM_DATA_DIR:-$root/../shared/data}"
+# Unset = no real seeds (find on "" finds nothing).
+models="${COLLM_MODELS_DIR:-}"
+data="${COLLM_DATA_DIR:-}"
 jobs="${COLLM_FUZZ_JOBS:-2}"
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_safetensors fuzz_model_config fuzz_sentencepiece fuzz_dataset_jsonl)

@@ -25,15 +25,8 @@ scripts/setup.sh >&2
 BUILD_DIR=${BUILD_DIR:-build}
 CTL="$BUILD_DIR/src/collmctl"
 work=$(mktemp -d "${TMPDIR:-/tmp}/collm-demo.XXXXXX")
-pids=()
-cleanup() {
-  # Every process this script started, by pid: devices and router before the aggregator.
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM  # Ctrl-C: exit, and the EXIT trap stops everything.
+# shellcheck source=lib/processes.sh
+source scripts/lib/processes.sh
 
 if [ -z "${COLLM_MODEL:-}" ]; then
   # The built-in tiny random model, written on first use (same place `collmctl generate` uses).
@@ -55,23 +48,6 @@ for line in sys.stdin:
 else
   "$CTL" task make --kind "${COLLM_DEMO_TASK:-parity}" --out "$work" >/dev/null
 fi
-
-# start NAME BINARY CONFIG: runs it in the background with NAME.log and NAME.ports in $work, and
-# sets $port to its gRPC port once it serves (not in a subshell: the pid must reach cleanup).
-start() {
-  local name=$1 binary=$2 config=$3 pid
-  "$BUILD_DIR/src/$binary" --config "$config" --ports-file "$work/$name.ports" \
-    >"$work/$name.log" 2>&1 &
-  pid=$!
-  pids+=("$pid")
-  for _ in $(seq 1 300); do
-    [ -s "$work/$name.ports" ] && break
-    kill -0 "$pid" 2>/dev/null || { echo "$binary exited; see $work/$name.log" >&2; tail -n 20 "$work/$name.log" >&2; exit 1; }
-    sleep 0.2
-  done
-  port=$(sed -n 's/.*grpc=\([0-9]*\).*/\1/p' "$work/$name.ports")
-  [ -n "$port" ] || { echo "$binary wrote no gRPC port; see $work/$name.log" >&2; exit 1; }
-}
 
 if [ "$federated" = false ]; then
   export COLLM_DEMO_DATA="$work/train.jsonl"
