@@ -134,6 +134,10 @@ absl::Status ParseEngine(const Section& root, engine::EngineOptions& out) {
       s.Sub("share_controller", {"enabled", "surge_factor", "surge_min_rps", "surge_hold_ms",
                                  "headroom_full", "headroom_zero", "recover_seconds"}));
   coordination::ShareControllerOptions& share = out.share_controller;
+  // Off unless the config asks (configs/collmd.yaml says why): during a task a surge is judged
+  // against the forecast at the task's start, so steady load that began just before a task would
+  // stop its training for the whole task.
+  share.enabled = false;
   COLLM_RETURN_IF_ERROR(sc.Bool("enabled", &share.enabled));
   COLLM_RETURN_IF_ERROR(sc.Double("surge_factor", &share.surge_factor));
   COLLM_RETURN_IF_ERROR(sc.Double("surge_min_rps", &share.surge_min_rps));

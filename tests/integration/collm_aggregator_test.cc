@@ -261,8 +261,9 @@ TEST(CollmAggregatorTest, ThreeDevicesRoundRejectionsAndCollmctl) {
     EXPECT_TRUE(torch::allclose(f.b, v1_adapter.factors.layers[l][0].b));
   }
 
-  // A late update for the closed round 1.
-  s = devices[0]->Upload(1, 1, good, 10);
+  // A late update for the closed round 1 (other bytes than edge-0's accepted one: the same bytes
+  // again would be a re-send after a lost answer, acknowledged).
+  s = devices[0]->Upload(1, 1, Shifted(v1_adapter, 5.0f), 10);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(s.error_message().find("late update"), std::string::npos) << s.error_message();
 

@@ -42,6 +42,7 @@ metrics:
   address: 127.0.0.1:0
 engine:
   training_share: 0.9
+  share_controller: {enabled: true}
 logging:
   level: info
 shutdown_grace_seconds: 5
