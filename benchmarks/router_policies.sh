@@ -49,7 +49,7 @@ for ((round = 1; round <= ${COLLM_BENCH_ROUNDS:-2}; round++)); do
       start router collm-router configs/router.yaml
     out="$work/$policy-$round.json"
     echo "router_policies: round $round, policy $policy (logs in $work)" >&2
-    "$BENCH" --target "127.0.0.1:$port" --trace "$trace" \
+    "$BENCH" --target "127.0.0.1:$port" --model "$COLLM_MODEL" --trace "$trace" \
       --duration "${COLLM_BENCH_DURATION:-60}" --speedup "${COLLM_BENCH_SPEEDUP:-1}" \
       "${slo_args[@]}" --json "$out" >"$work/$policy-$round.txt" 2>&1 ||
       { cat "$work/$policy-$round.txt" >&2; exit 1; }

@@ -16,6 +16,7 @@ trap 'exit 130' INT TERM # Ctrl-C: exit, and the EXIT trap stops everything.
 # sets $port to its gRPC port once it serves (not in a subshell: the pid must reach stop_started).
 start() {
   local name=$1 binary=$2 config=$3 pid
+  rm -f "$work/$name.ports" # A stale one (an earlier run of NAME) would be read as this one's.
   "$BUILD_DIR/src/$binary" --config "$config" --ports-file "$work/$name.ports" \
     >"$work/$name.log" 2>&1 &
   pid=$!
