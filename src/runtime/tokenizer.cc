@@ -26,6 +26,24 @@ int Utf8Length(uint8_t lead) {
 
 bool IsContinuation(uint8_t b) { return (b & 0xC0) == 0x80; }
 
+// Whether `second` may follow `lead` (a 3- or 4-byte lead): excludes overlong forms (E0 80-9F,
+// F0 80-8F), UTF-16 surrogates (ED A0-BF) and code points past U+10FFFF (F4 90-BF), which are
+// not UTF-8 and which protobuf refuses to serialize in a string field.
+bool AllowedSecond(uint8_t lead, uint8_t second) {
+  switch (lead) {
+    case 0xE0:
+      return second >= 0xA0;
+    case 0xED:
+      return second <= 0x9F;
+    case 0xF0:
+      return second >= 0x90;
+    case 0xF4:
+      return second <= 0x8F;
+    default:
+      return true;
+  }
+}
+
 // Appends the well-formed UTF-8 in `in` to `out`, each invalid byte as U+FFFD, left to right.
 // Unless `final`, an incomplete (but so far valid) sequence at the end is left unconsumed.
 // Returns the number of bytes consumed.
@@ -39,8 +57,9 @@ size_t AppendValidUtf8(absl::string_view in, bool final, std::string* out) {
       continue;
     }
     int have = 1;
-    while (have < len && i + have < in.size() &&
-           IsContinuation(static_cast<uint8_t>(in[i + have]))) {
+    while (
+        have < len && i + have < in.size() && IsContinuation(static_cast<uint8_t>(in[i + have])) &&
+        (have > 1 || AllowedSecond(static_cast<uint8_t>(in[i]), static_cast<uint8_t>(in[i + 1])))) {
       ++have;
     }
     if (have == len) {

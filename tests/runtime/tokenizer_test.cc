@@ -251,6 +251,25 @@ TEST(IncrementalDetokenizerTest, FinishFlushesIncompleteCharacter) {
   EXPECT_EQ(detokenizer.Finish(), "\xEF\xBF\xBD");  // U+FFFD, as Decode renders it.
 }
 
+// A random model emits any byte-fallback sequence; a surrogate (ED A0 80) or an overlong form
+// (E0 80 80) is not UTF-8 (protobuf refuses such a string field), so each byte is U+FFFD.
+TEST(IncrementalDetokenizerTest, SurrogatesAndOverlongFormsBecomeReplacementCharacters) {
+  const Tokenizer& tokenizer = TinyTokenizer();
+  for (const std::vector<int> bytes :
+       {std::vector<int>{0xED, 0xA0, 0x80}, std::vector<int>{0xE0, 0x80, 0x80}}) {
+    IncrementalDetokenizer detokenizer(tokenizer, {});
+    std::string text;
+    for (int b : bytes) text += detokenizer.Push(ByteId(tokenizer, static_cast<unsigned char>(b)));
+    text += detokenizer.Finish();
+    EXPECT_EQ(text, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
+  }
+  IncrementalDetokenizer ok(tokenizer, {});
+  std::string text;
+  for (int b : {0xED, 0x9F, 0xBF})
+    text += ok.Push(ByteId(tokenizer, static_cast<unsigned char>(b)));
+  EXPECT_EQ(text, "\xED\x9F\xBF");  // U+D7FF, the last code point before the surrogates.
+}
+
 TEST(IncrementalDetokenizerTest, RandomSequencesMatchDecodeTiny) {
   for (uint64_t seed = 1; seed <= 4; ++seed) {
     CheckIncrementalMatchesDecode(TinyTokenizer(), seed, 500);
