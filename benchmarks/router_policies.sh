@@ -29,11 +29,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/collm-router-bench.XXXXXX")
 # shellcheck source=../scripts/lib/processes.sh
 source scripts/lib/processes.sh
 
-if [ -z "${COLLM_MODEL:-}" ]; then
-  model="${COLLM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/collm}/tiny-random"
-  [ -f "$model/config.json" ] || "$CTL" random-model --out "$model" >/dev/null
-  export COLLM_MODEL="$model"
-fi
+default_model
 "$CTL" task make --kind parity --out "$work" >/dev/null
 export COLLM_DEMO_DATA="$work/train.jsonl"
 

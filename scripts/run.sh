@@ -28,12 +28,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/collm-demo.XXXXXX")
 # shellcheck source=lib/processes.sh
 source scripts/lib/processes.sh
 
-if [ -z "${COLLM_MODEL:-}" ]; then
-  # The built-in tiny random model, written on first use (same place `collmctl generate` uses).
-  model="${COLLM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/collm}/tiny-random"
-  [ -f "$model/config.json" ] || "$CTL" random-model --out "$model" >/dev/null
-  export COLLM_MODEL="$model"
-fi
+default_model
 if [ -n "${COLLM_DATA:-}" ]; then
   n=${COLLM_HELDOUT:-50}
   pf=${COLLM_PROMPT_FIELD:-prompt}

@@ -1,6 +1,7 @@
 # Sourced by scripts/run.sh and benchmarks/router_policies.sh: start collm binaries in the
 # background and stop exactly those, by pid, on exit (also on Ctrl-C).
-# Needs: $BUILD_DIR (the build tree) and $work (a directory for logs and ports files).
+# Needs: $BUILD_DIR (the build tree), $work (a directory for logs and ports files) and, for
+# default_model, $CTL (collmctl).
 pids=()
 stop_started() {
   # Every process started here, newest first (devices and router before the aggregator).
@@ -35,4 +36,13 @@ start() {
     echo "$binary wrote no gRPC port; see $work/$name.log" >&2
     exit 1
   }
+}
+
+# Exports COLLM_MODEL as the built-in tiny random model unless it is set; the model is written on
+# first use, in the same place `collmctl generate` uses.
+default_model() {
+  [ -z "${COLLM_MODEL:-}" ] || return 0
+  local model="${COLLM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/collm}/tiny-random"
+  [ -f "$model/config.json" ] || "$CTL" random-model --out "$model" >/dev/null
+  export COLLM_MODEL="$model"
 }
